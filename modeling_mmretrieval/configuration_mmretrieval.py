@@ -1,0 +1,219 @@
+"""Configuration for multimodal product retrievers (text-only, 4tMM and 3tMM).
+
+The three architectures follow "Multimodal Semantic Retrieval for Product Search" (Liu & Lopez Ramos,
+arXiv:2501.07365):
+
+* ``text_only``: a bi-encoder; query = T(query), product = T(product text).
+* ``4tower`` (4tMM): query = [T(query) ; D_text(query)], product = [T(product text) ; D_image(image)],
+  where D is an aligned text-image dual encoder (CLIP, SigLIP or a `VisionTextDualEncoderModel`),
+  fused by ``concat``, ``alpha_concat`` or a jointly trained ``mlp``.
+* ``3tower`` (3tMM): query = T(query), product = MLP([T(product text) ; V(image)]) mapped into the query
+  space, where V is a standalone vision tower (CLIP vision, SigLIP vision, DINOv2, ViT).
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+ARCHITECTURES = ("text_only", "4tower", "3tower")
+FUSIONS = ("concat", "alpha_concat", "mlp")
+POOLINGS = ("mean", "cls")
+# Model types whose models expose both `get_text_features` and `get_image_features` in one space.
+DUAL_ENCODER_MODEL_TYPES = ("clip", "siglip", "siglip2", "vision-text-dual-encoder", "chinese_clip", "altclip")
+
+
+@strict
+class MultimodalRetrievalConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`MultimodalRetrievalModel`].
+
+    Args:
+        architecture (`str`, defaults to `"text_only"`):
+            `"text_only"`, `"4tower"` (text tower + aligned dual encoder) or `"3tower"` (text tower + vision
+            tower fused by an MLP on the product side).
+        text_config (`dict` or `PreTrainedConfig`):
+            Config of the query text tower (any `AutoModel` text encoder: BERT, MiniLM, ...). Also the
+            product text tower when `share_text_towers=True`.
+        product_text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of a separate product text tower, used only when `share_text_towers=False`. Defaults
+            to a copy of `text_config`.
+        dual_encoder_config (`dict` or `PreTrainedConfig`, *optional*):
+            Aligned text-image dual encoder for `"4tower"` (CLIP, SigLIP, `VisionTextDualEncoderModel`).
+        vision_config (`dict` or `PreTrainedConfig`, *optional*):
+            Standalone vision tower for `"3tower"` (CLIP vision, SigLIP vision, DINOv2, ViT).
+        share_text_towers (`bool`, defaults to `True`):
+            Query and product text go through one set of text-tower weights (saved once).
+        freeze_image_towers (`bool`, defaults to `True`):
+            Freeze the vision tower (3tower) or the whole dual encoder (4tower), as in the paper. Frozen
+            towers run in eval mode without autograd, and their features may be precomputed.
+        pooling (`str`, defaults to `"mean"`):
+            How the text tower's token states become one vector: `"mean"` (masked mean) or `"cls"`.
+        projection_dim (`int`, *optional*):
+            Size of a linear projection after the text tower. `None` keeps the tower's hidden size and
+            adds no parameters.
+        fusion (`str`, defaults to `"concat"`):
+            4tower fusion: `"concat"` of the normalised halves, `"alpha_concat"` (alpha * v1 ⊕ (1 - alpha)
+            * v2) or a jointly trained `"mlp"`. 3tower always fuses the product side with an MLP.
+        fusion_alpha (`float`, defaults to 0.5):
+            Weight of the text-tower half in `"alpha_concat"`; `0.0` ranks by the dual encoder alone.
+        fusion_hidden_size (`int`, defaults to 512):
+            Hidden width of the fusion MLP.
+        fusion_num_layers (`int`, defaults to 2):
+            Number of linear layers in the fusion MLP (GELU between them).
+        fusion_output_dim (`int`, *optional*):
+            Output size of the 4tower fusion MLP (defaults to the text embedding size). 3tower always maps
+            products into the query space.
+        fusion_dropout (`float`, defaults to 0.0):
+            Dropout inside the fusion MLP.
+        logit_scale_init_value (`float`, defaults to 20.0):
+            Initial `scale = 1 / temperature` of the NT-Xent loss (20.0 is temperature 0.05).
+        learn_logit_scale (`bool`, defaults to `True`):
+            Train the scale (stored as its log) or keep it fixed.
+        max_logit_scale (`float`, defaults to 100.0):
+            Upper clamp of the learned scale, as in CLIP.
+        max_query_length (`int`, defaults to 32):
+            Maximum query length in text-tower tokens.
+        max_product_length (`int`, defaults to 128):
+            Maximum product text length in text-tower tokens.
+        product_text_fields (`list[str]`, defaults to `["title", "description"]`):
+            Product fields joined into the product text, in order.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig, Dinov2Config
+    >>> from modeling_mmretrieval import MultimodalRetrievalConfig, MultimodalRetrievalModel
+    >>> config = MultimodalRetrievalConfig(
+    ...     architecture="3tower",
+    ...     text_config=BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    ...                            intermediate_size=64),
+    ...     vision_config=Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    ...                                image_size=28, patch_size=14),
+    ... )
+    >>> model = MultimodalRetrievalModel(config)
+    ```
+    """
+
+    model_type = "mmretrieval"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert"),
+        "product_text_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True),
+        "dual_encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="clip", optional=True),
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="dinov2", optional=True),
+    }
+
+    architecture: str = "text_only"
+    text_config: PreTrainedConfig | dict | None = None
+    product_text_config: PreTrainedConfig | dict | None = None
+    dual_encoder_config: PreTrainedConfig | dict | None = None
+    vision_config: PreTrainedConfig | dict | None = None
+    share_text_towers: bool = True
+    freeze_image_towers: bool = True
+    pooling: str = "mean"
+    projection_dim: int | None = None
+    fusion: str = "concat"
+    fusion_alpha: float = 0.5
+    fusion_hidden_size: int = 512
+    fusion_num_layers: int = 2
+    fusion_output_dim: int | None = None
+    fusion_dropout: float = 0.0
+    logit_scale_init_value: float = 20.0
+    learn_logit_scale: bool = True
+    max_logit_scale: float = 100.0
+    max_query_length: int = 32
+    max_product_length: int = 128
+    product_text_fields: list[str] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.product_text_fields is None:
+            self.product_text_fields = ["title", "description"]
+        super().__post_init__(**kwargs)
+        if not self.share_text_towers and self.product_text_config is None:
+            self.product_text_config = self.text_config.__class__(**self.text_config.to_dict())
+
+    # Validators run after __init__ (huggingface_hub `strict`): each raises a ValueError naming the setting.
+    def validate_choices(self):
+        for name, value, allowed in (
+            ("architecture", self.architecture, ARCHITECTURES),
+            ("fusion", self.fusion, FUSIONS),
+            ("pooling", self.pooling, POOLINGS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"`{name}={value!r}` is not supported; choose one of {list(allowed)}.")
+
+    def validate_towers(self):
+        if self.architecture == "4tower":
+            if self.dual_encoder_config is None:
+                raise ValueError(
+                    "`architecture='4tower'` needs `dual_encoder_config`: an aligned text-image model such as "
+                    "CLIP, SigLIP or a VisionTextDualEncoderModel."
+                )
+            if self.dual_encoder_config.model_type not in DUAL_ENCODER_MODEL_TYPES:
+                raise ValueError(
+                    f"`dual_encoder_config` has model_type {self.dual_encoder_config.model_type!r}; 4tower needs an "
+                    f"aligned text-image dual encoder, one of {list(DUAL_ENCODER_MODEL_TYPES)}. For a standalone "
+                    "vision model use `architecture='3tower'` with `vision_config`."
+                )
+            if self.vision_config is not None:
+                raise ValueError("`architecture='4tower'` takes `dual_encoder_config`, not `vision_config`.")
+        elif self.architecture == "3tower":
+            if self.vision_config is None:
+                raise ValueError(
+                    "`architecture='3tower'` needs `vision_config` (e.g. CLIP vision, SigLIP vision, DINOv2)."
+                )
+            if self.dual_encoder_config is not None:
+                raise ValueError("`architecture='3tower'` takes `vision_config`, not `dual_encoder_config`.")
+            if self.fusion != "mlp":
+                raise ValueError(
+                    f"`architecture='3tower'` maps products into the query space with an MLP; `fusion` must be "
+                    f"'mlp', got {self.fusion!r}."
+                )
+        elif self.dual_encoder_config is not None or self.vision_config is not None:
+            raise ValueError(
+                "`architecture='text_only'` takes no image tower; set `architecture='4tower'` (dual encoder) "
+                "or `'3tower'` (vision tower)."
+            )
+
+    def validate_text_towers(self):
+        if self.share_text_towers and self.product_text_config is not None:
+            raise ValueError(
+                "`product_text_config` is given but `share_text_towers=True`; set `share_text_towers=False` to "
+                "use a separate product text tower."
+            )
+        if (
+            not self.share_text_towers
+            and self.projection_dim is None
+            and self.product_text_config.hidden_size != self.text_config.hidden_size
+        ):
+            raise ValueError(
+                f"Separate text towers of different widths ({self.text_config.hidden_size} vs "
+                f"{self.product_text_config.hidden_size}) need `projection_dim` to meet in one space."
+            )
+
+    def validate_numbers(self):
+        if not 0.0 <= self.fusion_alpha <= 1.0:
+            raise ValueError(f"`fusion_alpha` must lie in [0, 1], got {self.fusion_alpha}.")
+        if self.logit_scale_init_value <= 0 or self.logit_scale_init_value > self.max_logit_scale:
+            raise ValueError(
+                f"`logit_scale_init_value` (scale = 1 / temperature) must lie in (0, max_logit_scale="
+                f"{self.max_logit_scale}], got {self.logit_scale_init_value}."
+            )
+        for name in ("max_query_length", "max_product_length", "fusion_hidden_size", "fusion_num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        for name in ("projection_dim", "fusion_output_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be a positive integer or None, got {value}.")
+        if not 0.0 <= self.fusion_dropout < 1.0:
+            raise ValueError(f"`fusion_dropout` must lie in [0, 1), got {self.fusion_dropout}.")
+        if not self.product_text_fields or not all(isinstance(f, str) and f for f in self.product_text_fields):
+            raise ValueError(f"`product_text_fields` must be a non-empty list of column names, got "
+                             f"{self.product_text_fields!r}.")
+
+    @property
+    def uses_images(self) -> bool:
+        return self.architecture != "text_only"
+
+
+__all__ = ["MultimodalRetrievalConfig"]

@@ -1,0 +1,121 @@
+"""Contrastive losses for query-product retrieval.
+
+The training objective of the paper is the symmetric NT-Xent (InfoNCE) loss with in-batch negatives:
+for a batch of B (query, product) pairs, each query must pick its product among all B products and each
+product its query among all B queries. Logits are cosine similarities times `scale = 1 / temperature`.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
+        torch.distributed.get_world_size() > 1
+    )
+
+
+def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All-gathers `tensor` along dim 0 from every process, keeping gradients.
+
+    Returns the global tensor and the row offset of this process's rows in it. Outside a multi-process
+    run it returns the tensor itself and offset 0. `torch.distributed.nn.functional.all_gather` is used
+    because it back-propagates into every process's rows (accelerate's `gather` does not).
+    """
+    if not _is_distributed():
+        return tensor, 0
+    from torch.distributed.nn.functional import all_gather
+
+    sizes = [torch.zeros((), dtype=torch.long, device=tensor.device) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(sizes, torch.tensor(tensor.shape[0], device=tensor.device))
+    if len({int(size) for size in sizes}) != 1:
+        raise ValueError(
+            "Every process must contribute the same number of rows to the contrastive loss "
+            f"(got {[int(s) for s in sizes]}); use `drop_last=True` or `even_batches=True`."
+        )
+    rank = torch.distributed.get_rank()
+    return torch.cat(all_gather(tensor), dim=0), rank * tensor.shape[0]
+
+
+def contrastive_cross_entropy(
+    anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor | float, label_offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One direction of NT-Xent: anchor i must pick candidate `label_offset + i` among all candidates.
+
+    Both inputs are L2-normalised, so `anchors @ candidates.T` are cosine similarities; `scale` is
+    `1 / temperature`. Returns `(loss, logits)` with logits of shape `(len(anchors), len(candidates))`.
+
+    Example:
+    ```python
+    >>> q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    >>> loss, logits = contrastive_cross_entropy(q, q, scale=20.0)
+    >>> logits.shape
+    torch.Size([4, 4])
+    ```
+    """
+    if candidates.shape[0] < label_offset + anchors.shape[0]:
+        raise ValueError(
+            f"Need a positive candidate for every anchor: got {anchors.shape[0]} anchors (offset {label_offset}) "
+            f"and {candidates.shape[0]} candidates."
+        )
+    logits = scale * anchors @ candidates.t()
+    labels = torch.arange(anchors.shape[0], device=anchors.device) + label_offset
+    return F.cross_entropy(logits, labels), logits
+
+
+class NTXentLoss(nn.Module):
+    """Symmetric NT-Xent (InfoNCE) loss with in-batch negatives and optional hard negatives.
+
+    `scale = 1 / temperature` multiplies the cosine similarities; the model owns it (learned or fixed)
+    and passes it in. Under multi-process training with `gather_across_processes=True` every process
+    scores its queries against the products of the global batch (and its products against the global
+    queries), with gradients flowing through the gather, as open_clip and sentence-transformers do.
+
+    Example:
+    ```python
+    >>> loss_fn = NTXentLoss()
+    >>> q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    >>> p = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)  # 4 positives + 2 hard negatives
+    >>> loss, logits = loss_fn(q, p, scale=torch.tensor(20.0))
+    >>> loss_fn
+    NTXentLoss(symmetric=True, gather_across_processes=True)
+    ```
+    """
+
+    def __init__(self, symmetric: bool = True, gather_across_processes: bool = True):
+        super().__init__()
+        self.symmetric = symmetric
+        self.gather_across_processes = gather_across_processes
+
+    def forward(
+        self, query_embeds: torch.Tensor, product_embeds: torch.Tensor, scale: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_queries = query_embeds.shape[0]
+        positives, hard_negatives = product_embeds[:num_queries], product_embeds[num_queries:]
+        if self.gather_across_processes:
+            global_queries, query_offset = gather_with_grad(query_embeds)
+            global_positives, positive_offset = gather_with_grad(positives)
+            global_negatives = gather_with_grad(hard_negatives)[0] if hard_negatives.shape[0] else hard_negatives
+        else:
+            global_queries, query_offset = query_embeds, 0
+            global_positives, positive_offset = positives, 0
+            global_negatives = hard_negatives
+        candidates = torch.cat([global_positives, global_negatives], dim=0)
+        query_loss, logits_per_query = contrastive_cross_entropy(query_embeds, candidates, scale, positive_offset)
+        if not self.symmetric:
+            return query_loss, logits_per_query
+        product_loss, _ = contrastive_cross_entropy(positives, global_queries, scale, query_offset)
+        return (query_loss + product_loss) / 2, logits_per_query
+
+    def get_config_dict(self) -> dict:
+        return {"symmetric": self.symmetric, "gather_across_processes": self.gather_across_processes}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value}" for key, value in self.get_config_dict().items())
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.extra_repr()})"
+
+
+__all__ = ["NTXentLoss", "contrastive_cross_entropy", "gather_with_grad"]

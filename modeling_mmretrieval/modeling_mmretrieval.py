@@ -1,0 +1,539 @@
+"""Multimodal product retrievers: text-only bi-encoder, 4tMM and 3tMM (Liu & Lopez Ramos, arXiv:2501.07365).
+
+Queries and products are embedded into one L2-normalised space and ranked by cosine similarity.
+Products without an image follow an explicit text-only path selected by `image_mask`: the image tower
+never sees a placeholder image, and its feature is replaced by zeros (concat fusions, so the product is
+ranked by its text half alone) or by a learned "missing image" vector (MLP fusions).
+"""
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_mmretrieval import MultimodalRetrievalConfig
+from .losses import NTXentLoss
+
+
+def masked_mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states that the attention mask keeps (sentence-transformers' mean pooling)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)
+    return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+def pool_token_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return hidden_states[:, 0]
+    return masked_mean_pool(hidden_states, attention_mask)
+
+
+def pooled_features(output) -> torch.Tensor:
+    """The one vector per example that a tower returns: a tensor, or an output's `pooler_output`.
+
+    transformers 5 returns output objects from `get_text_features`/`get_image_features`; vision models
+    without a pooler fall back to their first (CLS) token.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is not None:
+        return pooled
+    return output.last_hidden_state[:, 0]
+
+
+def dual_encoder_embedding_size(config: PreTrainedConfig) -> int:
+    """Width of the shared text-image space of a dual encoder (CLIP-like projection, or SigLIP's heads)."""
+    if hasattr(config, "projection_dim"):
+        return config.projection_dim
+    return getattr(config.text_config, "projection_size", None) or config.text_config.hidden_size
+
+
+class FusionMLP(nn.Module):
+    """Feed-forward fusion of concatenated tower vectors into one embedding (GELU between layers)."""
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int, num_layers: int, dropout: float):
+        super().__init__()
+        sizes = [input_size] + [hidden_size] * (num_layers - 1) + [output_size]
+        layers: list[nn.Module] = []
+        for index, (size_in, size_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            if index > 0:
+                layers += [nn.GELU(), nn.Dropout(dropout)]
+            layers.append(nn.Linear(size_in, size_out))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+@dataclass
+class MultimodalRetrievalOutput(ModelOutput):
+    """
+    Output of [`MultimodalRetrievalModel.forward`].
+
+    Args:
+        loss (`torch.FloatTensor`, *optional*): symmetric NT-Xent loss, when `return_loss=True`.
+        logits_per_query (`torch.FloatTensor` of shape `(num_queries, num_products)`):
+            `scale * cosine(query, product)`; products are the positives then any hard negatives.
+        query_embeds (`torch.FloatTensor` of shape `(num_queries, embedding_dim)`): L2-normalised.
+        product_embeds (`torch.FloatTensor` of shape `(num_products, embedding_dim)`): L2-normalised.
+        logit_scale (`torch.FloatTensor`): the scale `1 / temperature` used.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_query: torch.FloatTensor | None = None
+    query_embeds: torch.FloatTensor | None = None
+    product_embeds: torch.FloatTensor | None = None
+    logit_scale: torch.FloatTensor | None = None
+
+
+class MultimodalRetrievalPreTrainedModel(PreTrainedModel):
+    config_class = MultimodalRetrievalConfig
+    config: MultimodalRetrievalConfig
+    base_model_prefix = "mmretrieval"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, MultimodalRetrievalModel):
+            init.constant_(module.logit_scale, math.log(module.config.logit_scale_init_value))
+            if module.missing_image_embedding is not None:
+                init.zeros_(module.missing_image_embedding)
+
+
+class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
+    r"""
+    A product-search retriever: query and product towers plus fusion, trained with symmetric NT-Xent.
+
+    Build it from a config (random towers), from pretrained towers with [`from_towers_pretrained`], or
+    load a trained checkpoint with `from_pretrained`.
+
+    Example:
+
+    ```python
+    >>> from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
+    >>> model = MultimodalRetrievalModel.from_towers_pretrained(
+    ...     "sentence-transformers/all-MiniLM-L6-v2", "openai/clip-vit-base-patch32",
+    ...     architecture="4tower", fusion="concat")
+    >>> processor = MultimodalRetrievalProcessor.from_towers_pretrained(
+    ...     "sentence-transformers/all-MiniLM-L6-v2", "openai/clip-vit-base-patch32", config=model.config)
+    >>> queries = processor.encode_queries(["red running shoes for men"])
+    >>> query_embeds = model.get_query_embeddings(**queries)
+    ```
+    """
+
+    def __init__(
+        self,
+        config: MultimodalRetrievalConfig,
+        text_model: PreTrainedModel | None = None,
+        product_text_model: PreTrainedModel | None = None,
+        dual_encoder: PreTrainedModel | None = None,
+        vision_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        # Towers passed in (pretrained) are adopted as they are; otherwise they are built randomly from the
+        # sub-configs. `__init__` never downloads weights: see `from_towers_pretrained`.
+        self.text_model = self._adopt_tower(text_model, "text_config")
+        self.product_text_model = None
+        if not config.share_text_towers:
+            self.product_text_model = self._adopt_tower(product_text_model, "product_text_config")
+        self.dual_encoder = self._adopt_tower(dual_encoder, "dual_encoder_config") if config.architecture == "4tower" else None
+        self.vision_model = self._adopt_tower(vision_model, "vision_config") if config.architecture == "3tower" else None
+
+        text_size = config.text_config.hidden_size
+        self.text_projection = None
+        self.product_text_projection = None
+        if config.projection_dim is not None:
+            self.text_projection = nn.Linear(text_size, config.projection_dim, bias=False)
+            if not config.share_text_towers:
+                self.product_text_projection = nn.Linear(
+                    config.product_text_config.hidden_size, config.projection_dim, bias=False
+                )
+        self.text_embedding_dim = config.projection_dim or text_size
+
+        self.query_fusion = None
+        self.product_fusion = None
+        self.missing_image_embedding = None
+        if config.uses_images:
+            image_size = self.image_feature_size
+            if config.fusion == "mlp":
+                # A learned stand-in for the image half of image-less products, so the MLP never reads a
+                # feature computed from a fake image.
+                self.missing_image_embedding = nn.Parameter(torch.zeros(image_size))
+                mlp_sizes = dict(
+                    hidden_size=config.fusion_hidden_size, num_layers=config.fusion_num_layers, dropout=config.fusion_dropout
+                )
+                if config.architecture == "3tower":
+                    self.product_fusion = FusionMLP(self.text_embedding_dim + image_size, output_size=self.text_embedding_dim, **mlp_sizes)
+                else:
+                    output_size = config.fusion_output_dim or self.text_embedding_dim
+                    query_size = self.text_embedding_dim + dual_encoder_embedding_size(self.dual_encoder.config)
+                    self.query_fusion = FusionMLP(query_size, output_size=output_size, **mlp_sizes)
+                    self.product_fusion = FusionMLP(self.text_embedding_dim + image_size, output_size=output_size, **mlp_sizes)
+
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init_value)))
+        self.logit_scale.requires_grad_(config.learn_logit_scale)
+        self.loss_function_module = NTXentLoss()
+        self.post_init()
+        self._freeze_image_towers()
+
+    def _adopt_tower(self, tower: PreTrainedModel | None, config_key: str) -> PreTrainedModel:
+        sub_config = getattr(self.config, config_key)
+        if tower is None:
+            return AutoModel.from_config(sub_config)
+        # The tower and the composite config must describe the same weights, so later edits stay in sync.
+        tower.config = sub_config
+        return tower
+
+    def _freeze_image_towers(self):
+        if self.config.freeze_image_towers and self.image_tower is not None:
+            self.image_tower.requires_grad_(False)
+            self.image_tower.eval()
+
+    @property
+    def image_tower(self) -> PreTrainedModel | None:
+        return self.dual_encoder if self.dual_encoder is not None else self.vision_model
+
+    @property
+    def embedding_dim(self) -> int:
+        """Size of the query and product embeddings."""
+        if self.config.architecture == "4tower":
+            if self.config.fusion == "mlp":
+                return self.query_fusion.layers[-1].out_features
+            return self.text_embedding_dim + dual_encoder_embedding_size(self.dual_encoder.config)
+        return self.text_embedding_dim
+
+    @property
+    def image_feature_size(self) -> int:
+        """Width of the image tower's per-image vector (the dual encoder's space, or the vision hidden size)."""
+        if self.dual_encoder is not None:
+            return dual_encoder_embedding_size(self.dual_encoder.config)
+        return self.vision_model.config.hidden_size
+
+    @property
+    def fusion_alpha(self) -> float:
+        return 0.5 if self.config.fusion == "concat" else self.config.fusion_alpha
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen towers keep eval mode (no dropout) so their features are deterministic and cacheable.
+        self._freeze_image_towers()
+        return self
+
+    # ----- tower encoders -------------------------------------------------------------------------------
+    def _encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        side: str,
+    ) -> torch.Tensor:
+        use_product_tower = side == "product" and self.product_text_model is not None
+        tower = self.product_text_model if use_product_tower else self.text_model
+        projection = self.product_text_projection if use_product_tower else self.text_projection
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        tower_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            tower_inputs["token_type_ids"] = token_type_ids
+        hidden_states = tower(**tower_inputs).last_hidden_state
+        pooled = pool_token_states(hidden_states, attention_mask, self.config.pooling)
+        return projection(pooled) if projection is not None else pooled
+
+    def _run_image_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        frozen = self.config.freeze_image_towers
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            if self.dual_encoder is not None:
+                return pooled_features(self.dual_encoder.get_image_features(pixel_values=pixel_values))
+            return pooled_features(self.vision_model(pixel_values=pixel_values))
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Raw image-tower features, shape `(num_images, image_feature_size)`, zero where `image_mask` is False.
+
+        Only rows with a real image go through the tower. With a frozen tower these features can be
+        computed once and passed back as `image_features=` to skip the tower on later epochs.
+        """
+        if self.image_tower is None:
+            raise ValueError("`architecture='text_only'` has no image tower.")
+        if image_mask is None:
+            return self._run_image_tower(pixel_values)
+        image_mask = image_mask.to(device=pixel_values.device, dtype=torch.bool)
+        features = torch.zeros(
+            (pixel_values.shape[0], self.image_feature_size), dtype=self.logit_scale.dtype, device=pixel_values.device
+        )
+        if image_mask.any():
+            features[image_mask] = self._run_image_tower(pixel_values[image_mask]).to(features.dtype)
+        return features
+
+    def _dual_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        frozen = self.config.freeze_image_towers
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            output = self.dual_encoder.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return pooled_features(output)
+
+    # ----- public embedding API -------------------------------------------------------------------------
+    def get_query_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        dual_input_ids: torch.Tensor | None = None,
+        dual_attention_mask: torch.Tensor | None = None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        r"""
+        Embeds text queries, shape `(num_queries, embedding_dim)`.
+
+        `input_ids`/`attention_mask` come from the text-tower tokenizer; 4tower models also need
+        `dual_input_ids`/`dual_attention_mask` from the dual encoder's tokenizer (the processor's
+        `encode_queries` returns both).
+
+        Example:
+        ```python
+        >>> inputs = processor.encode_queries(["black formal shoes"])
+        >>> model.get_query_embeddings(**inputs).shape
+        ```
+        """
+        text = self._encode_text(input_ids, attention_mask, token_type_ids, side="query")
+        if self.config.architecture != "4tower":
+            embeddings = text
+        else:
+            if dual_input_ids is None:
+                raise ValueError(
+                    "4tower queries need `dual_input_ids` (tokens of the dual encoder's tokenizer); use "
+                    "`MultimodalRetrievalProcessor.encode_queries`, which produces them."
+                )
+            dual = self._dual_text_features(dual_input_ids, dual_attention_mask)
+            embeddings = self._fuse(text, dual, self.query_fusion)
+        return F.normalize(embeddings, dim=-1) if normalize else embeddings
+
+    def get_product_embeddings(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        r"""
+        Embeds products from their text and (for 4tower/3tower) their image, shape `(num_products, embedding_dim)`.
+
+        `image_mask` (bool, `(num_products,)`) marks which products have a real image. Image-less products
+        take the documented text-only path: their image half is zero (concat fusions) or the learned
+        `missing_image_embedding` (MLP fusions). Without `pixel_values` and `image_features` every product
+        is image-less. Precomputed `image_features` (from [`get_image_features`]) replace `pixel_values`.
+
+        Example:
+        ```python
+        >>> inputs = processor.encode_products([{"title": "Nike Men Red Running Shoes"}], images=[image])
+        >>> model.get_product_embeddings(**inputs).shape
+        ```
+        """
+        text = self._encode_text(input_ids, attention_mask, token_type_ids, side="product")
+        if not self.config.uses_images:
+            return F.normalize(text, dim=-1) if normalize else text
+        num_products = input_ids.shape[0]
+        if image_mask is None:
+            has_images = pixel_values is not None or image_features is not None
+            image_mask = torch.full((num_products,), has_images, dtype=torch.bool, device=input_ids.device)
+        image_mask = image_mask.to(device=input_ids.device, dtype=torch.bool)
+        if image_features is None:
+            if pixel_values is not None:
+                image_features = self.get_image_features(pixel_values, image_mask)
+            else:
+                if image_mask.any():
+                    raise ValueError("`image_mask` marks products with images but no `pixel_values` or `image_features` were given.")
+                image_features = text.new_zeros((num_products, self.image_feature_size))
+        embeddings = self._fuse(text, image_features, self.product_fusion, image_mask)
+        return F.normalize(embeddings, dim=-1) if normalize else embeddings
+
+    def get_image_query_embeddings(
+        self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None, normalize: bool = True
+    ) -> torch.Tensor:
+        r"""
+        Embeds query images for image-to-product search (4tower with `concat`/`alpha_concat` fusion).
+
+        The query vector carries the dual encoder's image feature in the image half and zeros in the
+        text half, so its cosine with a product is the image-image similarity of their dual-encoder
+        features. MLP fusions and 3tower have no image-only entry into the fused space and raise.
+
+        Example:
+        ```python
+        >>> pixel_values = processor.encode_images([image])["pixel_values"]
+        >>> model.get_image_query_embeddings(pixel_values=pixel_values)
+        ```
+        """
+        if self.config.architecture != "4tower" or self.config.fusion == "mlp":
+            raise ValueError(
+                "Image queries need a 4tower model with `fusion='concat'` or `'alpha_concat'`: the product "
+                "index then holds the dual encoder's image half, which an image query can match. "
+                f"This model is architecture={self.config.architecture!r}, fusion={self.config.fusion!r}."
+            )
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("Pass `pixel_values` or precomputed `image_features`.")
+            image_features = self.get_image_features(pixel_values)
+        text_half = image_features.new_zeros((image_features.shape[0], self.text_embedding_dim))
+        embeddings = torch.cat([text_half, (1 - self.fusion_alpha) * F.normalize(image_features, dim=-1)], dim=-1)
+        return F.normalize(embeddings, dim=-1) if normalize else embeddings
+
+    def _fuse(
+        self,
+        text: torch.Tensor,
+        other: torch.Tensor,
+        fusion_mlp: FusionMLP | None,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Combines the text-tower vector with the dual-encoder/vision vector of the same side."""
+        other = F.normalize(other.to(text.dtype), dim=-1)
+        if image_mask is not None:
+            keep = image_mask.unsqueeze(-1)
+            if fusion_mlp is not None:
+                missing = F.normalize(self.missing_image_embedding, dim=-1).to(text.dtype)
+                other = torch.where(keep, other, missing.expand_as(other))
+            else:
+                other = other * keep.to(other.dtype)
+        text = F.normalize(text, dim=-1)
+        if fusion_mlp is not None:
+            return fusion_mlp(torch.cat([text, other], dim=-1))
+        return torch.cat([self.fusion_alpha * text, (1 - self.fusion_alpha) * other], dim=-1)
+
+    def forward(
+        self,
+        query_input_ids: torch.Tensor,
+        product_input_ids: torch.Tensor,
+        query_attention_mask: torch.Tensor | None = None,
+        query_token_type_ids: torch.Tensor | None = None,
+        query_dual_input_ids: torch.Tensor | None = None,
+        query_dual_attention_mask: torch.Tensor | None = None,
+        product_attention_mask: torch.Tensor | None = None,
+        product_token_type_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        return_loss: bool = True,
+        **kwargs,
+    ) -> MultimodalRetrievalOutput:
+        r"""
+        Embeds a batch of (query, product) pairs and scores every query against every product.
+
+        Product rows are the B positives (row i belongs to query i) followed by any extra hard-negative
+        products. With `return_loss=True` the output carries the symmetric NT-Xent loss with in-batch
+        negatives; `scale = 1 / temperature = exp(logit_scale)`, clamped to `max_logit_scale`.
+
+        Example:
+        ```python
+        >>> batch = processor(queries=["red shirt"], products=[{"title": "Red Shirt"}], images=[image])
+        >>> model(**batch).loss
+        ```
+        """
+        query_embeds = self.get_query_embeddings(
+            query_input_ids, query_attention_mask, query_token_type_ids, query_dual_input_ids, query_dual_attention_mask
+        )
+        product_embeds = self.get_product_embeddings(
+            product_input_ids,
+            product_attention_mask,
+            product_token_type_ids,
+            pixel_values=pixel_values,
+            image_mask=image_mask,
+            image_features=image_features,
+        )
+        return self.score(query_embeds, product_embeds, return_loss=return_loss)
+
+    def score(
+        self, query_embeds: torch.Tensor, product_embeds: torch.Tensor, return_loss: bool = True
+    ) -> MultimodalRetrievalOutput:
+        """Logits and (optionally) the NT-Xent loss for already computed, normalised embeddings."""
+        scale = self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
+        if return_loss:
+            loss, logits = self.loss_function_module(query_embeds, product_embeds, scale)
+        else:
+            loss, logits = None, scale * query_embeds @ product_embeds.t()
+        return MultimodalRetrievalOutput(
+            loss=loss, logits_per_query=logits, query_embeds=query_embeds, product_embeds=product_embeds, logit_scale=scale
+        )
+
+    # ----- composition from pretrained towers -----------------------------------------------------------
+    @classmethod
+    def from_towers_pretrained(
+        cls,
+        text_model: str | PreTrainedModel,
+        vision_or_dual_encoder: str | PreTrainedModel | None = None,
+        *,
+        architecture: str | None = None,
+        product_text_model: str | PreTrainedModel | None = None,
+        tower_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> "MultimodalRetrievalModel":
+        r"""
+        Composes a retriever from pretrained towers (Hub ids, local folders or loaded models).
+
+        `vision_or_dual_encoder` is an aligned text-image model (CLIP, SigLIP, `VisionTextDualEncoderModel`)
+        for `architecture="4tower"`, or a vision model (DINOv2, ViT, CLIP/SigLIP vision; from a CLIP
+        checkpoint the vision half is taken) for `"3tower"`. Without it the model is `"text_only"`.
+        The architecture is inferred from the tower when not given. Fusion layers, projections and the
+        logit scale start from their initialisation; the towers keep their pretrained weights.
+
+        Example:
+        ```python
+        >>> model = MultimodalRetrievalModel.from_towers_pretrained(
+        ...     "sentence-transformers/all-MiniLM-L6-v2", "facebook/dinov2-small", fusion="mlp")
+        >>> model.config.architecture
+        '3tower'
+        ```
+        """
+        tower_kwargs = tower_kwargs or {}
+        text = _load_tower(text_model, tower_kwargs)
+        product_text = _load_tower(product_text_model, tower_kwargs) if product_text_model is not None else None
+        image_tower = _load_tower(vision_or_dual_encoder, tower_kwargs) if vision_or_dual_encoder is not None else None
+        if architecture is None:
+            if image_tower is None:
+                architecture = "text_only"
+            else:
+                architecture = "4tower" if hasattr(image_tower, "get_text_features") else "3tower"
+        if architecture == "3tower" and image_tower is not None and hasattr(image_tower, "get_image_features"):
+            if not hasattr(image_tower, "vision_model"):
+                raise ValueError(f"Cannot take a vision tower out of {type(image_tower).__name__}.")
+            image_tower = image_tower.vision_model
+        if architecture == "3tower":
+            config_kwargs.setdefault("fusion", "mlp")
+        towers = {"text_model": text}
+        config_kwargs["text_config"] = text.config
+        if product_text is not None:
+            config_kwargs.setdefault("share_text_towers", False)
+            config_kwargs["product_text_config"] = product_text.config
+            towers["product_text_model"] = product_text
+        if architecture == "4tower":
+            config_kwargs["dual_encoder_config"] = image_tower.config
+            towers["dual_encoder"] = image_tower
+        elif architecture == "3tower":
+            config_kwargs["vision_config"] = image_tower.config
+            towers["vision_model"] = image_tower
+        if config_kwargs.get("share_text_towers") is False and product_text is None:
+            # Separate towers start from the same pretrained weights and drift apart in training.
+            towers["product_text_model"] = copy.deepcopy(text)
+            config_kwargs["product_text_config"] = towers["product_text_model"].config
+        config = MultimodalRetrievalConfig(architecture=architecture, **config_kwargs)
+        return cls(config, **towers)
+
+
+def _load_tower(model_or_path: str | PreTrainedModel, tower_kwargs: dict) -> PreTrainedModel:
+    if isinstance(model_or_path, PreTrainedModel):
+        return model_or_path
+    config = AutoConfig.from_pretrained(model_or_path, **tower_kwargs)
+    return AutoModel.from_pretrained(model_or_path, config=config, **tower_kwargs)
+
+
+__all__ = ["MultimodalRetrievalModel", "MultimodalRetrievalOutput", "MultimodalRetrievalPreTrainedModel"]

@@ -1,0 +1,311 @@
+"""Processor turning queries, product rows and images into `MultimodalRetrievalModel` inputs.
+
+It bundles up to three sub-processors: the text-tower tokenizer (always), a PIL-based image processor
+(4tower/3tower) and the dual encoder's tokenizer (4tower queries, e.g. CLIP's BPE tokenizer). Products are
+rows (mappings) whose `product_text_fields` are joined into one product text.
+"""
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
+from transformers.dynamic_module_utils import custom_object_save
+from transformers.processing_utils import ProcessorMixin
+
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+DUAL_TOKENIZER_FOLDER = "dual_tokenizer"
+
+
+def field_text(value) -> str:
+    """The text of one product field: empty for missing values (None, NaN), `str()` otherwise."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def join_product_text(product: Mapping, fields: Sequence[str], separator: str) -> str:
+    """Joins the non-empty `fields` of a product row, in order.
+
+    Example:
+    ```python
+    >>> join_product_text({"title": "Red Tee", "description": None}, ["title", "description"], " | ")
+    'Red Tee'
+    ```
+    """
+    return separator.join(text for text in (field_text(product.get(name)) for name in fields) if text)
+
+
+def _check_texts(texts: Sequence[str], what: str) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    checked = []
+    for position, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{what} {position} must be a string, got {type(text).__name__}.")
+        if not text.strip():
+            raise ValueError(f"{what} {position} is empty or whitespace only; it would embed as noise.")
+        checked.append(text)
+    return checked
+
+
+class MultimodalRetrievalProcessor(ProcessorMixin):
+    r"""
+    Tokenizes queries and product texts and preprocesses product images for [`MultimodalRetrievalModel`].
+
+    Args:
+        tokenizer: tokenizer of the text tower(s).
+        image_processor (*optional*): PIL-based image processor of the image tower (4tower/3tower).
+        dual_tokenizer (*optional*): tokenizer of the dual encoder's text tower (4tower).
+        max_query_length (`int`): truncation length of queries in text-tower tokens.
+        max_product_length (`int`): truncation length of product texts.
+        product_text_fields (`list[str]`): product row fields joined into the product text.
+        max_dual_length (`int`): truncation length for the dual encoder's tokenizer (CLIP uses 77).
+
+    Images are PIL images or `None`; `None` marks an image-less product (`image_mask` False, and the image
+    tower never sees the zero placeholder left in `pixel_values`).
+
+    Example:
+    ```python
+    >>> processor = MultimodalRetrievalProcessor.from_pretrained("path/to/checkpoint")
+    >>> batch = processor(queries=["white sneakers"], products=[{"title": "Nike Men White Sneakers"}],
+    ...                   images=[pil_image])
+    >>> sorted(batch)  # doctest: +SKIP
+    ['image_mask', 'pixel_values', 'product_attention_mask', 'product_input_ids', 'query_attention_mask', ...]
+    ```
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        image_processor=None,
+        dual_tokenizer=None,
+        max_query_length: int = 32,
+        max_product_length: int = 128,
+        product_text_fields: Sequence[str] = ("title", "description"),
+        max_dual_length: int = 77,
+    ):
+        # ProcessorMixin requires every sub-processor; here the image processor and dual tokenizer are
+        # optional (text-only models have neither), so attributes are set directly and saving/loading is
+        # done by this class.
+        self.chat_template = None
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.dual_tokenizer = dual_tokenizer
+        self.max_query_length = max_query_length
+        self.max_product_length = max_product_length
+        self.product_text_fields = list(product_text_fields)
+        self.max_dual_length = max_dual_length
+
+    @property
+    def product_text_separator(self) -> str:
+        sep = getattr(self.tokenizer, "sep_token", None)
+        return f" {sep} " if sep else " | "
+
+    # ----- encoding ----------------------------------------------------------------------------------------
+    def _tokenize(self, tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        return dict(
+            tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        )
+
+    def product_texts(self, products: Sequence[Mapping]) -> list[str]:
+        """The product texts the model reads, one per row; raises for a row with no text at all."""
+        texts = []
+        for position, product in enumerate(products):
+            if not isinstance(product, Mapping):
+                raise TypeError(f"Product {position} must be a mapping of field -> value, got {type(product).__name__}.")
+            text = join_product_text(product, self.product_text_fields, self.product_text_separator)
+            if not text:
+                raise ValueError(
+                    f"Product {position} has no text in any of the fields {self.product_text_fields}; "
+                    f"got fields {sorted(product)[:12]}."
+                )
+            texts.append(text)
+        return texts
+
+    def encode_queries(self, queries: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Inputs of `model.get_query_embeddings` for text queries."""
+        queries = _check_texts(queries, "Query")
+        inputs = self._tokenize(self.tokenizer, queries, self.max_query_length)
+        if self.dual_tokenizer is not None:
+            dual = self._tokenize(self.dual_tokenizer, queries, self.max_dual_length)
+            inputs["dual_input_ids"] = dual["input_ids"]
+            inputs["dual_attention_mask"] = dual["attention_mask"]
+        return inputs
+
+    def encode_images(self, images: Sequence) -> dict[str, torch.Tensor]:
+        """`pixel_values` and `image_mask` for a list of PIL images, `None` marking a missing image."""
+        if self.image_processor is None:
+            raise ValueError("This processor has no image processor (a text-only model takes no images).")
+        images = list(images)
+        image_mask = torch.tensor([image is not None for image in images], dtype=torch.bool)
+        present = [image for image in images if image is not None]
+        if present:
+            processed = self.image_processor(images=present, return_tensors="pt")["pixel_values"]
+            pixel_values = processed.new_zeros((len(images), *processed.shape[1:]))
+            pixel_values[image_mask] = processed
+        else:
+            pixel_values = torch.zeros((len(images), 3, *self._image_size()))
+        return {"pixel_values": pixel_values, "image_mask": image_mask}
+
+    def _image_size(self) -> tuple[int, int]:
+        size = getattr(self.image_processor, "crop_size", None) or self.image_processor.size
+        if "height" in size:
+            return size["height"], size["width"]
+        edge = size.get("shortest_edge", 224)
+        return edge, edge
+
+    def encode_products(self, products: Sequence[Mapping], images: Sequence | None = None) -> dict[str, torch.Tensor]:
+        """Inputs of `model.get_product_embeddings`; `images` aligns with `products` (None = image-less)."""
+        inputs = self._tokenize(self.tokenizer, self.product_texts(products), self.max_product_length)
+        if images is not None:
+            if len(images) != len(products):
+                raise ValueError(f"Got {len(images)} images for {len(products)} products; pass None for missing images.")
+            inputs.update(self.encode_images(images))
+        return inputs
+
+    def __call__(
+        self,
+        queries: Sequence[str] | None = None,
+        products: Sequence[Mapping] | None = None,
+        images: Sequence | None = None,
+        return_tensors: str = "pt",
+    ) -> BatchFeature:
+        """Model-ready training/scoring inputs: `query_*`, `query_dual_*`, `product_*`, `pixel_values`, `image_mask`."""
+        if queries is None and products is None:
+            raise ValueError("Pass `queries`, `products` or both.")
+        batch: dict[str, torch.Tensor] = {}
+        if queries is not None:
+            batch.update({f"query_{key}": value for key, value in self.encode_queries(queries).items()})
+        if products is not None:
+            product_inputs = self.encode_products(products, images)
+            for key, value in product_inputs.items():
+                batch[key if key in ("pixel_values", "image_mask") else f"product_{key}"] = value
+        elif images is not None:
+            batch.update(self.encode_images(images))
+        return BatchFeature(batch, tensor_type=return_tensors)
+
+    # ----- persistence ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "processor_class": self.__class__.__name__,
+            "max_query_length": self.max_query_length,
+            "max_product_length": self.max_product_length,
+            "product_text_fields": self.product_text_fields,
+            "max_dual_length": self.max_dual_length,
+            "has_image_processor": self.image_processor is not None,
+            "has_dual_tokenizer": self.dual_tokenizer is not None,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """Saves the tokenizer(s), image processor and settings; `from_pretrained` restores them."""
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(save_directory)
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(save_directory)
+        if self.dual_tokenizer is not None:
+            self.dual_tokenizer.save_pretrained(save_directory / DUAL_TOKENIZER_FOLDER)
+        settings = self.to_dict()
+        if self._auto_class is not None:
+            # Copies this module (and its relative imports) next to the files and records `auto_map`.
+            custom_object_save(self, save_directory)
+            settings["auto_map"] = {self._auto_class: f"{self.__class__.__module__.split('.')[-1]}.{self.__class__.__name__}"}
+        with open(save_directory / PROCESSOR_CONFIG_NAME, "w", encoding="utf-8") as handle:
+            json.dump(settings, handle, indent=2, sort_keys=True)
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", save_directory.name)
+            self.push_to_hub(repo_id, **kwargs)
+        return [str(save_directory / PROCESSOR_CONFIG_NAME)]
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Uploads the processor files to `repo_id` (created if needed) through `huggingface_hub`."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=kwargs.pop("endpoint", None), token=kwargs.pop("token", None))
+        api.create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None))
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=kwargs.pop("commit_message", "Upload processor")
+            )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Loads a processor saved by `save_pretrained` from a local folder or a Hub repo id."""
+        hub_kwargs = {
+            key: kwargs.pop(key) for key in ("revision", "token", "cache_dir", "local_files_only") if key in kwargs
+        }
+        kwargs.pop("trust_remote_code", None)
+        kwargs.pop("_from_auto", None)
+        settings = _read_processor_settings(pretrained_model_name_or_path, hub_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        image_processor = None
+        if settings.get("has_image_processor"):
+            image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        dual_tokenizer = None
+        if settings.get("has_dual_tokenizer"):
+            dual_tokenizer = AutoTokenizer.from_pretrained(
+                pretrained_model_name_or_path, subfolder=DUAL_TOKENIZER_FOLDER, **hub_kwargs
+            )
+        options = {key: settings[key] for key in ("max_query_length", "max_product_length", "product_text_fields", "max_dual_length") if key in settings}
+        options.update(kwargs)
+        return cls(tokenizer, image_processor=image_processor, dual_tokenizer=dual_tokenizer, **options)
+
+    @classmethod
+    def from_towers_pretrained(
+        cls,
+        text_model: str | os.PathLike,
+        vision_or_dual_encoder: str | os.PathLike | None = None,
+        *,
+        config=None,
+        dual_tokenizer: str | os.PathLike | None = None,
+        **kwargs,
+    ):
+        """Builds the processor for `MultimodalRetrievalModel.from_towers_pretrained` from the same towers.
+
+        With `config` (the model's config), lengths and product fields follow it and the dual tokenizer is
+        loaded only for 4tower models. `dual_tokenizer` overrides where the dual encoder's tokenizer is read.
+
+        Example:
+        ```python
+        >>> processor = MultimodalRetrievalProcessor.from_towers_pretrained(
+        ...     "sentence-transformers/all-MiniLM-L6-v2", "facebook/dinov2-small", config=model.config)
+        ```
+        """
+        if config is not None:
+            kwargs.setdefault("max_query_length", config.max_query_length)
+            kwargs.setdefault("max_product_length", config.max_product_length)
+            kwargs.setdefault("product_text_fields", config.product_text_fields)
+        architecture = config.architecture if config is not None else None
+        tokenizer = AutoTokenizer.from_pretrained(text_model)
+        image_processor = None
+        dual = None
+        if vision_or_dual_encoder is not None:
+            image_processor = AutoImageProcessor.from_pretrained(vision_or_dual_encoder)
+            if architecture == "4tower" or dual_tokenizer is not None:
+                dual = AutoTokenizer.from_pretrained(dual_tokenizer or vision_or_dual_encoder)
+        return cls(tokenizer, image_processor=image_processor, dual_tokenizer=dual, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({json.dumps(self.to_dict(), sort_keys=True)})"
+
+
+def _read_processor_settings(name_or_path: str | os.PathLike, hub_kwargs: dict) -> dict:
+    local = Path(name_or_path) / PROCESSOR_CONFIG_NAME
+    if local.is_file():
+        path = local
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(str(name_or_path), PROCESSOR_CONFIG_NAME, **hub_kwargs)
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+__all__ = ["MultimodalRetrievalProcessor", "join_product_text"]

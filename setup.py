@@ -1,0 +1,39 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="modeling_mmretrieval",
+    version="0.1.0",
+    description=(
+        "Transformers-compatible multimodal product retrieval (text-only, 4tMM, 3tMM) after "
+        "'Multimodal Semantic Retrieval for Product Search' (arXiv:2501.07365)"
+    ),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["modeling_mmretrieval", "modeling_mmretrieval.*"]),
+    package_data={"modeling_mmretrieval": ["sample_data/*.parquet", "sample_data/*.md", "retrieval_metric/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.1",
+        "transformers>=5.0,<6",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "huggingface_hub>=1.0",
+        "evaluate>=0.4",
+        "pillow>=10",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        # Offline pretrained towers: install these with `pip install --no-deps` (see docs/offline_towers.md).
+        "towers": ["onnx", "onnxruntime"],
+        "faiss": ["faiss-cpu"],
+        "tensorboard": ["tensorboard"],
+        "test": ["pytest", "hypothesis", "onnx", "onnxruntime"],
+    },
+    entry_points={"console_scripts": ["mmretrieval=modeling_mmretrieval.__main__:main"]},
+)
