@@ -189,7 +189,9 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         sub_config = getattr(self.config, config_key)
         if tower is None:
             return AutoModel.from_config(sub_config)
-        # The tower and the composite config must describe the same weights, so later edits stay in sync.
+        # The tower and the composite config must describe the same weights, so later edits stay in sync;
+        # the tower keeps the attention implementation it was loaded with (the mask handling depends on it).
+        sub_config._attn_implementation = tower.config._attn_implementation
         tower.config = sub_config
         return tower
 
@@ -509,22 +511,23 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             image_tower = image_tower.vision_model
         if architecture == "3tower":
             config_kwargs.setdefault("fusion", "mlp")
-        towers = {"text_model": text}
-        config_kwargs["text_config"] = text.config
-        if product_text is not None:
-            config_kwargs.setdefault("share_text_towers", False)
-            config_kwargs["product_text_config"] = product_text.config
-            towers["product_text_model"] = product_text
-        if architecture == "4tower":
-            config_kwargs["dual_encoder_config"] = image_tower.config
-            towers["dual_encoder"] = image_tower
-        elif architecture == "3tower":
-            config_kwargs["vision_config"] = image_tower.config
-            towers["vision_model"] = image_tower
         if config_kwargs.get("share_text_towers") is False and product_text is None:
             # Separate towers start from the same pretrained weights and drift apart in training.
-            towers["product_text_model"] = copy.deepcopy(text)
-            config_kwargs["product_text_config"] = towers["product_text_model"].config
+            product_text = copy.deepcopy(text)
+        towers = {"text_model": text, "product_text_model": product_text}
+        if product_text is not None:
+            config_kwargs.setdefault("share_text_towers", False)
+        towers["dual_encoder" if architecture == "4tower" else "vision_model"] = image_tower
+        # Copies: building the composite config resets attention settings on the configs it is given.
+        tower_configs = {
+            "text_config": text,
+            "product_text_config": product_text,
+            "dual_encoder_config": image_tower if architecture == "4tower" else None,
+            "vision_config": image_tower if architecture == "3tower" else None,
+        }
+        for key, tower in tower_configs.items():
+            if tower is not None:
+                config_kwargs[key] = copy.deepcopy(tower.config)
         config = MultimodalRetrievalConfig(architecture=architecture, **config_kwargs)
         return cls(config, **towers)
 

@@ -1,0 +1,108 @@
+"""Tiny random tower configs and batches shared by the tests (realistic shapes, seconds to run)."""
+
+import torch
+from transformers import BertConfig, CLIPConfig, CLIPVisionConfig, Dinov2Config
+
+from modeling_mmretrieval import MultimodalRetrievalConfig
+
+VOCAB_SIZE = 120
+IMAGE_SIZE = 28
+
+
+def tiny_bert() -> BertConfig:
+    return BertConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+        max_position_embeddings=64,
+    )
+
+
+def tiny_clip() -> CLIPConfig:
+    return CLIPConfig(
+        text_config=dict(
+            vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+            max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, image_size=IMAGE_SIZE,
+            patch_size=14,
+        ),
+        projection_dim=24,
+    )
+
+
+def tiny_dinov2() -> Dinov2Config:
+    return Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, image_size=IMAGE_SIZE,
+        patch_size=14,
+    )
+
+
+def tiny_clip_vision() -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, image_size=IMAGE_SIZE,
+        patch_size=14,
+    )
+
+
+# (id, config kwargs): every architecture and every fusion it supports.
+ARCHITECTURE_CASES = {
+    "text_only": dict(architecture="text_only"),
+    "4tower-concat": dict(architecture="4tower", fusion="concat", dual_encoder=tiny_clip),
+    "4tower-alpha_concat": dict(architecture="4tower", fusion="alpha_concat", fusion_alpha=0.7, dual_encoder=tiny_clip),
+    "4tower-mlp": dict(architecture="4tower", fusion="mlp", fusion_hidden_size=40, dual_encoder=tiny_clip),
+    "3tower-dinov2": dict(architecture="3tower", fusion="mlp", fusion_hidden_size=40, vision=tiny_dinov2),
+    "3tower-clip-vision": dict(architecture="3tower", fusion="mlp", projection_dim=16, vision=tiny_clip_vision),
+}
+
+
+def make_config(case: str, **overrides) -> MultimodalRetrievalConfig:
+    kwargs = dict(ARCHITECTURE_CASES[case])
+    dual = kwargs.pop("dual_encoder", None)
+    vision = kwargs.pop("vision", None)
+    if dual is not None:
+        kwargs["dual_encoder_config"] = dual()
+    if vision is not None:
+        kwargs["vision_config"] = vision()
+    kwargs.update(overrides)
+    return MultimodalRetrievalConfig(text_config=tiny_bert(), **kwargs)
+
+
+def make_batch(config: MultimodalRetrievalConfig, num_pairs: int = 4, num_negatives: int = 0, seed: int = 0) -> dict:
+    """A fixed training batch; products are the positives then `num_negatives` hard negatives per query."""
+    generator = torch.Generator().manual_seed(seed)
+    num_products = num_pairs * (1 + num_negatives)
+
+    def token_batch(rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.randint(3, VOCAB_SIZE, (rows, length), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[::2, length - 2 :] = 0  # every other row is padded, so masking is exercised
+        return ids * mask, mask
+
+    query_ids, query_mask = token_batch(num_pairs, 6)
+    product_ids, product_mask = token_batch(num_products, 10)
+    batch = dict(
+        query_input_ids=query_ids, query_attention_mask=query_mask,
+        product_input_ids=product_ids, product_attention_mask=product_mask,
+    )
+    if config.architecture == "4tower":
+        batch["query_dual_input_ids"], batch["query_dual_attention_mask"] = token_batch(num_pairs, 8)
+    if config.uses_images:
+        batch["pixel_values"] = torch.randn(num_products, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+        image_mask = torch.ones(num_products, dtype=torch.bool)
+        image_mask[1] = False  # one image-less product in every batch
+        batch["image_mask"] = image_mask
+    return batch
+
+
+def query_inputs(batch: dict) -> dict:
+    inputs = dict(input_ids=batch["query_input_ids"], attention_mask=batch["query_attention_mask"])
+    if "query_dual_input_ids" in batch:
+        inputs.update(dual_input_ids=batch["query_dual_input_ids"], dual_attention_mask=batch["query_dual_attention_mask"])
+    return inputs
+
+
+def product_inputs(batch: dict) -> dict:
+    inputs = dict(input_ids=batch["product_input_ids"], attention_mask=batch["product_attention_mask"])
+    if "pixel_values" in batch:
+        inputs.update(pixel_values=batch["pixel_values"], image_mask=batch["image_mask"])
+    return inputs
