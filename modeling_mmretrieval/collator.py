@@ -1,0 +1,139 @@
+"""Data collator: dataset rows -> `MultimodalRetrievalModel` inputs, decoding images one batch at a time.
+
+Rows keep their images encoded (`datasets.Image(decode=False)`); the collator decodes only the batch in
+hand through `image_loading.load_product_image`, so a catalogue never sits decoded in memory. A broken or
+missing image makes that product image-less (`image_mask` False) under the default `on_image_error="mask"`,
+or raises `ImageDecodeError` naming the product under `"raise"`.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from .data import CatalogueColumns
+from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, load_product_image
+
+
+def product_fields(row: Mapping, columns: CatalogueColumns) -> dict:
+    """The row as a product mapping, with the catalogue's own column names also under the canonical names
+    (`title`, `description`, ...) that processors' `product_text_fields` use."""
+    product = dict(row)
+    for canonical in ("product_id", "title", "description", "brand", "gender", "base_colour", "article_type", "usage"):
+        source = getattr(columns, canonical, None)
+        if source is not None and source in row:
+            product[canonical] = row[source]
+    return product
+
+
+class RetrievalCollator:
+    r"""
+    Collates `(query, product)` rows into a training or scoring batch for [`MultimodalRetrievalModel`].
+
+    Args:
+        processor ([`MultimodalRetrievalProcessor`]): tokenizes and preprocesses.
+        columns ([`CatalogueColumns`]): names of the query, product and image columns.
+        with_queries (`bool`): read the query column (training); `False` collates products only (indexing).
+        uses_images (`bool`): decode images (4tower/3tower); text-only models skip image decoding entirely.
+        on_image_error (`str`): `"mask"` marks undecodable images as missing; `"raise"` raises.
+        max_image_pixels (`int`): decompression-bomb limit passed to `load_product_image`.
+        hard_negatives (`Callable[[Mapping], Sequence[Mapping]]`, *optional*): returns a row's hard-negative
+            product rows; each query then gets `num_hard_negatives` extra products appended after the positives.
+        num_hard_negatives (`int`): hard negatives per query (rows with fewer are padded by repeating theirs).
+        image_features (`Mapping[str, torch.Tensor]`, *optional*): precomputed image-tower features by product
+            id (frozen towers); the batch then carries `image_features` instead of `pixel_values`.
+
+    Example:
+    ```python
+    >>> collator = RetrievalCollator(processor, uses_images=model.config.uses_images)
+    >>> loader = torch.utils.data.DataLoader(pairs, batch_size=32, collate_fn=collator)
+    >>> loss = model(**next(iter(loader))).loss
+    ```
+    """
+
+    def __init__(
+        self,
+        processor,
+        columns: CatalogueColumns | None = None,
+        *,
+        with_queries: bool = True,
+        uses_images: bool = True,
+        on_image_error: str = "mask",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        hard_negatives: Callable[[Mapping], Sequence[Mapping]] | None = None,
+        num_hard_negatives: int = 0,
+        image_features: Mapping[str, torch.Tensor] | None = None,
+    ):
+        if on_image_error not in ("mask", "raise"):
+            raise ValueError(f"on_image_error must be 'mask' or 'raise', got {on_image_error!r}")
+        if num_hard_negatives and hard_negatives is None:
+            raise ValueError("num_hard_negatives > 0 needs a `hard_negatives` lookup.")
+        self.processor = processor
+        self.columns = columns or CatalogueColumns()
+        self.with_queries = with_queries
+        self.uses_images = uses_images
+        self.on_image_error = on_image_error
+        self.max_image_pixels = max_image_pixels
+        self.hard_negatives = hard_negatives
+        self.num_hard_negatives = num_hard_negatives
+        self.image_features = image_features
+        self.image_problems = 0  # products made image-less so far; a number to report, never silent
+
+    def _negatives_for(self, row: Mapping) -> list[Mapping]:
+        negatives = list(self.hard_negatives(row))
+        if not negatives:
+            raise ValueError(
+                f"Product {row.get(self.columns.product_id)!r} has no hard negatives; drop it or set num_hard_negatives=0."
+            )
+        return [negatives[i % len(negatives)] for i in range(self.num_hard_negatives)]
+
+    def _load_images(self, rows: Sequence[Mapping]) -> list:
+        images = []
+        for row in rows:
+            try:
+                result = load_product_image(
+                    row.get(self.columns.image), max_pixels=self.max_image_pixels, on_error=self.on_image_error
+                )
+            except ImageDecodeError as error:
+                raise ImageDecodeError(
+                    error.reason, f"product {row.get(self.columns.product_id)!r}, column {self.columns.image!r}: {error}"
+                ) from error
+            self.image_problems += not result.has_image
+            images.append(result.image)
+        return images
+
+    def _cached_features(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        features, mask = [], []
+        for row in rows:
+            product_id = row[self.columns.product_id]
+            if product_id not in self.image_features:
+                raise KeyError(f"No cached image features for product {product_id!r}; rebuild the cache.")
+            feature = self.image_features[product_id]
+            mask.append(feature is not None)
+            features.append(feature)
+        size = next((f.shape[-1] for f in features if f is not None), 1)
+        stacked = torch.stack([f if f is not None else torch.zeros(size) for f in features])
+        return {"image_features": stacked, "image_mask": torch.tensor(mask, dtype=torch.bool)}
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        rows = list(rows)
+        if not rows:
+            raise ValueError("Cannot collate an empty batch.")
+        product_rows = rows + [n for row in rows for n in self._negatives_for(row)] if self.num_hard_negatives else rows
+        products = [product_fields(row, self.columns) for row in product_rows]
+        queries = None
+        if self.with_queries:
+            if self.columns.query not in rows[0]:
+                raise KeyError(
+                    f"Query column {self.columns.query!r} is missing; the rows have columns {sorted(rows[0])}."
+                )
+            queries = [row[self.columns.query] for row in rows]
+        batch = dict(self.processor(queries=queries, products=products))
+        if self.uses_images:
+            if self.image_features is not None:
+                batch.update(self._cached_features(product_rows))
+            else:
+                batch.update(self.processor.encode_images(self._load_images(product_rows)))
+        return batch
+
+
+__all__ = ["RetrievalCollator", "product_fields"]
