@@ -1,0 +1,131 @@
+import io
+
+import pytest
+import torch
+from PIL import Image
+from tiny_towers import IMAGE_SIZE, make_config
+from transformers import AutoTokenizer, CLIPImageProcessorPil
+
+from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
+from modeling_mmretrieval.collator import RetrievalCollator
+from modeling_mmretrieval.data import SAMPLE_DATA_DIR, CatalogueColumns, load_catalogue, make_training_pairs
+from modeling_mmretrieval.evaluation import RetrievalEvaluator
+from modeling_mmretrieval.image_loading import ImageDecodeError
+from modeling_mmretrieval.index import IndexModelMismatchError, ProductIndex
+from modeling_mmretrieval.offline_towers import get_minilm_path
+from modeling_mmretrieval.search import build_product_index, config_fingerprint, embed_queries, search_text
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    return load_catalogue(SAMPLE_DATA_DIR, split="validation").select(range(48))
+
+
+@pytest.fixture(scope="module")
+def tiny_3tower():
+    tokenizer = AutoTokenizer.from_pretrained(get_minilm_path())
+    config = make_config("3tower-dinov2")
+    config.text_config.vocab_size = tokenizer.vocab_size
+    config.text_config.max_position_embeddings = 128
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = MultimodalRetrievalProcessor(tokenizer, image_processor, max_product_length=48)
+    return MultimodalRetrievalModel(config).eval(), processor
+
+
+@pytest.fixture(scope="module")
+def minilm_text_only():
+    path = get_minilm_path()
+    model = MultimodalRetrievalModel.from_towers_pretrained(path).eval()
+    return model, MultimodalRetrievalProcessor.from_towers_pretrained(path, config=model.config)
+
+
+def test_collator_decodes_real_images_lazily_and_feeds_the_model(catalogue, tiny_3tower):
+    model, processor = tiny_3tower
+    pairs = make_training_pairs(catalogue, seed=0)
+    # Rows keep encoded bytes: nothing is decoded before the collator runs.
+    assert isinstance(pairs[0]["image"]["bytes"], bytes)
+    collator = RetrievalCollator(processor)
+    batch = collator([pairs[i] for i in range(6)])
+    assert batch["image_mask"].all()
+    assert batch["pixel_values"].shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch["query_input_ids"].shape[0] == 6 and batch["product_input_ids"].shape[0] == 6
+    output = model(**batch)
+    assert torch.isfinite(output.loss)
+
+
+def test_broken_images_become_image_less_or_raise_with_the_product_named(catalogue, tiny_3tower):
+    _, processor = tiny_3tower
+    rows = make_training_pairs(catalogue, seed=0).select(range(3)).to_list()
+    rows[1]["image"] = {"bytes": b"\xff\xd8 definitely not a jpeg", "path": None}
+    rows[2]["image"] = None
+    collator = RetrievalCollator(processor)
+    batch = collator(rows)
+    assert batch["image_mask"].tolist() == [True, False, False]
+    assert collator.image_problems == 2
+    with pytest.raises(ImageDecodeError, match=repr(rows[1]["product_id"])):
+        RetrievalCollator(processor, on_image_error="raise")(rows)
+
+
+def test_collator_appends_hard_negatives_after_the_positives(catalogue, tiny_3tower):
+    _, processor = tiny_3tower
+    rows = make_training_pairs(catalogue, seed=0).select(range(4)).to_list()
+    others = catalogue.select(range(40, 48)).to_list()
+    collator = RetrievalCollator(processor, hard_negatives=lambda row: others[:2], num_hard_negatives=2)
+    batch = collator(rows)
+    assert batch["product_input_ids"].shape[0] == 4 + 4 * 2
+    assert batch["image_mask"].shape == (12,)
+    first_negative = processor.encode_products([others[0]])["input_ids"][0]
+    length = int((first_negative != 0).sum())
+    assert torch.equal(batch["product_input_ids"][4, :length], first_negative[:length])
+
+
+def test_collator_reports_a_missing_query_column(catalogue, tiny_3tower):
+    _, processor = tiny_3tower
+    with pytest.raises(KeyError, match="Query column 'query' is missing"):
+        RetrievalCollator(processor)(catalogue.select(range(2)).to_list())
+
+
+def test_cached_image_features_give_the_same_batch_loss(catalogue, tiny_3tower):
+    model, processor = tiny_3tower
+    rows = make_training_pairs(catalogue, seed=0).select(range(5)).to_list()
+    plain = RetrievalCollator(processor)(rows)
+    features = model.get_image_features(plain["pixel_values"], plain["image_mask"])
+    cache = {row["product_id"]: feature for row, feature in zip(rows, features)}
+    cached = RetrievalCollator(processor, image_features=cache)(rows)
+    assert "pixel_values" not in cached
+    with torch.no_grad():
+        assert torch.equal(model(**plain).loss, model(**cached).loss)
+
+
+def test_text_search_finds_the_product_a_title_describes(catalogue, minilm_text_only, tmp_path):
+    model, processor = minilm_text_only
+    index = build_product_index(model, processor, catalogue, output_dir=tmp_path / "index", show_progress=False)
+    assert len(index) == len(catalogue)
+    titles = catalogue["title"][:8]
+    scores, ids = search_text(model, processor, index, titles, k=5)
+    assert [ranked[0] for ranked in ids] == catalogue["product_id"][:8]
+    assert torch.all(scores[:, :-1] >= scores[:, 1:])
+    reloaded = ProductIndex.load(tmp_path / "index", expected_model_id=index.model_id,
+                                 expected_config_hash=config_fingerprint(model.config))
+    assert reloaded.search(embed_queries(model, processor, titles[:1]), k=1)[1][0][0] == ids[0][0]
+    other = make_config("text_only")
+    with pytest.raises(IndexModelMismatchError):
+        ProductIndex.load(tmp_path / "index", expected_config_hash=config_fingerprint(other))
+
+
+def test_evaluator_reports_perfect_scores_for_title_queries(catalogue, minilm_text_only):
+    from modeling_mmretrieval.data import EvaluationQuery
+
+    model, processor = minilm_text_only
+    queries = [
+        EvaluationQuery(query_id=f"t{i}", text=row["title"], attributes={}, relevant_ids={row["product_id"]},
+                        source_product_id=row["product_id"], colour_absent_from_titles=False,
+                        template="title")
+        for i, row in enumerate(catalogue.select(range(10)))
+    ]
+    evaluator = RetrievalEvaluator(catalogue, queries, processor, k_values=(1, 10), name="titles")
+    results = evaluator(model)
+    assert results["titles/recall@1"] == pytest.approx(1.0)
+    assert results["titles/mrr@10"] == pytest.approx(1.0)
+    assert results["titles/num_queries"] == 10
+    assert "titles" in repr(evaluator) and "queries=10" in repr(evaluator)
