@@ -101,6 +101,28 @@ class MultimodalRetrievalPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        r"""
+        Loads a checkpoint from the Hub or a local folder, from safetensors weights only.
+
+        Pickle weights (`pytorch_model.bin`) can execute code when unpickled, so they are refused: convert a
+        trusted pickle checkpoint once with `safetensors` and load that. Passing `use_safetensors=False`
+        explicitly lifts the refusal (transformers then unpickles with `weights_only=True`).
+        """
+        kwargs.setdefault("use_safetensors", True)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except OSError as error:
+            if kwargs["use_safetensors"] and "safetensors" in str(error):
+                raise OSError(
+                    f"{pretrained_model_name_or_path} has no safetensors weights. MultimodalRetrievalModel loads only "
+                    "safetensors, because pickle files (pytorch_model.bin) can run arbitrary code when loaded. If you "
+                    "trust this checkpoint, convert it: `safetensors.torch.save_file(torch.load(path, "
+                    "weights_only=True), 'model.safetensors')`, or pass use_safetensors=False."
+                ) from error
+            raise
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, MultimodalRetrievalModel):
