@@ -46,6 +46,10 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
         freeze_image_towers (`bool`, defaults to `True`):
             Freeze the vision tower (3tower) or the whole dual encoder (4tower), as in the paper. Frozen
             towers run in eval mode without autograd, and their features may be precomputed.
+        train_dual_text_tower (`bool`, defaults to `False`):
+            4tower only: with `freeze_image_towers=True`, still train the dual encoder's text tower and its
+            projections while its vision tower stays locked (LiT-style alignment of a text tower to a frozen
+            image tower).
         pooling (`str`, defaults to `"mean"`):
             How the text tower's token states become one vector: `"mean"` (masked mean) or `"cls"`.
         projection_dim (`int`, *optional*):
@@ -109,6 +113,7 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
     vision_config: PreTrainedConfig | dict | None = None
     share_text_towers: bool = True
     freeze_image_towers: bool = True
+    train_dual_text_tower: bool = False
     pooling: str = "mean"
     projection_dim: int | None = None
     fusion: str = "concat"
@@ -173,6 +178,10 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
                 "`architecture='text_only'` takes no image tower; set `architecture='4tower'` (dual encoder) "
                 "or `'3tower'` (vision tower)."
             )
+
+    def validate_dual_text_training(self):
+        if self.train_dual_text_tower and self.architecture != "4tower":
+            raise ValueError("`train_dual_text_tower=True` needs `architecture='4tower'` (a dual encoder).")
 
     def validate_text_towers(self):
         if self.share_text_towers and self.product_text_config is not None:

@@ -218,9 +218,20 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         return tower
 
     def _freeze_image_towers(self):
-        if self.config.freeze_image_towers and self.image_tower is not None:
-            self.image_tower.requires_grad_(False)
-            self.image_tower.eval()
+        if not self.config.freeze_image_towers or self.image_tower is None:
+            return
+        if self.config.train_dual_text_tower:
+            # LiT: only the dual encoder's vision tower is locked; its text tower and projections train.
+            self.dual_encoder.vision_model.requires_grad_(False)
+            self.dual_encoder.vision_model.eval()
+            return
+        self.image_tower.requires_grad_(False)
+        self.image_tower.eval()
+
+    @property
+    def image_features_are_frozen(self) -> bool:
+        """Whether `get_image_features` is fixed during training, so it can be computed once and cached."""
+        return self.config.freeze_image_towers and not self.config.train_dual_text_tower
 
     @property
     def image_tower(self) -> PreTrainedModel | None:
@@ -273,8 +284,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         return projection(pooled) if projection is not None else pooled
 
     def _run_image_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        frozen = self.config.freeze_image_towers
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.image_features_are_frozen):
             if self.dual_encoder is not None:
                 return pooled_features(self.dual_encoder.get_image_features(pixel_values=pixel_values))
             return pooled_features(self.vision_model(pixel_values=pixel_values))
@@ -300,8 +310,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         return features
 
     def _dual_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        frozen = self.config.freeze_image_towers
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.image_features_are_frozen):
             output = self.dual_encoder.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         return pooled_features(output)
 

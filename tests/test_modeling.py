@@ -362,3 +362,18 @@ def test_config_round_trips_through_auto_config(tmp_path):
     assert loaded.fusion_alpha == 0.7 and loaded.product_text_fields == ["title", "brand"]
     assert loaded.dual_encoder_config.projection_dim == 24
     assert loaded.max_query_length == 24
+
+
+def test_lit_style_training_keeps_only_the_dual_encoder_vision_tower_locked():
+    config = make_config("4tower-alpha_concat", fusion_alpha=0.0, train_dual_text_tower=True)
+    model = MultimodalRetrievalModel(config).train()
+    assert not model.image_features_are_frozen
+    assert not model.dual_encoder.vision_model.training and model.dual_encoder.text_model.training
+    model(**make_batch(config)).loss.backward()
+    for name, parameter in model.dual_encoder.named_parameters():
+        if name.startswith("vision_model."):
+            assert not parameter.requires_grad and parameter.grad is None, name
+    assert model.dual_encoder.text_projection.weight.grad.abs().sum() > 0
+    assert model.dual_encoder.visual_projection.weight.grad.abs().sum() > 0
+    with pytest.raises(Exception, match="train_dual_text_tower=True` needs"):
+        make_config("3tower-dinov2", train_dual_text_tower=True)
