@@ -24,7 +24,7 @@ setup(
         "safetensors>=0.4",
         "huggingface_hub>=1.0",
         "evaluate>=0.4",
-        "pillow>=10",
+        "pillow>=10.1",
         "numpy",
         "tqdm",
     ],
