@@ -3,10 +3,14 @@
 Rows keep their images encoded (`datasets.Image(decode=False)`); the collator decodes only the batch in
 hand through `image_loading.load_product_image`, so a catalogue never sits decoded in memory. A broken or
 missing image makes that product image-less (`image_mask` False) under the default `on_image_error="mask"`,
-or raises `ImageDecodeError` naming the product under `"raise"`.
+or raises `ImageDecodeError` naming the product under `"raise"`. Other bad rows raise a typed error naming
+the product: `TypeError` for a row that is not a mapping or a wrong-typed value (an image that is a number,
+a query that is not a string), `ValueError` for a product without text or an empty query, `KeyError` for a
+missing query column.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -25,6 +29,27 @@ def product_fields(row: Mapping, columns: CatalogueColumns) -> dict:
     return product
 
 
+def _check_rows_are_mappings(rows: Sequence, what: str) -> None:
+    for position, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise TypeError(
+                f"{what} row {position} is a {type(row).__name__}; the collator takes mappings of column -> value "
+                "(dataset rows)."
+            )
+
+
+@contextlib.contextmanager
+def _naming_batch_products(product_ids: Sequence) -> Iterator[None]:
+    """The processor reports a bad query or product by its position in the batch; this adds which product
+    each position holds, so the offending dataset row can be found."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        if type(error) not in (TypeError, ValueError):  # subclasses may take other constructor arguments
+            raise
+        raise type(error)(f"{error} Batch positions 0..{len(product_ids) - 1} hold products {list(product_ids)}.") from error
+
+
 class RetrievalCollator:
     r"""
     Collates `(query, product)` rows into a training or scoring batch for [`MultimodalRetrievalModel`].
@@ -41,6 +66,9 @@ class RetrievalCollator:
         num_hard_negatives (`int`): hard negatives per query (rows with fewer are padded by repeating theirs).
         image_features (`Mapping[str, torch.Tensor]`, *optional*): precomputed image-tower features by product
             id (frozen towers); the batch then carries `image_features` instead of `pixel_values`.
+        mask_false_negatives (`bool`): for attribute-derived queries (rows with a `query_attributes` column),
+            emit `false_negative_mask`: in-batch products that satisfy another query's attributes are
+            relevant to it too, so the loss leaves them out instead of pushing them away.
 
     Example:
     ```python
@@ -62,6 +90,7 @@ class RetrievalCollator:
         hard_negatives: Callable[[Mapping], Sequence[Mapping]] | None = None,
         num_hard_negatives: int = 0,
         image_features: Mapping[str, torch.Tensor] | None = None,
+        mask_false_negatives: bool = True,
     ):
         if on_image_error not in ("mask", "raise"):
             raise ValueError(f"on_image_error must be 'mask' or 'raise', got {on_image_error!r}")
@@ -76,6 +105,7 @@ class RetrievalCollator:
         self.hard_negatives = hard_negatives
         self.num_hard_negatives = num_hard_negatives
         self.image_features = image_features
+        self.mask_false_negatives = mask_false_negatives
         self.image_problems = 0  # products made image-less so far; a number to report, never silent
 
     def _negatives_for(self, row: Mapping) -> list[Mapping]:
@@ -93,10 +123,11 @@ class RetrievalCollator:
                 result = load_product_image(
                     row.get(self.columns.image), max_pixels=self.max_image_pixels, on_error=self.on_image_error
                 )
-            except ImageDecodeError as error:
-                raise ImageDecodeError(
-                    error.reason, f"product {row.get(self.columns.product_id)!r}, column {self.columns.image!r}: {error}"
-                ) from error
+            except (ImageDecodeError, TypeError) as error:
+                where = f"product {row.get(self.columns.product_id)!r}, column {self.columns.image!r}: {error}"
+                if isinstance(error, ImageDecodeError):
+                    raise ImageDecodeError(error.reason, where) from error
+                raise TypeError(where) from error  # a wrong-typed image value, e.g. a number
             self.image_problems += not result.has_image
             images.append(result.image)
         return images
@@ -104,7 +135,7 @@ class RetrievalCollator:
     def _cached_features(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         features, mask = [], []
         for row in rows:
-            product_id = row[self.columns.product_id]
+            product_id = row.get(self.columns.product_id)
             if product_id not in self.image_features:
                 raise KeyError(f"No cached image features for product {product_id!r}; rebuild the cache.")
             feature = self.image_features[product_id]
@@ -114,20 +145,40 @@ class RetrievalCollator:
         stacked = torch.stack([f if f is not None else torch.zeros(size) for f in features])
         return {"image_features": stacked, "image_mask": torch.tensor(mask, dtype=torch.bool)}
 
+    def _queries(self, rows: Sequence[Mapping]) -> list:
+        queries = []
+        for row in rows:
+            if self.columns.query not in row:
+                raise KeyError(
+                    f"Query column {self.columns.query!r} is missing from the row of product "
+                    f"{row.get(self.columns.product_id)!r}; the row has columns {sorted(row)}."
+                )
+            queries.append(row[self.columns.query])
+        return queries
+
+    def _false_negative_mask(self, rows: Sequence[Mapping], product_rows: Sequence[Mapping]) -> torch.Tensor:
+        mask = torch.zeros((len(rows), len(product_rows)), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            attributes = json.loads(row[QUERY_ATTRIBUTES_COLUMN])
+            for j, product in enumerate(product_rows):
+                if j != i and product_matches(product, attributes, self.columns):
+                    mask[i, j] = True
+        return mask
+
     def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         rows = list(rows)
         if not rows:
             raise ValueError("Cannot collate an empty batch.")
-        product_rows = rows + [n for row in rows for n in self._negatives_for(row)] if self.num_hard_negatives else rows
+        _check_rows_are_mappings(rows, "batch")
+        negatives = [n for row in rows for n in self._negatives_for(row)] if self.num_hard_negatives else []
+        _check_rows_are_mappings(negatives, "hard-negative")
+        product_rows = rows + negatives
         products = [product_fields(row, self.columns) for row in product_rows]
-        queries = None
-        if self.with_queries:
-            if self.columns.query not in rows[0]:
-                raise KeyError(
-                    f"Query column {self.columns.query!r} is missing; the rows have columns {sorted(rows[0])}."
-                )
-            queries = [row[self.columns.query] for row in rows]
-        batch = dict(self.processor(queries=queries, products=products))
+        queries = self._queries(rows) if self.with_queries else None
+        with _naming_batch_products([row.get(self.columns.product_id) for row in product_rows]):
+            batch = dict(self.processor(queries=queries, products=products))
+        if self.with_queries and self.mask_false_negatives and QUERY_ATTRIBUTES_COLUMN in rows[0]:
+            batch["false_negative_mask"] = self._false_negative_mask(rows, product_rows)
         if self.uses_images:
             if self.image_features is not None:
                 batch.update(self._cached_features(product_rows))

@@ -39,12 +39,18 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def contrastive_cross_entropy(
-    anchors: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor | float, label_offset: int = 0
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    scale: torch.Tensor | float,
+    label_offset: int = 0,
+    ignore_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One direction of NT-Xent: anchor i must pick candidate `label_offset + i` among all candidates.
 
     Both inputs are L2-normalised, so `anchors @ candidates.T` are cosine similarities; `scale` is
-    `1 / temperature`. Returns `(loss, logits)` with logits of shape `(len(anchors), len(candidates))`.
+    `1 / temperature`. `ignore_mask` (bool, shaped like the logits) removes candidates that are known to
+    be relevant too (false negatives) from the softmax; an anchor's own positive is never removed.
+    Returns `(loss, logits)` with logits of shape `(len(anchors), len(candidates))`.
 
     Example:
     ```python
@@ -61,7 +67,34 @@ def contrastive_cross_entropy(
         )
     logits = scale * anchors @ candidates.t()
     labels = torch.arange(anchors.shape[0], device=anchors.device) + label_offset
-    return F.cross_entropy(logits, labels), logits
+    if ignore_mask is None:
+        return F.cross_entropy(logits, labels), logits
+    ignore_mask = ignore_mask.clone()
+    ignore_mask[torch.arange(anchors.shape[0], device=anchors.device), labels] = False
+    return F.cross_entropy(logits.masked_fill(ignore_mask, float("-inf")), labels), logits
+
+
+def _global_false_negative_masks(
+    local_mask: torch.Tensor,
+    num_queries: int,
+    num_global_positives: int,
+    num_candidates: int,
+    positive_offset: int,
+    query_offset: int,
+    num_global_queries: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Places a per-process `(B, local products)` mask into the global candidate layout
+    `[all positives ; all hard negatives]`; other processes' products are never masked (not known here)."""
+    local_negatives = local_mask.shape[1] - num_queries
+    rank = positive_offset // num_queries
+    query_mask = local_mask.new_zeros((num_queries, num_candidates))
+    query_mask[:, positive_offset : positive_offset + num_queries] = local_mask[:, :num_queries]
+    if local_negatives:
+        start = num_global_positives + rank * local_negatives
+        query_mask[:, start : start + local_negatives] = local_mask[:, num_queries:]
+    product_mask = local_mask.new_zeros((num_queries, num_global_queries))
+    product_mask[:, query_offset : query_offset + num_queries] = local_mask[:, :num_queries].t()
+    return query_mask, product_mask
 
 
 class NTXentLoss(nn.Module):
@@ -89,8 +122,14 @@ class NTXentLoss(nn.Module):
         self.gather_across_processes = gather_across_processes
 
     def forward(
-        self, query_embeds: torch.Tensor, product_embeds: torch.Tensor, scale: torch.Tensor | float
+        self,
+        query_embeds: torch.Tensor,
+        product_embeds: torch.Tensor,
+        scale: torch.Tensor | float,
+        false_negative_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`false_negative_mask[i, j]` (bool, `(num_queries, num_products)`, this process's products) marks
+        products that also satisfy query i; they are left out of both softmaxes instead of being pushed away."""
         num_queries = query_embeds.shape[0]
         positives, hard_negatives = product_embeds[:num_queries], product_embeds[num_queries:]
         if self.gather_across_processes:
@@ -102,10 +141,18 @@ class NTXentLoss(nn.Module):
             global_positives, positive_offset = positives, 0
             global_negatives = hard_negatives
         candidates = torch.cat([global_positives, global_negatives], dim=0)
-        query_loss, logits_per_query = contrastive_cross_entropy(query_embeds, candidates, scale, positive_offset)
+        query_mask = product_mask = None
+        if false_negative_mask is not None:
+            query_mask, product_mask = _global_false_negative_masks(
+                false_negative_mask, num_queries, global_positives.shape[0], candidates.shape[0],
+                positive_offset, query_offset, global_queries.shape[0],
+            )
+        query_loss, logits_per_query = contrastive_cross_entropy(
+            query_embeds, candidates, scale, positive_offset, query_mask
+        )
         if not self.symmetric:
             return query_loss, logits_per_query
-        product_loss, _ = contrastive_cross_entropy(positives, global_queries, scale, query_offset)
+        product_loss, _ = contrastive_cross_entropy(positives, global_queries, scale, query_offset, product_mask)
         return (query_loss + product_loss) / 2, logits_per_query
 
     def get_config_dict(self) -> dict:

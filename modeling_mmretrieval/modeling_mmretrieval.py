@@ -456,6 +456,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        false_negative_mask: torch.Tensor | None = None,
         return_loss: bool = True,
         **kwargs,
     ) -> MultimodalRetrievalOutput:
@@ -465,6 +466,8 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         Product rows are the B positives (row i belongs to query i) followed by any extra hard-negative
         products. With `return_loss=True` the output carries the symmetric NT-Xent loss with in-batch
         negatives; `scale = 1 / temperature = exp(logit_scale)`, clamped to `max_logit_scale`.
+        `false_negative_mask` (bool, `(num_queries, num_products)`) marks in-batch products that also satisfy
+        a query (e.g. another product of the same type and colour); the loss leaves them out of the softmax.
 
         Example:
         ```python
@@ -483,15 +486,19 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             image_mask=image_mask,
             image_features=image_features,
         )
-        return self.score(query_embeds, product_embeds, return_loss=return_loss)
+        return self.score(query_embeds, product_embeds, return_loss=return_loss, false_negative_mask=false_negative_mask)
 
     def score(
-        self, query_embeds: torch.Tensor, product_embeds: torch.Tensor, return_loss: bool = True
+        self,
+        query_embeds: torch.Tensor,
+        product_embeds: torch.Tensor,
+        return_loss: bool = True,
+        false_negative_mask: torch.Tensor | None = None,
     ) -> MultimodalRetrievalOutput:
         """Logits and (optionally) the NT-Xent loss for already computed, normalised embeddings."""
         scale = self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
         if return_loss:
-            loss, logits = self.loss_function_module(query_embeds, product_embeds, scale)
+            loss, logits = self.loss_function_module(query_embeds, product_embeds, scale, false_negative_mask)
         else:
             loss, logits = None, scale * query_embeds @ product_embeds.t()
         return MultimodalRetrievalOutput(

@@ -129,3 +129,20 @@ def test_evaluator_reports_perfect_scores_for_title_queries(catalogue, minilm_te
     assert results["titles/mrr@10"] == pytest.approx(1.0)
     assert results["titles/num_queries"] == 10
     assert "titles" in repr(evaluator) and "queries=10" in repr(evaluator)
+
+
+def test_false_negatives_are_products_matching_another_query(catalogue, tiny_3tower):
+    import json
+
+    from modeling_mmretrieval.data import product_matches
+
+    _, processor = tiny_3tower
+    rows = make_training_pairs(catalogue, seed=0).select(range(24)).to_list()
+    mask = RetrievalCollator(processor)(rows)["false_negative_mask"]
+    assert mask.shape == (24, 24) and not mask.diagonal().any()
+    for i, row in enumerate(rows):
+        attributes = json.loads(row["query_attributes"])
+        for j, product in enumerate(rows):
+            if j != i:
+                assert bool(mask[i, j]) == product_matches(product, attributes), (row["query"], product["title"])
+    assert RetrievalCollator(processor, mask_false_negatives=False)(rows).get("false_negative_mask") is None

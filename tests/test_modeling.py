@@ -377,3 +377,19 @@ def test_lit_style_training_keeps_only_the_dual_encoder_vision_tower_locked():
     assert model.dual_encoder.visual_projection.weight.grad.abs().sum() > 0
     with pytest.raises(Exception, match="train_dual_text_tower=True` needs"):
         make_config("3tower-dinov2", train_dual_text_tower=True)
+
+
+def test_false_negatives_leave_the_softmax():
+    config = make_config("text_only")
+    model = MultimodalRetrievalModel(config).eval()  # no dropout: two forward passes see the same embeddings
+    batch = make_batch(config, num_pairs=4, num_negatives=1)
+    mask = torch.zeros(4, 8, dtype=torch.bool)
+    mask[0, 1] = mask[2, 6] = True
+    mask[1, 1] = True  # a query's own positive is never dropped, even if marked
+    output = model(**batch, false_negative_mask=mask)
+    scale, q, p = output.logit_scale, output.query_embeds, output.product_embeds
+    query_logits = (scale * q @ p.t()).masked_fill(mask & ~torch.eye(4, 8, dtype=torch.bool), float("-inf"))
+    product_logits = (scale * p[:4] @ q.t()).masked_fill(mask[:, :4].t() & ~torch.eye(4, dtype=torch.bool), float("-inf"))
+    expected = (F.cross_entropy(query_logits, torch.arange(4)) + F.cross_entropy(product_logits, torch.arange(4))) / 2
+    assert output.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert output.loss.item() < model(**batch).loss.item() + 1e-6
