@@ -10,11 +10,12 @@ missing query column.
 """
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .data import CatalogueColumns
+from .data import QUERY_ATTRIBUTES_COLUMN, CatalogueColumns, product_matches
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, load_product_image
 
 
