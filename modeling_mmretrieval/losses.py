@@ -5,6 +5,8 @@ for a batch of B (query, product) pairs, each query must pick its product among 
 product its query among all B queries. Logits are cosine similarities times `scale = 1 / temperature`.
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +23,8 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
 
     Returns the global tensor and the row offset of this process's rows in it. Outside a multi-process
     run it returns the tensor itself and offset 0. `torch.distributed.nn.functional.all_gather` is used
-    because it back-propagates into every process's rows (accelerate's `gather` does not).
+    because it back-propagates into every process's rows (accelerate's `gather` does not). Every process
+    must call it with the same number of rows; a mismatch raises instead of hanging.
     """
     if not _is_distributed():
         return tensor, 0
@@ -32,10 +35,17 @@ def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     if len({int(size) for size in sizes}) != 1:
         raise ValueError(
             "Every process must contribute the same number of rows to the contrastive loss "
-            f"(got {[int(s) for s in sizes]}); use `drop_last=True` or `even_batches=True`."
+            f"(got {[int(s) for s in sizes]}); use `drop_last=True` and the same number of hard negatives."
         )
     rank = torch.distributed.get_rank()
-    return torch.cat(all_gather(tensor), dim=0), rank * tensor.shape[0]
+    if tensor.shape[0] == 0:
+        return tensor, 0
+    with warnings.catch_warnings():
+        # torch 2.13 marks this autograd-aware gather deprecated in favour of functional collectives that
+        # do not yet back-propagate across processes the same way; it is still the correct tool here.
+        warnings.simplefilter("ignore", FutureWarning)
+        gathered = all_gather(tensor)
+    return torch.cat(gathered, dim=0), rank * tensor.shape[0]
 
 
 def contrastive_cross_entropy(
@@ -135,7 +145,7 @@ class NTXentLoss(nn.Module):
         if self.gather_across_processes:
             global_queries, query_offset = gather_with_grad(query_embeds)
             global_positives, positive_offset = gather_with_grad(positives)
-            global_negatives = gather_with_grad(hard_negatives)[0] if hard_negatives.shape[0] else hard_negatives
+            global_negatives = gather_with_grad(hard_negatives)[0]
         else:
             global_queries, query_offset = query_embeds, 0
             global_positives, positive_offset = positives, 0

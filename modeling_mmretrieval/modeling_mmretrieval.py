@@ -128,7 +128,9 @@ class MultimodalRetrievalPreTrainedModel(PreTrainedModel):
         if isinstance(module, MultimodalRetrievalModel):
             init.constant_(module.logit_scale, math.log(module.config.logit_scale_init_value))
             if module.missing_image_embedding is not None:
-                init.zeros_(module.missing_image_embedding)
+                # Only its direction is used (it is normalised); a zero start would make that gradient explode.
+                size = module.missing_image_embedding.shape[0]
+                init.normal_(module.missing_image_embedding, std=size**-0.5)
 
 
 class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
@@ -189,7 +191,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             if config.fusion == "mlp":
                 # A learned stand-in for the image half of image-less products, so the MLP never reads a
                 # feature computed from a fake image.
-                self.missing_image_embedding = nn.Parameter(torch.zeros(image_size))
+                self.missing_image_embedding = nn.Parameter(torch.randn(image_size) * image_size**-0.5)
                 mlp_sizes = dict(
                     hidden_size=config.fusion_hidden_size, num_layers=config.fusion_num_layers, dropout=config.fusion_dropout
                 )
@@ -210,11 +212,16 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
     def _adopt_tower(self, tower: PreTrainedModel | None, config_key: str) -> PreTrainedModel:
         sub_config = getattr(self.config, config_key)
         if tower is None:
-            return AutoModel.from_config(sub_config)
-        # The tower and the composite config must describe the same weights, so later edits stay in sync;
-        # the tower keeps the attention implementation it was loaded with (the mask handling depends on it).
-        sub_config._attn_implementation = tower.config._attn_implementation
-        tower.config = sub_config
+            tower = AutoModel.from_config(sub_config)
+        else:
+            # The tower and the composite config must describe the same weights, so later edits stay in sync;
+            # the tower keeps the attention implementation it was loaded with (mask handling depends on it).
+            sub_config._attn_implementation = tower.config._attn_implementation
+            tower.config = sub_config
+        if config_key in ("text_config", "product_text_config") and getattr(tower, "pooler", None) is not None:
+            # Token states are pooled here (mean/CLS), so a text tower's own pooler head is never used; frozen,
+            # it cannot leave DDP waiting for gradients that never come.
+            tower.pooler.requires_grad_(False)
         return tower
 
     def _freeze_image_towers(self):

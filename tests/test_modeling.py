@@ -51,9 +51,9 @@ def test_loss_decreases_on_a_fixed_batch(case):
     config = make_config(case)
     model = MultimodalRetrievalModel(config).train()
     batch = make_batch(config, num_pairs=6)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
-    for _ in range(8):
+    for _ in range(15):
         loss = model(**batch).loss
         optimizer.zero_grad()
         loss.backward()
@@ -72,13 +72,14 @@ def test_gradients_reach_exactly_the_unfrozen_parameters(case, freeze):
     image_prefixes = ("dual_encoder.", "vision_model.")
     for name, parameter in model.named_parameters():
         in_frozen_tower = freeze and name.startswith(image_prefixes)
-        assert parameter.requires_grad == (not in_frozen_tower), name
+        unused_text_pooler = name.startswith(("text_model.pooler.", "product_text_model.pooler."))
+        assert parameter.requires_grad == (not in_frozen_tower and not unused_text_pooler), name
         if in_frozen_tower:
             assert parameter.grad is None, name
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    # Every trainable parameter that the batch uses gets a gradient. Unused by construction: BERT's pooler
-    # (token states are pooled by the model), CLIP's own logit scale, DINOv2's masked-modelling token.
-    unused = ("pooler.", "dual_encoder.logit_scale", "embeddings.mask_token", "missing_image_embedding")
+    # Every trainable parameter that the batch uses gets a gradient. Unused by construction: CLIP's own
+    # logit scale, DINOv2's masked-modelling token, the vision towers' poolers where the CLS state is read.
+    unused = ("dual_encoder.logit_scale", "embeddings.mask_token", "missing_image_embedding", "vision_model.pooler")
     without_grad = [n for n, p in trainable.items() if p.grad is None and not any(u in n for u in unused)]
     assert without_grad == []
     if config.fusion == "mlp" and config.uses_images:
@@ -175,7 +176,8 @@ def test_missing_parameters_are_reinitialised_sanely(case, tmp_path):
     assert loaded.logit_scale.item() == pytest.approx(math.log(14.0))
     assert loaded.logit_scale.exp().item() == pytest.approx(14.0)
     if loaded.missing_image_embedding is not None:
-        assert torch.equal(loaded.missing_image_embedding, torch.zeros_like(loaded.missing_image_embedding))
+        # Re-initialised to a small random direction (its norm is about 1), not left at the saved 3.0s.
+        assert 0.5 < loaded.missing_image_embedding.norm().item() < 2.0
     # Everything that was saved is still loaded as saved.
     for name, tensor in loaded.state_dict().items():
         if name in weights:
