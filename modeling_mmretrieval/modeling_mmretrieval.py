@@ -235,6 +235,15 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         self.image_tower.requires_grad_(False)
         self.image_tower.eval()
 
+    def check_image_queries_supported(self) -> None:
+        """Raises a `ValueError` explaining why unless this model can embed image queries."""
+        if self.config.architecture != "4tower" or self.config.fusion == "mlp":
+            raise ValueError(
+                "Image queries need a 4tower model with `fusion='concat'` or `'alpha_concat'`: the product "
+                "index then holds the dual encoder's image half, which an image query can match. "
+                f"This model is architecture={self.config.architecture!r}, fusion={self.config.fusion!r}."
+            )
+
     @property
     def image_features_are_frozen(self) -> bool:
         """Whether `get_image_features` is fixed during training, so it can be computed once and cached."""
@@ -415,12 +424,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         >>> model.get_image_query_embeddings(pixel_values=pixel_values)
         ```
         """
-        if self.config.architecture != "4tower" or self.config.fusion == "mlp":
-            raise ValueError(
-                "Image queries need a 4tower model with `fusion='concat'` or `'alpha_concat'`: the product "
-                "index then holds the dual encoder's image half, which an image query can match. "
-                f"This model is architecture={self.config.architecture!r}, fusion={self.config.fusion!r}."
-            )
+        self.check_image_queries_supported()
         if image_features is None:
             if pixel_values is None:
                 raise ValueError("Pass `pixel_values` or precomputed `image_features`.")
