@@ -48,7 +48,8 @@ def _naming_batch_products(product_ids: Sequence) -> Iterator[None]:
     except (TypeError, ValueError) as error:
         if type(error) not in (TypeError, ValueError):  # subclasses may take other constructor arguments
             raise
-        raise type(error)(f"{error} Batch positions 0..{len(product_ids) - 1} hold products {list(product_ids)}.") from error
+        hint = f"Batch positions 0..{len(product_ids) - 1} hold products {list(product_ids)}."
+        raise type(error)(f"{error} {hint}") from error
 
 
 class RetrievalCollator:

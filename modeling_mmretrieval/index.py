@@ -496,6 +496,13 @@ class _IndexFiles(NamedTuple):
     metadata: list | None
 
 
+# Every key the writer emits; a meta file missing one (or carrying another) was edited or corrupted.
+_META_KEYS = frozenset({
+    "format", "format_version", "model_id", "config_hash", "count", "dim", "dtype", "byte_order",
+    "embeddings_sha256", "ids_sha256", "metadata_sha256", "shard",
+})
+
+
 def _read_meta(directory: Path) -> dict:
     if not directory.is_dir():
         raise FileNotFoundError(f"no product index directory at {directory}")
@@ -510,6 +517,9 @@ def _read_meta(directory: Path) -> dict:
         raise IndexIntegrityError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
         raise IndexIntegrityError(f"{path} does not describe a {INDEX_FORMAT}")
+    if set(meta) != _META_KEYS:
+        missing, unknown = sorted(_META_KEYS - set(meta)), sorted(set(meta) - _META_KEYS)
+        raise IndexIntegrityError(f"{path} was edited or corrupted: missing keys {missing}, unknown keys {unknown}")
     if meta.get("format_version") != INDEX_FORMAT_VERSION:
         raise IndexIntegrityError(
             f"{path} has format version {meta.get('format_version')!r}; this code reads version {INDEX_FORMAT_VERSION}"
@@ -577,10 +587,16 @@ def _read_ids(directory: Path, meta: dict) -> list:
 
 
 def _read_metadata(directory: Path, meta: dict) -> list | None:
-    if meta.get("metadata_sha256") is None:
-        return None
     path = directory / METADATA_FILENAME
-    lines = _read_checked_bytes(path, meta["metadata_sha256"]).decode("utf-8").splitlines()
+    if meta["metadata_sha256"] is None:
+        if path.exists():
+            raise IndexIntegrityError(f"{path} exists but {META_FILENAME} declares no metadata: the meta file was edited")
+        return None
+    # Only "\n" ends a row: JSON text may hold U+2028/U+0085, which `str.splitlines` would also split on.
+    payload = _read_checked_bytes(path, meta["metadata_sha256"]).decode("utf-8")
+    lines = payload.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
     if len(lines) != meta["count"]:
         raise IndexIntegrityError(f"{path} has {len(lines)} rows but the index has count={meta['count']}")
     return [json.loads(line) for line in lines]
