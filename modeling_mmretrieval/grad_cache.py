@@ -24,6 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 # Batch keys of `MultimodalRetrievalModel.forward` that belong to the product side without a `product_` prefix.
 PRODUCT_IMAGE_KEYS = ("pixel_values", "image_mask", "image_features")
+# Batch keys read by the loss, not by either tower.
+LOSS_KEYS = ("false_negative_mask",)
 
 
 def split_model_inputs(batch: dict) -> tuple[dict, dict]:
@@ -49,6 +51,8 @@ def split_model_inputs(batch: dict) -> tuple[dict, dict]:
             product_inputs[key.removeprefix("product_")] = value
         elif key in PRODUCT_IMAGE_KEYS:
             product_inputs[key] = value
+        elif key in LOSS_KEYS:
+            continue
         else:
             unknown.append(key)
     if unknown:
@@ -246,7 +250,9 @@ def cached_contrastive_step(
 
     # 2. Full-batch loss on leaf copies: gradients with respect to every embedding row (and the logit scale).
     with autocast():
-        loss = module.score(leaves["query"], leaves["product"], return_loss=True).loss
+        loss = module.score(
+            leaves["query"], leaves["product"], return_loss=True, false_negative_mask=batch.get("false_negative_mask")
+        ).loss
     backward(loss)
     if any(leaf.grad is None for leaf in leaves.values()):
         raise RuntimeError(

@@ -1,0 +1,465 @@
+"""examples/train.py end to end on tiny towers and small slices of the committed sample.
+
+The text tower is a 2-layer, 32-wide BERT with the real all-MiniLM-L6-v2 tokenizer (its vocabulary size), the
+vision tower a 1-layer DINOv2 on 28 px images. Runs that must be separate processes (SIGKILL, HF_ENDPOINT) are
+subprocesses; the rest call `main()` in-process.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from hub_server import MiniHub
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertConfig, BertModel, Dinov2Config, Dinov2Model
+
+from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
+from modeling_mmretrieval.collator import RetrievalCollator
+from modeling_mmretrieval.data import SAMPLE_DATA_DIR, load_catalogue, make_training_pairs
+from modeling_mmretrieval.offline_towers import get_minilm_path
+from modeling_mmretrieval.training_utils import (
+    COMPLETION_MARKER,
+    TRAINER_STATE_NAME,
+    EpochSeededSampler,
+    NonFiniteLossError,
+    checkpoint_problem,
+    find_latest_checkpoint,
+    format_results_table,
+    list_checkpoints,
+    mark_complete,
+    parameter_groups,
+    precompute_image_features,
+    resolve_checkpoint,
+    set_image_tower_frozen,
+    temporary_dir_for,
+    training_length,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO_ROOT / "examples" / "train.py"
+TRAIN_ROWS, EVAL_ROWS, BATCH_SIZE, IMAGE_SIZE = 96, 48, 16, 28
+# The DINOv2 evaluation transform (as in the converted DINOv2-small folder), at the tiny tower's size.
+DINOV2_PREPROCESSOR = {
+    "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": IMAGE_SIZE},
+    "resample": 3, "do_center_crop": True, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True,
+}
+
+
+@pytest.fixture(autouse=True)
+def isolated_runs():
+    """One intra-op thread: tiny models on a shared CPU train twice as fast, and runs compared bit for bit (in this
+    process and in subprocesses, see `subprocess_env`) must use the same thread count. Accelerate's process-wide
+    state is reset after each test, as accelerate's own `AccelerateTestCase` does, so in-process runs (one of
+    which stops with an exception mid-epoch) do not leak into each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("mmretrieval_train_example", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_example = load_train_module()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """Tiny pretrained towers and a small catalogue (train/validation parquet slices of the sample)."""
+    root = tmp_path_factory.mktemp("train_assets")
+    tokenizer = AutoTokenizer.from_pretrained(get_minilm_path())
+    torch.manual_seed(0)
+    text = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=48, max_position_embeddings=128))
+    text.save_pretrained(root / "text")
+    tokenizer.save_pretrained(root / "text")
+    vision = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                                      image_size=IMAGE_SIZE, patch_size=14))
+    vision.save_pretrained(root / "vision")
+    (root / "vision" / "preprocessor_config.json").write_text(json.dumps(DINOV2_PREPROCESSOR))
+    (root / "data").mkdir()
+    for split, rows in (("train", TRAIN_ROWS), ("validation", EVAL_ROWS)):
+        sample = pq.read_table(SAMPLE_DATA_DIR / f"{split}.parquet")
+        pq.write_table(sample.slice(0, rows), root / "data" / f"{split}.parquet")
+    return {"root": root, "text": root / "text", "vision": root / "vision", "data": root / "data"}
+
+
+def train_args(assets, output_dir, *extra, towers: bool = True) -> list[str]:
+    args = ["--dataset", str(assets["data"]), "--output_dir", str(output_dir), "--image_size", str(IMAGE_SIZE),
+            "--per_device_train_batch_size", str(BATCH_SIZE), "--max_eval_queries", "30", "--logging_steps", "2"]
+    if towers:
+        args += ["--text_model", str(assets["text"]), "--vision_model", str(assets["vision"])]
+    return args + [str(value) for value in extra]
+
+
+def subprocess_env(**overrides) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.update(overrides)
+    return env
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_parameter_groups_split_towers_head_and_decay(assets):
+    model = MultimodalRetrievalModel.from_towers_pretrained(str(assets["text"]), str(assets["vision"]))
+    groups = {g["name"]: g for g in parameter_groups(model, tower_learning_rate=2e-5, head_learning_rate=1e-3,
+                                                      weight_decay=0.01)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = {g: {names[id(p)] for p in group["params"]} for g, group in groups.items()}
+    assert {g: (groups[g]["lr"], groups[g]["weight_decay"]) for g in groups} == {
+        "towers": (2e-5, 0.01), "towers_no_decay": (2e-5, 0.0), "head": (1e-3, 0.01), "head_no_decay": (1e-3, 0.0)
+    }
+    assert "logit_scale" in grouped["head_no_decay"] and "missing_image_embedding" in grouped["head_no_decay"]
+    assert "text_model.encoder.layer.0.attention.self.query.weight" in grouped["towers"]
+    assert "text_model.encoder.layer.0.attention.self.query.bias" in grouped["towers_no_decay"]
+    assert "text_model.embeddings.LayerNorm.weight" in grouped["towers_no_decay"]
+    assert "product_fusion.layers.0.weight" in grouped["head"]
+    # The frozen vision tower is in no group; every trainable parameter is in exactly one.
+    assert not any(name.startswith("vision_model") for members in grouped.values() for name in members)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(n for members in grouped.values() for n in members) == sorted(trainable)
+
+
+def test_training_length_and_seeded_order():
+    assert training_length(10, 4, 2.0, None) == (3, 6, 2)  # the last partial window still steps
+    assert training_length(10, 1, 1.0, 25) == (10, 25, 3)
+    with pytest.raises(ValueError, match="fewer training pairs than one batch"):
+        training_length(0, 1, 1.0, None)
+    sampler = EpochSeededSampler(50, seed=3)
+    first = list(sampler)
+    assert first == list(EpochSeededSampler(50, seed=3)) and sorted(first) == list(range(50))
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_results_table_lists_metrics_and_slices():
+    before = {"eval/recall@10": 0.1, "eval/mrr@10": 0.05, "eval/slice/recall@10": 0.0, "eval/num_queries": 30.0}
+    after = {"eval/recall@10": 0.35, "eval/mrr@10": 0.2, "eval/slice/recall@10": 0.5, "eval/num_queries": 30.0}
+    lines = format_results_table(before, after).splitlines()
+    assert lines[0].split() == ["metric", "before", "after", "change"]
+    assert [line.split() for line in lines[1:]] == [
+        ["recall@10", "0.1000", "0.3500", "+0.2500"], ["mrr@10", "0.0500", "0.2000", "+0.1500"],
+        ["slice/recall@10", "0.0000", "0.5000", "+0.5000"],
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_short_run_saves_a_loadable_model_results_and_card(assets, tmp_path):
+    results = train_example.main(train_args(assets, tmp_path / "run", "--max_train_steps", 6, "--eval_steps", 3,
+                                            "--warmup_steps", 0))
+    final = tmp_path / "run" / "final"
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk["training"]["completed_steps"] == 6 and on_disk["training"]["skipped_steps"] == 0
+    for metrics in (on_disk["before"], on_disk["after"], on_disk["history"][0]):
+        assert {"eval/recall@10", "eval/recall@100", "eval/ndcg@10", "eval/mrr@10"} <= set(metrics)
+        assert 0.0 <= metrics["eval/recall@10"] <= metrics["eval/recall@100"] <= 1.0
+    assert on_disk["history"][0]["step"] == 3 and results["after"] == on_disk["after"]
+
+    model = MultimodalRetrievalModel.from_pretrained(final)
+    processor = MultimodalRetrievalProcessor.from_pretrained(final)
+    assert processor.image_processor.crop_size == {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    saved, tiny_text, tiny_vision = weights(final), weights(assets["text"]), weights(assets["vision"])
+    # The text tower was trained, the frozen vision tower was not.
+    assert not torch.equal(saved["text_model.encoder.layer.0.attention.self.query.weight"],
+                           tiny_text["encoder.layer.0.attention.self.query.weight"])
+    assert all(torch.equal(saved[f"vision_model.{name}"], tensor) for name, tensor in tiny_vision.items())
+    # The reloaded model reproduces the evaluation it was saved with.
+    evaluator = train_example.RetrievalEvaluator.with_colour_slice(
+        load_catalogue(assets["data"], split="validation"),
+        train_example.make_evaluation_queries(load_catalogue(assets["data"], split="validation"), seed=42,
+                                              num_queries=30),
+        processor, name="eval")
+    reloaded = evaluator(model)
+    assert reloaded["eval/ndcg@10"] == pytest.approx(on_disk["after"]["eval/ndcg@10"], abs=1e-6)
+    card = (final / "README.md").read_text()
+    assert card.startswith("---\n") and "attribute-derived" in card and "| recall@10 |" in card
+    assert str(assets["text"]) in card and "library_name: transformers" in card
+
+
+def test_dataset_queries_are_used_when_the_catalogue_has_them(assets, tmp_path):
+    """A catalogue with its own (query, product) rows: a product may appear in several rows, and every product
+    a query text is paired with is relevant to it."""
+    for split in ("train", "validation"):
+        table = pq.read_table(assets["data"] / f"{split}.parquet")
+        article_types = table["article_type"].to_pylist()
+        brand_queries = [f"{b} {a}".lower() for b, a in zip(table["brand"].to_pylist(), article_types)]
+        colour_queries = [f"{c} {a}".lower() for c, a in zip(table["base_colour"].to_pylist(), article_types)]
+        rows = pa.concat_tables([table.append_column("search_term", pa.array(brand_queries)),
+                                 table.append_column("search_term", pa.array(colour_queries))])
+        pq.write_table(rows, tmp_path / f"{split}.parquet")
+    results = train_example.main(train_args(assets, tmp_path / "run", "--architecture", "text_only",
+                                            "--dataset", tmp_path, "--query_column", "search_term",
+                                            "--max_train_steps", 2, "--max_eval_queries", 1000))
+    validation = pq.read_table(tmp_path / "validation.parquet")
+    assert results["training"]["train_pairs"] == 2 * TRAIN_ROWS
+    assert results["after"]["eval/num_queries"] == len(set(validation["search_term"].to_pylist()))
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "the dataset's own query column" in card and "attribute-derived" not in card
+    assert MultimodalRetrievalModel.from_pretrained(tmp_path / "run" / "final").config.architecture == "text_only"
+
+
+def test_cached_image_features_give_the_same_loss_as_recomputing(assets):
+    model = MultimodalRetrievalModel.from_towers_pretrained(str(assets["text"]), str(assets["vision"]))
+    processor = MultimodalRetrievalProcessor.from_towers_pretrained(str(assets["text"]), str(assets["vision"]),
+                                                                    config=model.config)
+    catalogue = load_catalogue(assets["data"], split="train").select(range(32))
+    pairs = make_training_pairs(catalogue, seed=0)
+    cache = precompute_image_features(model, processor, catalogue, batch_size=12, show_progress=False)
+    rows = pairs.select(range(5, 21)).to_list()
+    recomputed_batch = RetrievalCollator(processor)(rows)
+    cached_batch = RetrievalCollator(processor, image_features=cache)(rows)
+    assert "pixel_values" in recomputed_batch and "pixel_values" not in cached_batch
+    model.train()  # training mode: text dropout is on, the frozen tower must still be deterministic
+    losses = []
+    for batch in (recomputed_batch, cached_batch):
+        torch.manual_seed(7)
+        losses.append(model(**batch).loss)
+    assert torch.allclose(losses[0], losses[1], rtol=0, atol=1e-6), losses
+    recomputed = model.get_image_features(recomputed_batch["pixel_values"], recomputed_batch["image_mask"])
+    assert torch.allclose(recomputed, cached_batch["image_features"], atol=1e-5)
+
+    set_image_tower_frozen(model, False)
+    with pytest.raises(ValueError, match="frozen image tower"):
+        precompute_image_features(model, processor, catalogue, show_progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: completeness, SIGKILL + resume
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_checkpoint(checkpoints_dir: Path, step: int, complete: bool = True) -> Path:
+    directory = checkpoints_dir / f"checkpoint-{step}"
+    directory.mkdir(parents=True)
+    (directory / "model.safetensors").write_bytes(os.urandom(4096))
+    (directory / TRAINER_STATE_NAME).write_text(json.dumps({"completed_steps": step}))
+    if complete:
+        mark_complete(directory, step)
+    return directory
+
+
+def test_latest_never_takes_a_half_written_checkpoint(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    good = write_checkpoint(checkpoints, 4)
+    write_checkpoint(checkpoints, 8, complete=False)  # killed before the marker
+    truncated = write_checkpoint(checkpoints, 12)
+    with open(truncated / "model.safetensors", "r+b") as handle:  # damaged after it was written
+        handle.truncate(1000)
+    corrupted = write_checkpoint(checkpoints, 16)
+    (corrupted / "model.safetensors").write_bytes(os.urandom(4096))  # same size, other bytes
+    temporary = temporary_dir_for(checkpoints, 20)
+    temporary.mkdir()
+    (temporary / "model.safetensors").write_bytes(os.urandom(4096))
+
+    assert [step for step, _ in list_checkpoints(checkpoints)] == [16, 12, 8, 4]  # the temporary dir is no checkpoint
+    assert "SHA-256" in checkpoint_problem(corrupted)
+    assert "1000 bytes" in checkpoint_problem(truncated)
+    assert COMPLETION_MARKER in checkpoint_problem(checkpoints / "checkpoint-8")
+    assert checkpoint_problem(good) is None
+    assert find_latest_checkpoint(checkpoints) == good
+    assert resolve_checkpoint("latest", checkpoints) == good
+    assert resolve_checkpoint("latest", tmp_path / "no-checkpoints-yet") is None
+    with pytest.raises(FileNotFoundError, match="interrupted while writing"):
+        resolve_checkpoint(str(checkpoints / "checkpoint-8"), checkpoints)
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(assets, tmp_path):
+    common = ("--max_train_steps", 40, "--checkpointing_steps", 3, "--eval_split", "none", "--warmup_steps", 4)
+    reference = tmp_path / "reference"
+    train_example.main(train_args(assets, reference, *common))
+
+    interrupted = tmp_path / "interrupted"
+    checkpoints = interrupted / "checkpoints"
+    process = subprocess.Popen(
+        [sys.executable, str(TRAIN_SCRIPT), *train_args(assets, interrupted, *common)],
+        env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        # Kill once two checkpoints were started: often in the middle of writing the second one (the case where a
+        # half-written directory exists), otherwise between checkpoints.
+        while not [path for path in (checkpoints.iterdir() if checkpoints.is_dir() else [])
+                   if path.name in ("checkpoint-6", ".tmp-checkpoint-6")]:
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the run never wrote a checkpoint"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    assert not (interrupted / "final").exists()
+    survivor = find_latest_checkpoint(checkpoints)
+    assert survivor is not None and 3 <= int(survivor.name.removeprefix("checkpoint-")) < 40
+
+    results = train_example.main(train_args(assets, interrupted, *common, "--resume_from_checkpoint", "latest"))
+    assert results["training"]["resumed_from"] == str(survivor)
+    expected, resumed = weights(reference / "final"), weights(interrupted / "final")
+    assert expected.keys() == resumed.keys()
+    different = [name for name in expected if not torch.equal(expected[name], resumed[name])]
+    assert different == []  # bit-identical: same data order, optimizer, schedule and dropout RNG
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(assets, tmp_path):
+    train_example.main(train_args(assets, tmp_path, "--max_train_steps", 2, "--checkpointing_steps", 2,
+                                  "--eval_split", "none"))
+    with pytest.raises(train_example.CheckpointMismatchError, match="per_device_train_batch_size"):
+        train_example.main(train_args(assets, tmp_path, "--max_train_steps", 2, "--eval_split", "none",
+                                      "--per_device_train_batch_size", 8, "--resume_from_checkpoint", "latest"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NaN handling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def poisoned_model(assets, tmp_path_factory):
+    """A saved model whose word embedding of one rare token is NaN, and the optimizer step that first meets it.
+
+    The token appears in the product text of exactly one training product (and in no query), so only the batch
+    holding that product has a NaN loss; the seeded sampler says which step that is.
+    """
+    model = MultimodalRetrievalModel.from_towers_pretrained(str(assets["text"]), str(assets["vision"]),
+                                                            max_product_length=64, max_query_length=24)
+    processor = MultimodalRetrievalProcessor.from_towers_pretrained(str(assets["text"]), str(assets["vision"]),
+                                                                    config=model.config)
+    pairs = make_training_pairs(load_catalogue(assets["data"], split="train"), seed=42)
+    product_tokens = processor.encode_products(pairs.to_list())["input_ids"]
+    query_tokens = set(processor.encode_queries(pairs["query"])["input_ids"].flatten().tolist())
+    order = list(EpochSeededSampler(len(pairs), seed=42))
+    step_of_row = {row: position // BATCH_SIZE + 1 for position, row in enumerate(order)}
+    counts = torch.bincount(product_tokens.flatten(), minlength=model.config.text_config.vocab_size)
+    token, row = next(
+        (token, int((product_tokens == token).any(dim=1).nonzero()[0]))
+        for token in (counts == 1).nonzero().flatten().tolist()
+        if token not in query_tokens and 3 <= step_of_row[int((product_tokens == token).any(dim=1).nonzero()[0])] <= 5
+    )
+    with torch.no_grad():
+        model.text_model.embeddings.word_embeddings.weight[token] = float("nan")
+    directory = tmp_path_factory.mktemp("poisoned")
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory, token, step_of_row[row]
+
+
+def test_nan_loss_stops_the_run_without_a_poisoned_checkpoint(assets, poisoned_model, tmp_path):
+    directory, _, poisoned_step = poisoned_model
+    args = train_args(assets, tmp_path, "--model_name_or_path", directory, "--max_train_steps", 6,
+                      "--checkpointing_steps", 1, "--eval_split", "none", towers=False)
+    with pytest.raises(NonFiniteLossError, match=f"optimizer step {poisoned_step}, epoch 0"):
+        train_example.main(args)
+    saved = [step for step, _ in list_checkpoints(tmp_path / "checkpoints")]
+    assert saved == list(range(poisoned_step - 1, 0, -1))
+    latest = find_latest_checkpoint(tmp_path / "checkpoints")
+    assert all(torch.isfinite(t).all() for name, t in weights(latest).items() if "word_embeddings" not in name)
+    assert not (tmp_path / "final").exists()
+
+
+def test_nan_policy_skip_skips_only_the_poisoned_step(assets, poisoned_model, tmp_path):
+    directory, token, _ = poisoned_model
+    results = train_example.main(train_args(assets, tmp_path, "--model_name_or_path", directory, "--max_train_steps", 6,
+                                            "--eval_split", "none", "--nan_policy", "skip", towers=False))
+    assert results["training"]["skipped_steps"] == 1 and results["training"]["completed_steps"] == 6
+    trained, initial = weights(tmp_path / "final"), weights(directory)
+    embedding = "text_model.embeddings.word_embeddings.weight"
+    assert torch.isnan(trained[embedding][token]).all()
+    trained[embedding][token] = 0.0
+    assert all(torch.isfinite(tensor).all() for tensor in trained.values())
+    assert not torch.equal(trained["product_fusion.layers.0.weight"], initial["product_fusion.layers.0.weight"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Push to a (local) Hub
+# ----------------------------------------------------------------------------------------------------------------
+
+LOAD_FROM_HUB = textwrap.dedent("""
+    import json, sys
+    import torch
+    import modeling_mmretrieval
+    from huggingface_hub import HfApi
+    from transformers import AutoModel
+    from modeling_mmretrieval import MultimodalRetrievalProcessor
+    from modeling_mmretrieval.collator import RetrievalCollator
+    from modeling_mmretrieval.data import load_catalogue
+
+    repo_id, local_dir, data_dir = sys.argv[1:4]
+    rows = load_catalogue(data_dir, split="validation").select(range(6)).to_list()
+    queries = ["red casual tshirt for men", "women black handbag"]
+
+    def embed(source):
+        model = AutoModel.from_pretrained(source).eval()
+        processor = MultimodalRetrievalProcessor.from_pretrained(source)
+        batch = RetrievalCollator(processor, with_queries=False)(rows)
+        with torch.no_grad():
+            products = model.get_product_embeddings(**{k.removeprefix("product_"): v for k, v in batch.items()})
+            query_embeds = model.get_query_embeddings(**processor.encode_queries(queries))
+        return torch.cat([query_embeds, products])
+
+    info = HfApi().model_info(repo_id)
+    hub, local = embed(repo_id), embed(local_dir)
+    print(json.dumps({"files": sorted(s.rfilename for s in info.siblings), "private": info.private,
+                      "max_difference": (hub - local).abs().max().item(), "rows": hub.shape[0]}))
+""")
+
+
+@pytest.mark.slow
+def test_push_to_hub_uploads_a_model_that_loads_back_with_the_same_embeddings(assets, tmp_path):
+    with MiniHub(token="hf_test_token", user="tester") as hub:
+        env = subprocess_env(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1",
+                             HF_HOME=str(tmp_path / "hf_home"), HF_TOKEN="hf_test_token")
+        run = subprocess.run(
+            [sys.executable, str(TRAIN_SCRIPT), *train_args(assets, tmp_path / "run", "--max_train_steps", 2,
+                                                            "--eval_split", "none", "--push_to_hub",
+                                                            "--hub_model_id", "fashion-retriever", "--hub_private")],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        results = json.loads((tmp_path / "run" / "results.json").read_text())
+        assert results["hub_commit_url"].startswith(f"{hub.endpoint}/tester/fashion-retriever/commit/")
+        loaded = subprocess.run(
+            [sys.executable, "-c", LOAD_FROM_HUB, "tester/fashion-retriever", str(tmp_path / "run" / "final"),
+             str(assets["data"])], env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert loaded.returncode == 0, loaded.stderr[-3000:]
+        report = json.loads(loaded.stdout.strip().splitlines()[-1])
+        assert hub.unhandled == [], hub.unhandled
+        stored = hub.repos["tester/fashion-retriever"].head[1]
+    local_files = sorted(p.name for p in (tmp_path / "run" / "final").iterdir())
+    assert report["files"] == local_files and "README.md" in local_files and report["private"] is True
+    assert stored["model.safetensors"].lfs and not stored["config.json"].lfs  # binary via LFS, text inline
+    assert stored["model.safetensors"].content == (tmp_path / "run" / "final" / "model.safetensors").read_bytes()
+    assert report["rows"] == 8 and report["max_difference"] == 0.0
