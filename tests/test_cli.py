@@ -314,7 +314,7 @@ def test_text_only_model_refuses_image_queries_clearly(tmp_path, built_index, ca
             "search.py", "--model_name_or_path", text_checkpoint, "--index_dir", index_dir, "--image", image_path
         )
     )
-    assert "text-only" in stderr
+    assert "architecture='text_only'" in stderr and "Image queries need a 4tower" in stderr
 
 
 @pytest.mark.slow
