@@ -8,23 +8,35 @@ rows (mappings) whose `product_text_fields` are joined into one product text.
 import json
 import math
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.processing_utils import ProcessorMixin
+
+from .fast_image_processing import FastImageProcessor
+from .image_loading import load_product_image
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 DUAL_TOKENIZER_FOLDER = "dual_tokenizer"
 
 
-def field_text(value) -> str:
-    """The text of one product field: empty for missing values (None, NaN), `str()` otherwise."""
+def field_text(value, field: str = "field") -> str:
+    """The text of one product field: empty for missing values (None, NaN), numbers as written, strings as is.
+
+    Containers and bytes are refused: their `repr` would be embedded as if it were product text.
+    """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return str(value).strip()
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"Product field {field!r} must be text or a number, got {type(value).__name__}.")
 
 
 def join_product_text(product: Mapping, fields: Sequence[str], separator: str) -> str:
@@ -36,19 +48,25 @@ def join_product_text(product: Mapping, fields: Sequence[str], separator: str) -
     'Red Tee'
     ```
     """
-    return separator.join(text for text in (field_text(product.get(name)) for name in fields) if text)
+    return separator.join(text for text in (field_text(product.get(name), name) for name in fields) if text)
 
 
-def _check_texts(texts: Sequence[str], what: str) -> list[str]:
+def validate_texts(texts: Sequence[str], what: str = "Query") -> list[str]:
+    """Checks a list of texts (a single string counts as one), raising a typed error that names the position."""
     if isinstance(texts, str):
         texts = [texts]
-    checked = []
-    for position, text in enumerate(texts):
+    checked = list(texts)
+    if not checked:
+        raise ValueError(f"Got no {what.lower()} texts to encode.")
+    for position, text in enumerate(checked):
         if not isinstance(text, str):
             raise TypeError(f"{what} {position} must be a string, got {type(text).__name__}.")
         if not text.strip():
             raise ValueError(f"{what} {position} is empty or whitespace only; it would embed as noise.")
-        checked.append(text)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"{what} {position} is not valid Unicode text ({error.reason}).") from error
     return checked
 
 
@@ -64,6 +82,9 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
         max_product_length (`int`): truncation length of product texts.
         product_text_fields (`list[str]`): product row fields joined into the product text.
         max_dual_length (`int`): truncation length for the dual encoder's tokenizer (CLIP uses 77).
+        fast_image_processing (`bool`): preprocess images with the batched [`FastImageProcessor`] built from
+            `image_processor`'s settings (several times faster; pixel values within its stated tolerance of
+            the reference) instead of calling `image_processor` itself.
 
     Images are PIL images or `None`; `None` marks an image-less product (`image_mask` False, and the image
     tower never sees the zero placeholder left in `pixel_values`).
@@ -87,6 +108,7 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
         max_product_length: int = 128,
         product_text_fields: Sequence[str] = ("title", "description"),
         max_dual_length: int = 77,
+        fast_image_processing: bool = False,
     ):
         # ProcessorMixin requires every sub-processor; here the image processor and dual tokenizer are
         # optional (text-only models have neither), so attributes are set directly and saving/loading is
@@ -99,6 +121,8 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
         self.max_product_length = max_product_length
         self.product_text_fields = list(product_text_fields)
         self.max_dual_length = max_dual_length
+        self.fast_image_processing = fast_image_processing
+        self._fast_image_processor = None
 
     @property
     def product_text_separator(self) -> str:
@@ -107,12 +131,28 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
 
     # ----- encoding ----------------------------------------------------------------------------------------
     def _tokenize(self, tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
-        return dict(
-            tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        )
+        # Fast tokenizers keep padding/truncation as shared state that every call rewrites, so concurrent
+        # calls with different lengths (queries vs products) would see each other's settings.
+        with self._tokenizer_lock:
+            return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+
+    @property
+    def _tokenizer_lock(self) -> threading.Lock:
+        lock = self.__dict__.get("_lock")
+        if lock is None:
+            lock = self.__dict__.setdefault("_lock", threading.Lock())
+        return lock
+
+    def __getstate__(self) -> dict:
+        # Locks do not pickle (DataLoader workers copy the processor); each copy makes its own.
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
 
     def product_texts(self, products: Sequence[Mapping]) -> list[str]:
         """The product texts the model reads, one per row; raises for a row with no text at all."""
+        if not products:
+            raise ValueError("Got no products to encode.")
         texts = []
         for position, product in enumerate(products):
             if not isinstance(product, Mapping):
@@ -128,7 +168,7 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
 
     def encode_queries(self, queries: Sequence[str]) -> dict[str, torch.Tensor]:
         """Inputs of `model.get_query_embeddings` for text queries."""
-        queries = _check_texts(queries, "Query")
+        queries = validate_texts(queries, "Query")
         inputs = self._tokenize(self.tokenizer, queries, self.max_query_length)
         if self.dual_tokenizer is not None:
             dual = self._tokenize(self.dual_tokenizer, queries, self.max_dual_length)
@@ -136,20 +176,38 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
             inputs["dual_attention_mask"] = dual["attention_mask"]
         return inputs
 
-    def encode_images(self, images: Sequence) -> dict[str, torch.Tensor]:
-        """`pixel_values` and `image_mask` for a list of PIL images, `None` marking a missing image."""
+    def encode_images(self, images: Sequence, fast_image_processing: bool | None = None) -> dict[str, torch.Tensor]:
+        """`pixel_values` and `image_mask` for a list of images, `None` marking a missing image.
+
+        Images are PIL images; encoded images (bytes, `datasets.Image` dicts, file paths) are decoded with
+        `load_product_image`, and one that cannot be decoded becomes image-less (`image_mask` False).
+        `fast_image_processing` overrides the processor's setting for this call (see the class arguments).
+        """
         if self.image_processor is None:
             raise ValueError("This processor has no image processor (a text-only model takes no images).")
-        images = list(images)
+        images = [image if image is None or isinstance(image, Image.Image) else load_product_image(image).image
+                  for image in images]
         image_mask = torch.tensor([image is not None for image in images], dtype=torch.bool)
         present = [image for image in images if image is not None]
+        if fast_image_processing is None:
+            fast_image_processing = self.fast_image_processing
         if present:
-            processed = self.image_processor(images=present, return_tensors="pt")["pixel_values"]
-            pixel_values = processed.new_zeros((len(images), *processed.shape[1:]))
-            pixel_values[image_mask] = processed
+            image_processor = self._batched_image_processor() if fast_image_processing else self.image_processor
+            processed = image_processor(images=present, return_tensors="pt")["pixel_values"]
+            if len(present) == len(images):
+                pixel_values = processed  # no placeholders to add: spare a copy of the whole batch
+            else:
+                pixel_values = processed.new_zeros((len(images), *processed.shape[1:]))
+                pixel_values[image_mask] = processed
         else:
             pixel_values = torch.zeros((len(images), 3, *self._image_size()))
         return {"pixel_values": pixel_values, "image_mask": image_mask}
+
+    def _batched_image_processor(self) -> FastImageProcessor:
+        # Built on first use from the current image processor, so settings changed before then still count.
+        if self._fast_image_processor is None:
+            self._fast_image_processor = FastImageProcessor.from_image_processor(self.image_processor)
+        return self._fast_image_processor
 
     def _image_size(self) -> tuple[int, int]:
         size = getattr(self.image_processor, "crop_size", None) or self.image_processor.size
@@ -196,6 +254,7 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
             "max_product_length": self.max_product_length,
             "product_text_fields": self.product_text_fields,
             "max_dual_length": self.max_dual_length,
+            "fast_image_processing": self.fast_image_processing,
             "has_image_processor": self.image_processor is not None,
             "has_dual_tokenizer": self.dual_tokenizer is not None,
         }
@@ -244,6 +303,8 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
         kwargs.pop("trust_remote_code", None)
         kwargs.pop("_from_auto", None)
         settings = _read_processor_settings(pretrained_model_name_or_path, hub_kwargs)
+        # The sub-processors are standard classes: never let them prompt for (or run) remote code.
+        hub_kwargs["trust_remote_code"] = False
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         image_processor = None
         if settings.get("has_image_processor"):
@@ -253,7 +314,8 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
             dual_tokenizer = AutoTokenizer.from_pretrained(
                 pretrained_model_name_or_path, subfolder=DUAL_TOKENIZER_FOLDER, **hub_kwargs
             )
-        options = {key: settings[key] for key in ("max_query_length", "max_product_length", "product_text_fields", "max_dual_length") if key in settings}
+        option_names = ("max_query_length", "max_product_length", "product_text_fields", "max_dual_length", "fast_image_processing")
+        options = {key: settings[key] for key in option_names if key in settings}
         options.update(kwargs)
         return cls(tokenizer, image_processor=image_processor, dual_tokenizer=dual_tokenizer, **options)
 

@@ -1,0 +1,124 @@
+"""Case 3: exact top-100 search over normalised embeddings, `ProductIndex.search` against faiss.
+
+Batch 1 is a matrix-vector product: it must stream the whole catalogue matrix from memory, so its floor
+is `matrix bytes / measured copy bandwidth`. Batch 64 is a matrix product plus top-k selection, compared
+with faiss `IndexFlatIP` (exact inner-product search) at the same number of threads.
+"""
+
+import gc
+
+import numpy as np
+import torch
+from common import CaseResult, Check, Context, Row, Target
+from measure import measure_interleaved, paired_ratio
+
+from modeling_mmretrieval.index import ProductIndex
+
+K = 100
+SINGLE_QUERIES_PER_REPEAT = 8
+QUERY_BATCH = 64
+BANDWIDTH_TARGET = 0.7
+FAISS_TARGET = 1.0
+FULL_CATALOGUES = ((100_000, 384), (100_000, 512), (1_000_000, 384), (1_000_000, 512))
+QUICK_CATALOGUES = ((100_000, 384),)
+GENERATION_BLOCK_ROWS = 1 << 16
+
+
+def unit_vectors(count: int, dim: int, seed: int) -> np.ndarray:
+    """`(count, dim)` float32 rows uniformly spread on the unit sphere, generated block by block."""
+    generator = torch.Generator().manual_seed(seed)
+    vectors = np.empty((count, dim), dtype=np.float32)
+    for start in range(0, count, GENERATION_BLOCK_ROWS):
+        block = torch.randn(min(GENERATION_BLOCK_ROWS, count - start), dim, generator=generator)
+        vectors[start : start + len(block)] = torch.nn.functional.normalize(block, dim=-1).numpy()
+    return vectors
+
+
+def _agreement_check(
+    name: str, ours: tuple[torch.Tensor, torch.Tensor], theirs: tuple[np.ndarray, np.ndarray]
+) -> Check:
+    our_scores, our_positions = ours
+    their_scores, their_positions = theirs
+    same_ids = (our_positions.numpy() == their_positions).mean()
+    score_difference = np.abs(our_scores.numpy() - their_scores).max()
+    # Random unit vectors have no ties to speak of, so both must return the same ranked ids.
+    return Check(
+        f"search/{name}: same top-{K} as faiss IndexFlatIP",
+        same_ids >= 0.999 and score_difference <= 1e-4,
+        f"{100 * same_ids:.2f}% identical ranked ids, max |score diff| {score_difference:.1e}",
+    )
+
+
+def _catalogue_case(ctx: Context, count: int, dim: int) -> CaseResult:
+    import faiss
+
+    faiss.omp_set_num_threads(ctx.threads)
+    name = f"{count // 1000}k x {dim}"
+    vectors = unit_vectors(count, dim, seed=dim)
+    index = ProductIndex(vectors, list(range(count)))
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(vectors)
+    single_queries = torch.from_numpy(unit_vectors(SINGLE_QUERIES_PER_REPEAT, dim, seed=1))
+    batch_queries = torch.from_numpy(unit_vectors(QUERY_BATCH, dim, seed=2))
+
+    result = CaseResult()
+    result.checks.append(_agreement_check(
+        name, index.search_positions(batch_queries, K), flat.search(batch_queries.numpy(), K)
+    ))
+    matrix_bytes = vectors.nbytes
+    bound_seconds = matrix_bytes / (ctx.copy_gbps * 1e9)
+    cpu = torch.device("cpu")
+
+    single = measure_interleaved(
+        {
+            "ours": lambda: [index.search_positions(query, K) for query in single_queries],
+            "faiss": lambda: [flat.search(query[None].numpy(), K) for query in single_queries],
+        },
+        ctx.repeats, cpu,
+    )
+    for variant in ("ours", "faiss"):
+        result.rows.append(Row.from_samples(
+            "search", f"{name}/batch 1/{variant}", single[variant], SINGLE_QUERIES_PER_REPEAT, "queries/s",
+            latency_ms=1e3 * single[variant].median_s / SINGLE_QUERIES_PER_REPEAT,
+        ))
+    our_latency = single["ours"].median_s / SINGLE_QUERIES_PER_REPEAT
+    read_scan_seconds = matrix_bytes / (ctx.read_gbps * 1e9)
+    faiss_latency = single["faiss"].median_s / SINGLE_QUERIES_PER_REPEAT
+    result.rows.append(Row(
+        "search", f"{name}/batch 1/bandwidth bound", 1 / bound_seconds, "queries/s", 0.0,
+        extra={"latency_ms": 1e3 * bound_seconds, "matrix_mib": matrix_bytes / (1 << 20),
+               "read_only_scan_ms": 1e3 * read_scan_seconds},
+    ))
+    result.targets.append(Target(
+        f"search {name} batch 1: fraction of the memory-bandwidth bound", bound_seconds / our_latency,
+        BANDWIDTH_TARGET,
+        f"{1e3 * our_latency:.1f} ms vs bound {1e3 * bound_seconds:.1f} ms ({matrix_bytes / (1 << 20):.0f} MiB at "
+        f"{ctx.copy_gbps:.1f} GB/s copy bandwidth; a read-only scan takes {1e3 * read_scan_seconds:.1f} ms); "
+        f"faiss {1e3 * faiss_latency:.1f} ms",
+    ))
+
+    batched = measure_interleaved(
+        {
+            "ours": lambda: index.search_positions(batch_queries, K),
+            "faiss": lambda: flat.search(batch_queries.numpy(), K),
+        },
+        ctx.repeats, cpu,
+    )
+    for variant in ("ours", "faiss"):
+        result.rows.append(Row.from_samples(
+            "search", f"{name}/batch {QUERY_BATCH}/{variant}", batched[variant], QUERY_BATCH, "queries/s",
+            latency_ms=1e3 * batched[variant].median_s,
+        ))
+    result.targets.append(Target(
+        f"search {name} batch {QUERY_BATCH}: speed vs faiss IndexFlatIP",
+        paired_ratio(batched["faiss"], batched["ours"]), FAISS_TARGET, f"exact top-{K}, {ctx.threads} threads",
+    ))
+    return result
+
+
+def run(ctx: Context) -> CaseResult:
+    result = CaseResult()
+    for count, dim in QUICK_CATALOGUES if ctx.quick else FULL_CATALOGUES:
+        result.extend(_catalogue_case(ctx, count, dim))
+        gc.collect()  # the next catalogue may be ten times larger
+    return result

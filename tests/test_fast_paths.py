@@ -1,0 +1,235 @@
+"""Each fast path measured by benchmarks/run.py gives the numbers of the plain path it replaces."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_towers import IMAGE_SIZE, make_config
+from transformers import AutoTokenizer, BitImageProcessorPil, CLIPImageProcessorPil
+
+from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
+from modeling_mmretrieval.collator import RetrievalCollator
+from modeling_mmretrieval.data import SAMPLE_DATA_DIR, load_catalogue, make_training_pairs
+from modeling_mmretrieval.fast_image_processing import (
+    MAX_PIXEL_LEVEL_DIFFERENCE,
+    FastImageProcessor,
+    UnsupportedImageProcessorError,
+    pixel_value_tolerance,
+    resized_height_width,
+)
+from modeling_mmretrieval.image_loading import load_product_image
+from modeling_mmretrieval.offline_towers import IMAGENET_MEAN, IMAGENET_STD, get_minilm_path
+from modeling_mmretrieval.search import LENGTH_SORT_WINDOW_BATCHES, build_product_index
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    return load_catalogue(SAMPLE_DATA_DIR, split="validation")
+
+
+@pytest.fixture(scope="module")
+def photos(catalogue):
+    return [load_product_image(encoded, on_error="raise").image for encoded in catalogue.select(range(24))["image"]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(get_minilm_path())
+
+
+def reference_processors():
+    """The processors of this project's image towers: CLIP's, and DINOv2's (BiT class, ImageNet statistics)."""
+    return {
+        "clip": CLIPImageProcessorPil(),
+        "dinov2": BitImageProcessorPil(
+            size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+            image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+        ),
+    }
+
+
+def assert_within_stated_tolerance(reference: torch.Tensor, fast: torch.Tensor, processor: FastImageProcessor):
+    assert fast.shape == reference.shape and fast.dtype == torch.float32
+    difference = (reference - fast).abs()
+    assert difference.max().item() <= pixel_value_tolerance(processor)
+    # Only rounding in Pillow's intermediate row pass differs: almost every value is identical.
+    assert (difference > 1e-5).float().mean().item() < 0.02
+
+
+@pytest.mark.parametrize("name", ["clip", "dinov2"])
+def test_fast_image_path_matches_the_reference_processor_on_catalogue_photos(photos, name):
+    reference = reference_processors()[name]
+    fast = FastImageProcessor.from_image_processor(reference)
+    # 60x80 catalogue photos (upscaled), one photo blown up (downscaled, antialiased), one odd-shaped crop.
+    images = photos + [photos[0].resize((600, 800), Image.BICUBIC), photos[1].crop((0, 0, 60, 37))]
+    expected = reference(images=images, return_tensors="pt")["pixel_values"]
+    assert_within_stated_tolerance(expected, fast(images=images)["pixel_values"], fast)
+
+
+def test_fast_image_path_converts_modes_like_the_reference(photos):
+    reference = CLIPImageProcessorPil()
+    translucent = np.array(photos[2].convert("RGBA"))
+    translucent[..., 3] = 100
+    images = [Image.fromarray(translucent), photos[3].convert("L"), photos[4].convert("P")]
+    fast = FastImageProcessor.from_image_processor(reference)
+    expected = reference(images=images, return_tensors="pt")["pixel_values"]
+    assert_within_stated_tolerance(expected, fast(images=images)["pixel_values"], fast)
+
+
+def test_unsupported_settings_and_inputs_are_refused(photos):
+    with pytest.raises(UnsupportedImageProcessorError, match="resample=NEAREST"):
+        FastImageProcessor.from_image_processor(CLIPImageProcessorPil(resample=Image.NEAREST))
+    with pytest.raises(UnsupportedImageProcessorError, match="longest_edge"):
+        resized_height_width(80, 60, {"shortest_edge": 224, "longest_edge": 300})
+    fast = FastImageProcessor.from_image_processor(CLIPImageProcessorPil())
+    with pytest.raises(TypeError, match="PIL images or"):
+        fast(images=[torch.zeros(3, 8, 8)])
+    no_crop = FastImageProcessor.from_image_processor(CLIPImageProcessorPil(do_center_crop=False))
+    with pytest.raises(ValueError, match="different shapes"):
+        no_crop(images=[photos[0], photos[0].resize((80, 60))])
+    assert MAX_PIXEL_LEVEL_DIFFERENCE == 2  # the tolerance docs/performance.md states
+
+
+def test_processor_fast_flag_round_trips_and_masks_missing_images(tokenizer, photos, tmp_path):
+    processor = MultimodalRetrievalProcessor(tokenizer, CLIPImageProcessorPil(), fast_image_processing=True)
+    processor.save_pretrained(tmp_path)
+    loaded = MultimodalRetrievalProcessor.from_pretrained(tmp_path)
+    assert loaded.fast_image_processing is True
+    images = [photos[0], None, photos[1]]
+    fast = loaded.encode_images(images)
+    plain = loaded.encode_images(images, fast_image_processing=False)
+    assert fast["image_mask"].tolist() == [True, False, True]
+    assert torch.count_nonzero(fast["pixel_values"][1]) == 0
+    assert_within_stated_tolerance(
+        plain["pixel_values"], fast["pixel_values"], FastImageProcessor.from_image_processor(CLIPImageProcessorPil())
+    )
+
+
+class PaddingRecorder(MultimodalRetrievalProcessor):
+    """Records how many token slots (real + padding) each tokenised batch of product texts takes."""
+
+    token_slots: list[int]
+
+    def _tokenize(self, tokenizer, texts, max_length):
+        tokens = super()._tokenize(tokenizer, texts, max_length)
+        self.token_slots.append(tokens["input_ids"].numel())
+        return tokens
+
+
+def tiny_text_model(tokenizer) -> MultimodalRetrievalModel:
+    config = make_config("text_only")
+    config.text_config.vocab_size = tokenizer.vocab_size
+    config.text_config.max_position_embeddings = 128
+    return MultimodalRetrievalModel(config).eval()
+
+
+def test_length_sorted_indexing_pads_less_and_keeps_each_products_embedding(tokenizer, catalogue):
+    model = tiny_text_model(tokenizer)
+    processor = PaddingRecorder(tokenizer, max_product_length=128)
+    rows = catalogue.select(range(4 * LENGTH_SORT_WINDOW_BATCHES + 5)).to_list()
+    for row in rows[::2]:
+        row["description"] = None  # title-only products among long descriptions: lengths to sort
+    indexes, slots = {}, {}
+    for sort_by_length in (False, True):
+        processor.token_slots = []
+        indexes[sort_by_length] = build_product_index(
+            model, processor, rows, batch_size=4, show_progress=False, sort_by_length=sort_by_length
+        )
+        slots[sort_by_length] = sum(processor.token_slots)
+    assert slots[True] < 0.8 * slots[False]
+    assert indexes[True].ids == indexes[False].ids == tuple(row["product_id"] for row in rows)
+    assert np.allclose(indexes[True].embeddings, indexes[False].embeddings, atol=1e-5)
+
+
+def training_batch(processor, rows, image_features=None) -> dict:
+    return RetrievalCollator(processor, image_features=image_features)(rows)
+
+
+def counted_forward_calls(model, batch) -> dict[str, int]:
+    counts = {"text": 0, "image": 0}
+    hooks = [
+        model.text_model.register_forward_hook(lambda *_: counts.__setitem__("text", counts["text"] + 1)),
+        model.vision_model.register_forward_hook(lambda *_: counts.__setitem__("image", counts["image"] + 1)),
+    ]
+    try:
+        model(**batch).loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counts
+
+
+def test_cached_image_features_give_the_recomputed_step(tokenizer, catalogue):
+    config = make_config("3tower-dinov2")
+    config.text_config.vocab_size = tokenizer.vocab_size
+    config.text_config.max_position_embeddings = 128
+    model = MultimodalRetrievalModel(config)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    processor = MultimodalRetrievalProcessor(
+        tokenizer, image_processor, max_product_length=48, fast_image_processing=True
+    )
+    rows = make_training_pairs(catalogue.select(range(6)), seed=0).to_list()
+    rows[2]["image"] = None  # an image-less product stays image-less in the cache
+
+    live = training_batch(processor, rows)
+    with torch.no_grad():
+        features = model.get_image_features(live["pixel_values"], live["image_mask"])
+    cache = {row["product_id"]: feature if row["image"] else None for row, feature in zip(rows, features)}
+    cached = training_batch(processor, rows, image_features=cache)
+
+    model.eval()  # no dropout, so both steps see the same network
+    gradients = {}
+    for name, batch in (("live", live), ("cached", cached)):
+        model.zero_grad()
+        gradients[name] = (counted_forward_calls(model, batch),
+                           {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (live_calls, live_grads), (cached_calls, cached_grads) = gradients["live"], gradients["cached"]
+    # One text tower serves queries and products; the frozen tower runs live once, cached never.
+    assert live_calls == {"text": 2, "image": 1} and cached_calls == {"text": 2, "image": 0}
+    assert live_grads.keys() == cached_grads.keys() and not any("vision_model" in name for name in live_grads)
+    for name in live_grads:
+        assert torch.allclose(live_grads[name], cached_grads[name], atol=1e-6), name
+
+
+def test_sdpa_and_dynamic_padding_give_the_eager_max_length_loss(tokenizer, catalogue):
+    model = tiny_text_model(tokenizer)
+    rows = make_training_pairs(catalogue.select(range(8)), seed=0).to_list()
+    dynamic = MultimodalRetrievalProcessor(tokenizer, max_product_length=64)
+
+    class MaxLengthProcessor(MultimodalRetrievalProcessor):
+        def _tokenize(self, tokenizer, texts, max_length):
+            return dict(tokenizer(
+                texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+            ))
+
+    padded_batch = RetrievalCollator(MaxLengthProcessor(tokenizer, max_product_length=64), uses_images=False)(rows)
+    dynamic_batch = RetrievalCollator(dynamic, uses_images=False)(rows)
+    assert dynamic_batch["product_input_ids"].shape[1] <= padded_batch["product_input_ids"].shape[1] == 64
+    with torch.no_grad():
+        fast_loss = model(**dynamic_batch).loss
+        model.set_attn_implementation("eager")
+        reference_loss = model(**padded_batch).loss
+    assert torch.allclose(fast_loss, reference_loss, atol=1e-5)
+
+
+def cpu_bf16_works() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.skipif(not cpu_bf16_works(), reason="this CPU build has no bf16 autocast")
+def test_bf16_indexing_is_close_to_float32(catalogue):
+    path = get_minilm_path()
+    model = MultimodalRetrievalModel.from_towers_pretrained(path, max_product_length=32).eval()
+    processor = MultimodalRetrievalProcessor.from_towers_pretrained(path, config=model.config)
+    rows = catalogue.select(range(12))
+    full = build_product_index(model, processor, rows, show_progress=False)
+    half = build_product_index(model, processor, rows, show_progress=False, dtype=torch.bfloat16)
+    cosine = (torch.tensor(full.embeddings) * torch.tensor(half.embeddings)).sum(-1)
+    assert half.ids == full.ids and cosine.min().item() > 0.99
+    assert not torch.equal(torch.tensor(full.embeddings), torch.tensor(half.embeddings))  # bf16 really ran
