@@ -341,8 +341,9 @@ def _row_product_id(row: Mapping, id_column: str, row_number: int) -> ProductId:
     return _validate_product_id(row[id_column])
 
 
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flushes a file's or a directory's entry to disk (a rename is durable once its directory is synced)."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
@@ -362,7 +363,7 @@ def _atomic_directory(target: str | os.PathLike, overwrite: bool) -> Iterator[Pa
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         yield staging
-        _fsync_directory(staging)
+        fsync_path(staging)
         if target.is_dir() and any(target.iterdir()):
             retired = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
             os.rename(target, retired)
@@ -370,7 +371,7 @@ def _atomic_directory(target: str | os.PathLike, overwrite: bool) -> Iterator[Pa
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, target)
-        _fsync_directory(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -32,6 +32,7 @@ from transformers.utils import logging
 
 from .data import CatalogueColumns, EvaluationQuery, normalise_value
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, load_product_image
+from .index import fsync_path
 
 TOWER_MODULES = ("text_model", "product_text_model", "dual_encoder", "vision_model")
 SCHEDULER_TYPES = ("linear", "cosine", "constant")
@@ -406,14 +407,6 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _checkpoint_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != COMPLETION_MARKER)
 
@@ -443,10 +436,10 @@ def mark_complete(directory: str | os.PathLike, step: int) -> None:
     directory = Path(directory)
     files = {}
     for path in _checkpoint_files(directory):
-        _fsync(path)
+        fsync_path(path)
         files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256_of(path)}
     write_json_atomically(directory / COMPLETION_MARKER, {"format": 1, "step": step, "files": files})
-    _fsync(directory)
+    fsync_path(directory)
 
 
 def publish_directory(temporary: str | os.PathLike, target: str | os.PathLike) -> Path:
@@ -456,7 +449,7 @@ def publish_directory(temporary: str | os.PathLike, target: str | os.PathLike) -
     if target.exists():
         shutil.rmtree(target)
     os.replace(temporary, target)
-    _fsync(target.parent)
+    fsync_path(target.parent)
     return target
 
 

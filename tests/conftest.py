@@ -22,3 +22,12 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny models on shared cores run faster on one intra-op thread, and bit-for-bit comparisons need a fixed count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

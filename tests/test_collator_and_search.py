@@ -1,14 +1,12 @@
-import io
 
 import pytest
 import torch
-from PIL import Image
 from tiny_towers import IMAGE_SIZE, make_config
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
 from modeling_mmretrieval.collator import RetrievalCollator
-from modeling_mmretrieval.data import SAMPLE_DATA_DIR, CatalogueColumns, load_catalogue, make_training_pairs
+from modeling_mmretrieval.data import SAMPLE_DATA_DIR, load_catalogue, make_training_pairs
 from modeling_mmretrieval.evaluation import RetrievalEvaluator
 from modeling_mmretrieval.image_loading import ImageDecodeError
 from modeling_mmretrieval.index import IndexModelMismatchError, ProductIndex

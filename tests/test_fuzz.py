@@ -38,7 +38,7 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
 from modeling_mmretrieval.collator import RetrievalCollator
 from modeling_mmretrieval.data import SAMPLE_DATA_DIR
-from modeling_mmretrieval.index import NORM_TOLERANCE, DuplicateProductIdError, IndexIntegrityError, ProductIndex
+from modeling_mmretrieval.index import NORM_TOLERANCE, DuplicateProductIdError, ProductIndex
 from modeling_mmretrieval.offline_towers import build_clip_tokenizer, get_minilm_path
 from modeling_mmretrieval.search import build_product_index, embed_queries, search_text
 
@@ -252,12 +252,8 @@ def report_inputs_tried():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Examples are tiny: with shared cores, thread hand-offs would cost far more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def single_thread(single_torch_thread):
+    """Tiny examples on shared cores: one intra-op thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,12 @@
 
 import io
 import pickle
-import struct
 import warnings
-import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hostile_images import png_header_only
 from PIL import Image, ImageFile
 
 from modeling_mmretrieval.data import SAMPLE_DATA_DIR
@@ -24,16 +23,6 @@ def encode(image: Image.Image, image_format: str, **save_options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, image_format, **save_options)
     return buffer.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header announces `width x height` 8-bit greyscale pixels but carries no pixel data at all."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,9 @@ import json
 import os
 import random
 import shutil
-import struct
 import subprocess
 import sys
 import threading
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hostile_images import png_header_only
 import torch
 from PIL import Image, ImageFile
 from tiny_towers import IMAGE_SIZE, make_config, tiny_bert, tiny_dinov2
@@ -74,12 +73,8 @@ def report_figures():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models on shared cores run faster on one intra-op thread, and bit-for-bit comparisons need a fixed count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def single_thread(single_torch_thread):
+    """Tiny examples on shared cores: one intra-op thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")
@@ -107,16 +102,6 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG", optimize=True)
     return buffer.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG announcing `width x height` pixels with no pixel data: a decompression bomb's header."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
 def image_less_embeddings(model, processor, rows: list[dict]) -> torch.Tensor:
