@@ -33,7 +33,7 @@ setup(
         "towers": ["onnx", "onnxruntime"],
         "faiss": ["faiss-cpu"],
         "tensorboard": ["tensorboard"],
-        "test": ["pytest", "hypothesis", "onnx", "onnxruntime"],
+        "test": ["pytest", "hypothesis", "onnx", "onnxruntime", "pytrec_eval-terrier"],
     },
     entry_points={"console_scripts": ["mmretrieval=modeling_mmretrieval.__main__:main"]},
 )
