@@ -75,6 +75,9 @@ class Check:
     passed: bool
     detail: str
 
+    def __post_init__(self):
+        self.passed = bool(self.passed)  # numpy booleans would be written to the JSON as strings
+
 
 @dataclass
 class CaseResult:

@@ -20,6 +20,8 @@ MIB = 1 << 20
 PROC_STATUS = "/proc/self/status"
 RESET_PEAK_RSS = "/proc/self/clear_refs"
 SAMPLING_INTERVAL_S = 0.005
+# Pause before each timed call (see measure_interleaved).
+SETTLE_SECONDS = 0.05
 
 
 # ----- memory -------------------------------------------------------------------------------------------------
@@ -150,6 +152,8 @@ def measure_interleaved(
 ) -> dict[str, Samples]:
     """Runs every variant once per repeat, in turn, and collects their `Samples`.
 
+    Interleaving keeps ratios stable when the machine's speed drifts: a slow stretch hits every variant.
+
     Example:
     ```python
     >>> samples = measure_interleaved({"sorted": lambda: sorted(data), "heap": lambda: heapq.nsmallest(10, data)},
@@ -160,6 +164,9 @@ def measure_interleaved(
     results = {name: Samples() for name in variants}
     for _ in range(repeats):
         for name, run in variants.items():
+            # Untimed: lets the worker threads the previous variant woke (OpenMP, OpenBLAS, faiss) stop
+            # spinning, so that no variant pays for another's thread pool on shared cores.
+            time.sleep(SETTLE_SECONDS)
             results[name].add(*time_call(run, device))
     return results
 

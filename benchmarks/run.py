@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="repeats per measurement (default 3)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--data", type=Path, help="catalogue directory (default: shared data, else the sample)")
+    parser.add_argument("--markdown", type=Path, help="also write the results and targets as markdown tables "
+                                                      "(the format of docs/performance.md)")
     args = parser.parse_args(argv)
     args.cases = [case.strip() for case in args.cases.split(",") if case.strip()]
     unknown = sorted(set(args.cases) - set(CASES))
@@ -91,6 +94,25 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(report: dict) -> str:
+    """The rows and targets of a results dictionary as markdown tables, for docs/performance.md."""
+    lines = ["| case | variant | median | unit | spread | peak RSS | growth |", "|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        peak = f"{row['peak_rss_mib']:,.0f} MiB" if row["peak_rss_mib"] else "–"
+        growth = f"+{row['rss_growth_mib']:,.0f} MiB" if row["rss_growth_mib"] is not None else "–"
+        lines.append(f"| {row['case']} | {row['variant']} | {_format_rate(row['value'])} | {row['unit']} | "
+                     f"{row['spread_pct']:.0f}% | {peak} | {growth} |")
+    lines += ["", "| target | measured | required | status | detail |", "|---|---|---|---|---|"]
+    for target in report["targets"]:
+        status = "met" if target["met"] else "MISS"
+        lines.append(f"| {target['name']} | {target['measured']:.2f} | {target['required']:g} | {status} | "
+                     f"{target['detail']} |")
+    failed = [check["name"] for check in report["checks"] if not check["passed"]]
+    lines += ["", f"Correctness checks: {len(report['checks']) - len(failed)} of {len(report['checks'])} passed"
+                  + (f"; failed: {', '.join(failed)}." if failed else ".")]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     pin_threads(args.threads)
@@ -100,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     import datasets
     import torch
     import transformers
-    from common import CaseResult, Context
+    from common import CaseResult, Check, Context
     from measure import copy_bandwidth_gbps, machine_description, matmul_gflops, read_bandwidth_gbps
     from towers import Towers
 
@@ -135,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.cases:
         case_started = time.perf_counter()
         print(f"[{time.perf_counter() - started:6.0f}s] {case} ...", file=sys.stderr, flush=True)
-        module = importlib.import_module(f"bench_{case}")
-        results.extend(module.run(ctx))
+        try:
+            results.extend(importlib.import_module(f"bench_{case}").run(ctx))
+        except Exception as error:  # one broken case must not lose the others' measurements
+            traceback.print_exc()
+            results.checks.append(Check(f"{case}: ran to completion", False, f"{type(error).__name__}: {error}"))
         print(f"[{time.perf_counter() - started:6.0f}s] {case} done in {time.perf_counter() - case_started:.0f}s",
               file=sys.stderr, flush=True)
 
@@ -166,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     print(f"results written to {args.output}", file=sys.stderr)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(format_markdown(report), encoding="utf-8")
     return 0 if all(check.passed for check in results.checks) else 1
 
 

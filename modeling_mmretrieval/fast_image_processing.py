@@ -22,6 +22,8 @@ Example:
 ```
 """
 
+import math
+import mmap
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +39,9 @@ from transformers.image_utils import PILImageResampling
 # Images resized and normalised together: large enough to amortise per-call overhead, small enough that the
 # float32 working set (600 KiB per 224x224 image) stays in the last-level cache.
 IMAGES_PER_CHUNK = 16
+
+# Outputs at least this large are backed by 2 MiB transparent huge pages where the OS offers them (Linux).
+HUGE_PAGE_MIN_BYTES = 4 << 20
 
 # Largest difference, in 8-bit levels, between this module's resized pixels and Pillow's.
 MAX_PIXEL_LEVEL_DIFFERENCE = 2
@@ -85,6 +90,21 @@ def center_crop_offsets(height: int, width: int, crop_height: int, crop_width: i
     top = (height - crop_height) // 2 + top_pad
     left = (width - crop_width) // 2 + left_pad
     return top_pad, left_pad, max(top, 0), max(left, 0)
+
+
+def _empty_float_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor; a large one is backed by transparent huge pages where available.
+
+    A batch of 224x224 images is tens of MiB of fresh memory. Faulting it in 4 KiB pages costs about as
+    much as the normalisation itself on virtual machines (~5 ms per 64 images); with 2 MiB pages the
+    kernel takes 512 times fewer faults. The tensor owns the mapping, which is released with it.
+    """
+    num_bytes = math.prod(shape) * 4
+    if num_bytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=torch.float32)
+    memory = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(memory, dtype=torch.float32).view(shape)
 
 
 def _rgb_array(image) -> np.ndarray:
@@ -196,7 +216,7 @@ class FastImageProcessor:
         positions_by_size = defaultdict(list)
         for position, array in enumerate(arrays):
             positions_by_size[array.shape[:2]].append(position)
-        output = torch.empty((len(arrays), 3, *output_sizes.pop()), dtype=torch.float32)
+        output = _empty_float_tensor((len(arrays), 3, *output_sizes.pop()))
         for positions in positions_by_size.values():
             # Chunks keep the float working set in cache; one huge batch is slower, not faster.
             for start in range(0, len(positions), IMAGES_PER_CHUNK):

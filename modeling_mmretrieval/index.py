@@ -54,6 +54,13 @@ NORM_TOLERANCE = 1e-2
 # Upper bound on the (queries x catalogue rows) score block materialised per step of the exact search.
 SCORE_BLOCK_ELEMENTS = 1 << 24
 MIN_CHUNK_ROWS = 256
+# Upper bound on the float64 (queries x candidates x dim) block materialised when rescoring candidates.
+RESCORE_BLOCK_ELEMENTS = 1 << 22
+# Candidates taken per query beyond the k best approximate scores, so that rows whose score is within
+# BLAS rounding of the k-th are rescored without a second pass in all but near-duplicate catalogues.
+CANDIDATE_SLACK = 32
+# Up to this many queries, a search scores and selects with numpy (OpenBLAS), beyond it with torch.
+NUMPY_MAX_QUERIES = 8
 # Rows copied per step when saving, merging or hashing, so that memory-mapped catalogues stay paged out.
 COPY_BLOCK_ROWS = 1 << 16
 MAX_METADATA_FIELDS = 16
@@ -234,43 +241,103 @@ def _order_candidates(scores: torch.Tensor, positions: torch.Tensor, k: int) -> 
     return scores.gather(1, order), positions.gather(1, order)
 
 
-def _chunk_top_k(chunk_scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-`k` columns of each row as a set, ties at the cut-off resolved toward lower columns.
+def _blas_error_bound(dim: int) -> float:
+    """Largest difference between a float32 BLAS inner product of two rows of norm at most
+    1 + NORM_TOLERANCE and its true value, whatever order the kernel sums in (|error| <= dim * u * |x||y|,
+    with u = 2**-24), with slack for the final rounding."""
+    return 1.1 * dim * 2.0**-24 * (1 + NORM_TOLERANCE) ** 2 + 2.0**-23
 
-    `torch.topk` picks arbitrarily among values tied at the cut-off. Asking for one value more shows
-    which rows have such a tie; only those are re-selected with a stable sort.
+
+def _score_chunk(query_matrix: np.ndarray, chunk: np.ndarray, out: np.ndarray) -> None:
+    """`out = query_matrix @ chunk.T` in float32, with the BLAS that is faster for the batch size.
+
+    A few queries stream the whole chunk from memory, and numpy's bundled OpenBLAS does that at memory
+    bandwidth on Intel and AMD alike, where the MKL in torch's CPU wheel takes about twice as long on AMD
+    (one query over 100k x 384: 8 ms vs 15 ms on 2 EPYC cores; docs/performance.md). Larger batches are
+    compute-bound and stay with torch, whose thread pool the following top-k shares.
     """
-    if k >= chunk_scores.shape[1]:
-        columns = torch.arange(chunk_scores.shape[1]).expand_as(chunk_scores)
-        return chunk_scores, columns
-    values, columns = torch.topk(chunk_scores, k + 1, dim=1)
-    tied_rows = (values[:, k] == values[:, k - 1]).nonzero().flatten()
-    values, columns = values[:, :k], columns[:, :k]
-    if len(tied_rows):
-        ordered = torch.sort(chunk_scores[tied_rows], dim=1, descending=True, stable=True)
-        values[tied_rows] = ordered.values[:, :k]
-        columns[tied_rows] = ordered.indices[:, :k]
-    return values, columns
+    if len(query_matrix) == 1:  # as a matrix-vector product, the one streaming pass OpenBLAS does best
+        np.matmul(chunk, query_matrix[0], out=out[0])
+    elif len(query_matrix) <= NUMPY_MAX_QUERIES:
+        np.matmul(query_matrix, chunk.T, out=out)
+    else:
+        torch.mm(torch.from_numpy(query_matrix), torch.from_numpy(chunk).t(), out=torch.from_numpy(out))
+
+
+def _largest_columns(scores: np.ndarray, count: int) -> np.ndarray:
+    """Column indices of the `count` largest scores of each row, in no particular order."""
+    if len(scores) <= NUMPY_MAX_QUERIES:
+        # Staying in numpy for a few queries keeps torch's thread pool, and its spinning workers, out of
+        # the way of the BLAS threads that just scored the chunk.
+        return np.argpartition(scores, len(scores[0]) - count, axis=1)[:, -count:]
+    return torch.from_numpy(scores).topk(count, dim=1, sorted=False).indices.numpy()
+
+
+def _rescore(catalogue: np.ndarray, queries: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Each float64 query's inner products with its candidate rows, summed in float64, as float32.
+
+    BLAS kernels round a row's product differently depending on where the row falls in their tiles, so
+    two identical products could score an ulp apart. Rescoring the few candidates the same way for every
+    row makes equal vectors tie exactly (then catalogue order decides), and makes a query's scores the
+    same whether it is searched alone or in a batch.
+    """
+    scores = np.empty(positions.shape, dtype=np.float32)
+    dim = queries.shape[1]
+    queries_per_block = max(1, RESCORE_BLOCK_ELEMENTS // max(dim * positions.shape[1], 1))
+    for start in range(0, len(queries), queries_per_block):
+        stop = start + queries_per_block
+        candidates = catalogue[positions[start:stop].ravel()].reshape(*positions[start:stop].shape, dim)
+        if len(queries) <= NUMPY_MAX_QUERIES:
+            sums = (candidates.astype(np.float64) * queries[start:stop, None, :]).sum(axis=-1)
+        else:  # the same sums, on torch's threads
+            products = torch.from_numpy(candidates).double() * torch.from_numpy(queries[start:stop, None, :])
+            sums = products.sum(dim=-1).numpy()
+        scores[start:stop] = sums
+    return scores
+
+
+def _candidate_columns(scores: np.ndarray, k: int, margin: float) -> np.ndarray:
+    """Columns of every score within `2 * margin` of its row's k-th largest (and usually a few more):
+    the rows that can still be in the exact top k when each score may be off by up to `margin`."""
+    num_columns = scores.shape[1]
+    if k + CANDIDATE_SLACK >= num_columns:
+        return np.broadcast_to(np.arange(num_columns), scores.shape)
+    columns = _largest_columns(scores, k + CANDIDATE_SLACK)
+    values = np.take_along_axis(scores, columns, axis=1)
+    threshold = np.partition(values, CANDIDATE_SLACK, axis=1)[:, CANDIDATE_SLACK] - 2 * margin
+    if (values.min(axis=1) < threshold).all():
+        return columns
+    # More than CANDIDATE_SLACK rows sit within the margin of the k-th score (near duplicates): take them all.
+    return _largest_columns(scores, int((scores >= threshold[:, None]).sum(axis=1).max()))
 
 
 def _exact_top_k(
     catalogue: np.ndarray, queries: torch.Tensor, k: int, chunk_rows: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k inner products: one matrix product per catalogue chunk, merged into a running top-k,
-    so memory is O(queries x chunk_rows) whatever the catalogue size."""
-    best_scores = queries.new_empty((queries.shape[0], 0))
-    best_positions = torch.empty((queries.shape[0], 0), dtype=torch.long)
+    """Exact top-k inner products, ties broken by catalogue order, in O(queries x chunk_rows) memory.
+
+    Each catalogue chunk is scored with one float32 matrix product. Every row that could still be in the
+    top k given that product's rounding error is rescored exactly, then merged into the running top k.
+    """
+    num_queries, dim = queries.shape
+    margin = _blas_error_bound(dim)
+    query_matrix = queries.numpy()
+    queries_float64 = query_matrix.astype(np.float64)
+    best_scores = queries.new_empty((num_queries, 0))
+    best_positions = torch.empty((num_queries, 0), dtype=torch.long)
     # Reusing one score block per call spares the page faults of a fresh large allocation per chunk;
     # it is local to this call, so concurrent searches share nothing.
-    score_block = queries.new_empty((queries.shape[0], min(chunk_rows, len(catalogue))))
+    score_block = np.empty((num_queries, min(chunk_rows, len(catalogue))), dtype=np.float32)
     for start in range(0, len(catalogue), chunk_rows):
-        chunk = torch.from_numpy(catalogue[start : start + chunk_rows])
+        chunk = catalogue[start : start + chunk_rows]
         if len(chunk) < score_block.shape[1]:
-            score_block = queries.new_empty((queries.shape[0], len(chunk)))
-        torch.mm(queries, chunk.t(), out=score_block)
-        scores, columns = _chunk_top_k(score_block, min(k, len(chunk)))
+            score_block = np.empty((num_queries, len(chunk)), dtype=np.float32)
+        _score_chunk(query_matrix, chunk, score_block)
+        positions = _candidate_columns(score_block, k, margin) + start
         best_scores, best_positions = _order_candidates(
-            torch.cat([best_scores, scores], dim=1), torch.cat([best_positions, columns + start], dim=1), k
+            torch.cat([best_scores, torch.from_numpy(_rescore(catalogue, queries_float64, positions))], dim=1),
+            torch.cat([best_positions, torch.from_numpy(positions)], dim=1),
+            k,
         )
     return best_scores, best_positions
 

@@ -47,6 +47,31 @@ def pooled_features(output) -> torch.Tensor:
     return output.last_hidden_state[:, 0]
 
 
+def share_config(model: PreTrainedModel, config: PreTrainedConfig) -> None:
+    """Makes `config` the config of `model` and of every layer in it, keeping its attention implementation.
+
+    Layers keep references to the config they were built with, so replacing only `model.config` would
+    leave them reading the old one (`set_attn_implementation` would then change nothing). A nested model
+    (a dual encoder's `text_model`, ...) gets the sub-config stored under the same key in `config`.
+    """
+    previous = model.config
+    config._attn_implementation = previous._attn_implementation
+    model.config = config
+    _repoint_layers(model, previous, config)
+
+
+def _repoint_layers(module: nn.Module, previous: PreTrainedConfig, config: PreTrainedConfig) -> None:
+    for child in module.children():
+        if isinstance(child, PreTrainedModel):
+            key = next((key for key, value in vars(previous).items() if value is child.config), None)
+            if key is not None and isinstance(getattr(config, key, None), PreTrainedConfig):
+                share_config(child, getattr(config, key))
+            continue
+        if isinstance(getattr(child, "config", None), PreTrainedConfig):
+            child.config = config
+        _repoint_layers(child, previous, config)
+
+
 def dual_encoder_embedding_size(config: PreTrainedConfig) -> int:
     """Width of the shared text-image space of a dual encoder (CLIP-like projection, or SigLIP's heads)."""
     if hasattr(config, "projection_dim"):
@@ -216,8 +241,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         else:
             # The tower and the composite config must describe the same weights, so later edits stay in sync;
             # the tower keeps the attention implementation it was loaded with (mask handling depends on it).
-            sub_config._attn_implementation = tower.config._attn_implementation
-            tower.config = sub_config
+            share_config(tower, sub_config)
         if config_key in ("text_config", "product_text_config") and getattr(tower, "pooler", None) is not None:
             # Token states are pooled here (mean/CLS), so a text tower's own pooler head is never used; frozen,
             # it cannot leave DDP waiting for gradients that never come.

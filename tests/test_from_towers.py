@@ -5,7 +5,7 @@ from transformers import AutoModel, AutoTokenizer
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
 from modeling_mmretrieval.offline_towers import get_minilm_path
 from tiny_towers import tiny_dinov2
-from transformers import Dinov2Model
+from transformers import Dinov2Model, PreTrainedConfig, VisionTextDualEncoderModel
 
 QUERIES = ["red running shoes for men", "women's blue denim jeans", "leather wallet"]
 
@@ -63,3 +63,30 @@ def test_separate_towers_start_from_the_same_weights(minilm_path):
     assert model.text_model.embeddings.word_embeddings.weight.data_ptr() != (
         model.product_text_model.embeddings.word_embeddings.weight.data_ptr()
     )
+
+
+def test_switching_attention_reaches_every_layer_of_adopted_towers(minilm_path):
+    # A 4tMM built from pretrained towers: MiniLM for text, and a dual encoder (tiny DINOv2 + MiniLM) whose
+    # own constructor had already swapped its towers' configs once.
+    dual = VisionTextDualEncoderModel(vision_model=Dinov2Model(tiny_dinov2()), text_model=AutoModel.from_pretrained(minilm_path))
+    model = MultimodalRetrievalModel.from_towers_pretrained(minilm_path, dual, architecture="4tower").eval()
+    processor = MultimodalRetrievalProcessor.from_towers_pretrained(minilm_path, config=model.config)
+
+    def attention_in_layers():
+        return {module.config._attn_implementation for module in model.modules()
+                if isinstance(getattr(module, "config", None), PreTrainedConfig)}
+
+    def query_embeddings():
+        inputs = processor.encode_queries(QUERIES)
+        inputs["dual_input_ids"], inputs["dual_attention_mask"] = inputs["input_ids"], inputs["attention_mask"]
+        with torch.no_grad():
+            return model.get_query_embeddings(**inputs)
+
+    assert attention_in_layers() == {"sdpa"}
+    sdpa = query_embeddings()
+    model.set_attn_implementation("eager")
+    assert attention_in_layers() == {"eager"}
+    # Every layer now reads the model's own config, so later edits of model.config reach the weights' users.
+    assert model.text_model.encoder.layer[0].attention.self.config is model.config.text_config
+    assert model.dual_encoder.text_model.encoder.layer[0].attention.self.config is model.config.dual_encoder_config.text_config
+    torch.testing.assert_close(query_embeddings(), sdpa, atol=1e-5, rtol=0)

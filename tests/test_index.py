@@ -110,6 +110,40 @@ def test_exact_search_matches_brute_force(num_queries, num_products, k, chunk_si
     assert ids == [[f"sku-{p:06d}" for p in row] for row in positions.tolist()]
 
 
+@pytest.mark.parametrize("copies", [5, 80])  # 80 copies straddle the k-th score: more than the candidate slack
+def test_identical_products_tie_wherever_they_sit_in_the_catalogue(copies):
+    # BLAS kernels round a row's inner product differently at tile edges, so copies of one embedding at
+    # scattered positions score an ulp apart unless the search rescores them the same way.
+    dim, count = 384, 20_000
+    catalogue = random_unit_vectors(count, dim, seed=3)
+    queries = random_unit_vectors(12, dim, seed=4)
+    duplicate = torch.nn.functional.normalize(queries[0] + 0.6 * catalogue[0], dim=-1)
+    positions = torch.randperm(count, generator=torch.Generator().manual_seed(5))[:copies].sort().values
+    catalogue[positions] = duplicate
+    index = ProductIndex.from_embeddings(catalogue, sku_ids(count))
+
+    k = 50
+    for batch in (queries[:1], queries):  # the numpy path for a few queries, the torch path for a batch
+        scores, found = index.search_positions(batch, k=k)
+        duplicate_scores = scores[0][torch.isin(found[0], positions)]
+        assert len(duplicate_scores) == min(copies, k) and len(set(duplicate_scores.tolist())) == 1
+        # Equal scores rank by catalogue order: the copies come first, lowest positions first.
+        assert found[0][: min(copies, k)].tolist() == positions[: min(copies, k)].tolist()
+        assert_is_exact_top_k(scores, found, batch, catalogue, k)
+
+
+def test_a_query_gets_the_same_results_alone_and_in_a_batch():
+    catalogue = random_unit_vectors(30_000, 256, seed=6)
+    queries = random_unit_vectors(40, 256, seed=7)
+    index = ProductIndex.from_embeddings(catalogue, sku_ids(len(catalogue)))
+    batch_scores, batch_positions = index.search_positions(queries, k=100)
+    chunked_scores, chunked_positions = index.search_positions(queries, k=100, chunk_size=7_000)
+    for row, query in enumerate(queries):
+        scores, positions = index.search_positions(query, k=100)
+        assert torch.equal(positions, batch_positions[row]) and torch.equal(scores, batch_scores[row])
+        assert torch.equal(positions, chunked_positions[row]) and torch.equal(scores, chunked_scores[row])
+
+
 @pytest.mark.parametrize("chunk_size", [1, 5, 64, 600, None])
 def test_exact_search_breaks_ties_by_catalogue_order(chunk_size):
     catalogue = quarter_grid_vectors(600, 8, seed=0)
