@@ -366,6 +366,24 @@ def build_collator(args, accelerator, model, processor, data: TrainingData, colu
     )
 
 
+def build_evaluator(args, accelerator, model, processor, data: TrainingData, columns: CatalogueColumns,
+                    cache_image_features: bool) -> RetrievalEvaluator | None:
+    """The evaluation-split evaluator (main process only evaluates). When training caches the frozen image
+    features, the evaluation products' features are cached once too, instead of at every evaluation."""
+    if not data.eval_queries:
+        return None
+    image_features = None
+    if cache_image_features and accelerator.is_main_process:
+        image_features = precompute_image_features(
+            model, processor, data.eval_products, columns=columns, batch_size=args.per_device_eval_batch_size,
+            show_progress=True,
+        )
+    return RetrievalEvaluator.with_colour_slice(
+        data.eval_products, data.eval_queries, processor, columns=columns, name="eval",
+        batch_size=args.per_device_eval_batch_size, image_features=image_features,
+    )
+
+
 def contrastive_step(accelerator, model, batch, mini_batch_size: int | None) -> torch.Tensor:
     """Forward + backward of one micro-batch; returns the detached loss."""
     if mini_batch_size:
@@ -552,6 +570,8 @@ def main(argv=None) -> dict:
     )
     data = load_training_data(args, columns)
     collator = build_collator(args, accelerator, model, processor, data, columns)
+    evaluator = build_evaluator(args, accelerator, model, processor, data, columns,
+                                cache_image_features=collator.image_features is not None)
     # drop_last: every step sees a full batch of in-batch negatives, and every process contributes as many rows to
     # the gathered loss. The loader's own generator keeps its per-epoch seed draw off the global RNG, whose state
     # the checkpoints restore.
@@ -573,12 +593,6 @@ def main(argv=None) -> dict:
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    evaluator = None
-    if data.eval_queries:
-        evaluator = RetrievalEvaluator.with_colour_slice(
-            data.eval_products, data.eval_queries, processor, columns=columns, name="eval",
-            batch_size=args.per_device_eval_batch_size,
-        )
 
     signature = {  # what fixes the data order and the step arithmetic: a resumed run must share it
         "seed": args.seed,

@@ -6,6 +6,8 @@ and is called with a model to return a flat `{name: value}` dict (training loops
 
 from collections.abc import Mapping, Sequence
 
+import torch
+
 from .data import CatalogueColumns, EvaluationQuery
 from .metrics import compute_retrieval_metrics
 from .search import build_product_index, embed_queries
@@ -26,6 +28,9 @@ class RetrievalEvaluator:
         slices (`Mapping[str, set[str]]`, *optional*): named subsets of query ids reported separately,
             e.g. the queries whose colour word is absent from relevant titles.
         batch_size (`int`): products encoded per batch.
+        image_features (`Mapping[str, torch.Tensor]`, *optional*): the frozen image tower's features of the
+            catalogue's products, by product id (`training_utils.precompute_image_features`), so that
+            repeated evaluations during training do not decode and embed the same images again.
 
     Example:
     ```python
@@ -47,6 +52,7 @@ class RetrievalEvaluator:
         slices: Mapping[str, set[str]] | None = None,
         batch_size: int = 64,
         show_progress: bool = False,
+        image_features: Mapping[str, torch.Tensor | None] | None = None,
     ):
         if not queries:
             raise ValueError("RetrievalEvaluator needs at least one evaluation query.")
@@ -59,6 +65,7 @@ class RetrievalEvaluator:
         self.slices = dict(slices or {})
         self.batch_size = batch_size
         self.show_progress = show_progress
+        self.image_features = image_features
         self.qrels = {query.query_id: set(query.relevant_ids) for query in self.queries}
 
     @classmethod
@@ -74,7 +81,7 @@ class RetrievalEvaluator:
         k = k or max(self.k_values)
         index = build_product_index(
             model, self.processor, self.catalogue, columns=self.columns, batch_size=self.batch_size,
-            show_progress=self.show_progress, metadata_columns=(),
+            show_progress=self.show_progress, metadata_columns=(), image_features=self.image_features,
         )
         query_embeddings = embed_queries(model, self.processor, [query.text for query in self.queries])
         _, ids = index.search(query_embeddings, k=k)

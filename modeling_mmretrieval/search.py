@@ -143,6 +143,7 @@ def build_product_index(
     metadata_columns: Sequence[str] = ("title",),
     sort_by_length: bool = True,
     dtype: torch.dtype | None = None,
+    image_features: Mapping[str | int, torch.Tensor | None] | None = None,
 ) -> ProductIndex:
     """Encodes a catalogue (a `datasets.Dataset` or iterable of rows) into a `ProductIndex`.
 
@@ -155,6 +156,10 @@ def build_product_index(
             the same embedding as in catalogue-order batches (up to float rounding).
         dtype: run the towers under `torch.autocast` in this dtype (`torch.bfloat16` on GPUs and CPUs
             with native bf16); the index still stores float32.
+        image_features: the frozen image tower's features of every product, by product id (as
+            `training_utils.precompute_image_features` returns them): images are then neither decoded nor
+            run through the tower. Only valid while the image tower stays frozen; a product missing from
+            it raises `KeyError`.
 
     Example:
     ```python
@@ -166,7 +171,9 @@ def build_product_index(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     columns = columns or CatalogueColumns()
     model.eval()
-    collator = RetrievalCollator(processor, columns, with_queries=False, uses_images=model.config.uses_images)
+    collator = RetrievalCollator(
+        processor, columns, with_queries=False, uses_images=model.config.uses_images, image_features=image_features
+    )
     embed_batch = product_embedder(model, collator)
     if dtype is not None:
         embed_batch = _autocast_embedder(embed_batch, _model_device(model), dtype)

@@ -6,12 +6,13 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
 from modeling_mmretrieval.collator import RetrievalCollator
-from modeling_mmretrieval.data import SAMPLE_DATA_DIR, load_catalogue, make_training_pairs
+from modeling_mmretrieval.data import SAMPLE_DATA_DIR, load_catalogue, make_evaluation_queries, make_training_pairs
 from modeling_mmretrieval.evaluation import RetrievalEvaluator
 from modeling_mmretrieval.image_loading import ImageDecodeError
 from modeling_mmretrieval.index import IndexModelMismatchError, ProductIndex
 from modeling_mmretrieval.offline_towers import get_minilm_path
 from modeling_mmretrieval.search import build_product_index, config_fingerprint, embed_queries, search_text
+from modeling_mmretrieval.training_utils import precompute_image_features
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +128,30 @@ def test_evaluator_reports_perfect_scores_for_title_queries(catalogue, minilm_te
     assert results["titles/mrr@10"] == pytest.approx(1.0)
     assert results["titles/num_queries"] == 10
     assert "titles" in repr(evaluator) and "queries=10" in repr(evaluator)
+
+
+def test_evaluation_with_cached_image_features_skips_the_image_tower(catalogue, tiny_3tower):
+    model, processor = tiny_3tower
+    cache = precompute_image_features(model, processor, catalogue, show_progress=False)
+    queries = make_evaluation_queries(catalogue, seed=0, num_queries=20)
+    live = RetrievalEvaluator(catalogue, queries, processor, k_values=(1, 10), name="eval")
+    cached = RetrievalEvaluator(catalogue, queries, processor, k_values=(1, 10), name="eval", image_features=cache)
+
+    vision_runs = []
+    hook = model.vision_model.register_forward_hook(lambda *_: vision_runs.append(1))
+    try:
+        live_rankings = live.rankings(model)
+        runs_live = len(vision_runs)
+        cached_rankings = cached.rankings(model)
+    finally:
+        hook.remove()
+    assert runs_live > 0 and len(vision_runs) == runs_live  # the cached evaluation never ran the tower
+    assert cached_rankings == live_rankings
+    assert cached.compute(cached_rankings) == live.compute(live_rankings)
+    # A product the cache does not know is an error, not a silently image-less product.
+    partial = {product_id: cache[product_id] for product_id in list(cache)[1:]}
+    with pytest.raises(KeyError, match="No cached image features"):
+        build_product_index(model, processor, catalogue, image_features=partial, show_progress=False)
 
 
 def test_false_negatives_are_products_matching_another_query(catalogue, tiny_3tower):
