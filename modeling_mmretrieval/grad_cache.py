@@ -161,10 +161,11 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, DistributedDataParallel | None
 
 
 def _cache_frozen_image_features(model: nn.Module, product_chunk: dict) -> dict:
-    """Runs a frozen image tower once: its features need no second pass in the gradient step."""
+    """Runs a frozen image tower once: its features need no second pass in the gradient step. Under LiT
+    (`train_dual_text_tower`) the features include trained projections, so they are not frozen."""
     if "pixel_values" not in product_chunk or "image_features" in product_chunk:
         return product_chunk
-    if getattr(model, "image_tower", None) is None or not model.config.freeze_image_towers:
+    if getattr(model, "image_tower", None) is None or not model.image_features_are_frozen:
         return product_chunk
     cached = dict(product_chunk)
     cached["image_features"] = model.get_image_features(cached.pop("pixel_values"), cached.get("image_mask"))

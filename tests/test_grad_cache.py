@@ -20,6 +20,8 @@ STEP_CASES = [
     ("4tower-concat", {}, 5, 0, 1),
     ("4tower-alpha_concat", {}, 5, 2, 4),
     ("4tower-mlp", {"fusion_dropout": 0.2}, 5, 1, 3),
+    # LiT: the vision tower is locked but the dual encoder's projections train, so image features change.
+    ("4tower-concat", {"train_dual_text_tower": True}, 5, 0, 2),
     ("3tower-dinov2", {}, 5, 1, 2),
     ("3tower-dinov2", {"freeze_image_towers": False}, 4, 1, 3),
     ("3tower-clip-vision", {}, 5, 0, 4),
