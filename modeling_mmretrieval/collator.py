@@ -66,8 +66,9 @@ class RetrievalCollator:
         hard_negatives (`Callable[[Mapping], Sequence[Mapping]]`, *optional*): returns a row's hard-negative
             product rows; each query then gets `num_hard_negatives` extra products appended after the positives.
         num_hard_negatives (`int`): hard negatives per query (rows with fewer are padded by repeating theirs).
-        image_features (`Mapping[str, torch.Tensor]`, *optional*): precomputed image-tower features by product
-            id (frozen towers); the batch then carries `image_features` instead of `pixel_values`.
+        image_features (`Mapping[str, torch.Tensor]`, *optional*): precomputed image-tower features keyed by
+            `str(product_id)` (frozen towers; `training_utils.precompute_image_features` builds them); the batch
+            then carries `image_features` instead of `pixel_values`.
         mask_false_negatives (`bool`): for attribute-derived queries (rows with a `query_attributes` column),
             emit `false_negative_mask`: in-batch products that satisfy another query's attributes are
             relevant to it too, so the loss leaves them out instead of pushing them away.
@@ -138,9 +139,10 @@ class RetrievalCollator:
         features, mask = [], []
         for row in rows:
             product_id = row.get(self.columns.product_id)
-            if product_id not in self.image_features:
+            key = str(product_id)  # the cache's keys, as precompute_image_features writes them
+            if key not in self.image_features:
                 raise KeyError(f"No cached image features for product {product_id!r}; rebuild the cache.")
-            feature = self.image_features[product_id]
+            feature = self.image_features[key]
             mask.append(feature is not None)
             features.append(feature)
         size = next((f.shape[-1] for f in features if f is not None), 1)

@@ -143,7 +143,7 @@ def build_product_index(
     metadata_columns: Sequence[str] = ("title",),
     sort_by_length: bool = True,
     dtype: torch.dtype | None = None,
-    image_features: Mapping[str | int, torch.Tensor | None] | None = None,
+    image_features: Mapping[str, torch.Tensor | None] | None = None,
 ) -> ProductIndex:
     """Encodes a catalogue (a `datasets.Dataset` or iterable of rows) into a `ProductIndex`.
 
@@ -156,7 +156,7 @@ def build_product_index(
             the same embedding as in catalogue-order batches (up to float rounding).
         dtype: run the towers under `torch.autocast` in this dtype (`torch.bfloat16` on GPUs and CPUs
             with native bf16); the index still stores float32.
-        image_features: the frozen image tower's features of every product, by product id (as
+        image_features: the frozen image tower's features of every product, keyed by `str(product_id)` (as
             `training_utils.precompute_image_features` returns them): images are then neither decoded nor
             run through the tower. Only valid while the image tower stays frozen; a product missing from
             it raises `KeyError`.

@@ -1,4 +1,6 @@
 
+import datasets
+import numpy as np
 import pytest
 import torch
 from tiny_towers import IMAGE_SIZE, make_config
@@ -152,6 +154,16 @@ def test_evaluation_with_cached_image_features_skips_the_image_tower(catalogue, 
     partial = {product_id: cache[product_id] for product_id in list(cache)[1:]}
     with pytest.raises(KeyError, match="No cached image features"):
         build_product_index(model, processor, catalogue, image_features=partial, show_progress=False)
+
+
+def test_cached_features_serve_a_catalogue_with_integer_product_ids(catalogue, tiny_3tower):
+    model, processor = tiny_3tower
+    numbered = catalogue.select(range(12)).cast_column("product_id", datasets.Value("int64"))
+    cache = precompute_image_features(model, processor, numbered, show_progress=False)
+    live = build_product_index(model, processor, numbered, show_progress=False)
+    cached = build_product_index(model, processor, numbered, image_features=cache, show_progress=False)
+    assert cached.ids == live.ids and all(isinstance(product_id, int) for product_id in cached.ids)
+    np.testing.assert_allclose(cached.embeddings, live.embeddings, atol=1e-5)
 
 
 def test_false_negatives_are_products_matching_another_query(catalogue, tiny_3tower):
