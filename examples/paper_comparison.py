@@ -49,11 +49,11 @@ ROWS = {
     "3tMM mlp": ["--architecture", "3tower", "--fusion", "mlp", "--vision_model", "dinov2-small"],
 }
 TEXT_ROW = "text-only bi-encoder"
+REPORTED = ("recall@10", "recall@100", "ndcg@10", "mrr@10")
 
 
 def uses_dual_encoder(flags: list[str]) -> bool:
     return flags[flags.index("--architecture") + 1] == "4tower"
-REPORTED = ("recall@10", "recall@100", "ndcg@10", "mrr@10")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -336,6 +336,17 @@ def hard_negative_lookup(data: TrainingData, columns: CatalogueColumns, num_nega
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def image_feature_cache(args, accelerator, model, processor, products, columns: CatalogueColumns) -> dict:
+    """The frozen image tower's features of `products`, computed once (see `precompute_image_features`)."""
+    started = time.perf_counter()
+    image_features = precompute_image_features(
+        model, processor, products, columns=columns, batch_size=args.per_device_eval_batch_size,
+        show_progress=accelerator.is_local_main_process,
+    )
+    logger.info(f"Cached image features of {len(image_features)} products in {time.perf_counter() - started:.0f} s")
+    return image_features
+
+
 def build_collator(args, accelerator, model, processor, data: TrainingData, columns: CatalogueColumns):
     """The training collator, with the frozen image tower's features cached when asked (default: when frozen)."""
     hard_negatives = None
@@ -351,14 +362,9 @@ def build_collator(args, accelerator, model, processor, data: TrainingData, colu
         )
     image_features = None
     if cache_features:
-        started = time.perf_counter()
-        image_features = precompute_image_features(
-            model, processor, data.products, columns=columns, batch_size=args.per_device_eval_batch_size,
-            show_progress=accelerator.is_local_main_process,
-        )
+        image_features = image_feature_cache(args, accelerator, model, processor, data.products, columns)
         sample = data.products.select(range(min(8, len(data.products)))).to_list()
         check_cached_image_features(model, processor, sample, image_features, columns=columns)
-        logger.info(f"Cached image features of {len(image_features)} products in {time.perf_counter() - started:.0f} s")
     return RetrievalCollator(
         processor, columns, uses_images=model.config.uses_images, hard_negatives=hard_negatives,
         num_hard_negatives=args.num_hard_negatives, image_features=image_features,
@@ -374,10 +380,7 @@ def build_evaluator(args, accelerator, model, processor, data: TrainingData, col
         return None
     image_features = None
     if cache_image_features and accelerator.is_main_process:
-        image_features = precompute_image_features(
-            model, processor, data.eval_products, columns=columns, batch_size=args.per_device_eval_batch_size,
-            show_progress=True,
-        )
+        image_features = image_feature_cache(args, accelerator, model, processor, data.eval_products, columns)
     return RetrievalEvaluator.with_colour_slice(
         data.eval_products, data.eval_queries, processor, columns=columns, name="eval",
         batch_size=args.per_device_eval_batch_size, image_features=image_features,

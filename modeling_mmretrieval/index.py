@@ -388,7 +388,8 @@ def _select_shard(
     return itertools.islice(rows, positions.start, positions.stop, positions.step), len(positions)
 
 
-def _row_batches(rows: Any, batch_size: int) -> Iterator[list[dict]]:
+def row_batches(rows: Any, batch_size: int) -> Iterator[list[dict]]:
+    """Lists of up to `batch_size` row dicts from a `datasets.Dataset` or any iterable of rows."""
     if _is_map_style_dataset(rows):
         # Column-batched reads are much faster than row access, and still decode one batch of images.
         for columns in rows.iter(batch_size=batch_size):
@@ -873,7 +874,7 @@ class ProductIndex:
             staging = Path(staging)
             _encode_rows(
                 staging,
-                _row_batches(rows, batch_size),
+                row_batches(rows, batch_size),
                 embed_batch,
                 id_column=id_column,
                 metadata_columns=metadata_columns,

@@ -32,7 +32,7 @@ from transformers.utils import logging
 
 from .data import CatalogueColumns, EvaluationQuery, normalise_value
 from .image_loading import DEFAULT_MAX_IMAGE_PIXELS, load_product_image
-from .index import fsync_path
+from .index import fsync_path, row_batches
 
 TOWER_MODULES = ("text_model", "product_text_model", "dual_encoder", "vision_model")
 SCHEDULER_TYPES = ("linear", "cosine", "constant")
@@ -256,11 +256,6 @@ def set_image_tower_frozen(model, frozen: bool) -> None:
     model.train(model.training)  # the model re-applies its freezing rules (which parts, eval mode) from the config
 
 
-def _row_batches(dataset, batch_size: int) -> Iterator[list[dict]]:
-    for start in range(0, len(dataset), batch_size):
-        yield dataset.select(range(start, min(start + batch_size, len(dataset)))).to_list()
-
-
 def _images_of(rows: Sequence[Mapping], columns: CatalogueColumns, max_image_pixels: int | None) -> list:
     return [load_product_image(row.get(columns.image), max_pixels=max_image_pixels).image for row in rows]
 
@@ -307,7 +302,7 @@ def precompute_image_features(
             "a trained one changes them at every step. Drop --cache_image_features or keep --freeze_image_towers."
         )
     cache: dict[str, torch.Tensor | None] = {}
-    batches = _row_batches(catalogue, batch_size)
+    batches = row_batches(catalogue, batch_size)
     progress = tqdm(batches, total=math.ceil(len(catalogue) / batch_size), desc="Caching image features",
                     disable=not show_progress)
     for rows in progress:
