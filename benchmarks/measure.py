@@ -198,16 +198,26 @@ def matmul_gflops(device: torch.device, size: int, repeats: int, dtype: torch.dt
     return measure_interleaved({"matmul": lambda: torch.mm(left, right, out=product)}, repeats, device)["matmul"]
 
 
-def copy_bandwidth_gbps(megabytes: int, repeats: int) -> tuple[Samples, float]:
-    """`(samples, bytes moved per copy)` of copying a float32 buffer far larger than the caches.
+def copy_probe(megabytes: int, copies: int = 1) -> tuple[Callable[[], None], float]:
+    """`(run, bytes moved per run)`: `run` copies a float32 buffer far larger than the caches `copies` times.
 
     Bandwidth counts bytes read plus bytes written (the STREAM "copy" convention): a search that reads
-    a matrix once cannot move its bytes faster than this.
+    a matrix once cannot move its bytes faster than this. The buffers live as long as `run`.
     """
     source = torch.ones(megabytes * MIB // 4)
     destination = torch.zeros_like(source)  # touched now, so no page faults are timed
-    samples = measure_interleaved({"copy": lambda: destination.copy_(source)}, repeats, torch.device("cpu"))["copy"]
-    return samples, 2.0 * source.numel() * source.element_size()
+
+    def run() -> None:
+        for _ in range(copies):
+            destination.copy_(source)
+
+    return run, 2.0 * copies * source.numel() * source.element_size()
+
+
+def copy_bandwidth_gbps(megabytes: int, repeats: int) -> tuple[Samples, float]:
+    """`(samples, bytes moved per copy)` of `copy_probe`."""
+    run, moved_bytes = copy_probe(megabytes)
+    return measure_interleaved({"copy": run}, repeats, torch.device("cpu"))["copy"], moved_bytes
 
 
 def read_bandwidth_gbps(megabytes: int, repeats: int) -> tuple[Samples, float]:

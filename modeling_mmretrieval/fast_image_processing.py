@@ -95,9 +95,9 @@ def center_crop_offsets(height: int, width: int, crop_height: int, crop_width: i
 def _empty_float_tensor(shape: tuple[int, ...]) -> torch.Tensor:
     """An uninitialised float32 tensor; a large one is backed by transparent huge pages where available.
 
-    A batch of 224x224 images is tens of MiB of fresh memory. Faulting it in 4 KiB pages costs about as
-    much as the normalisation itself on virtual machines (~5 ms per 64 images); with 2 MiB pages the
-    kernel takes 512 times fewer faults. The tensor owns the mapping, which is released with it.
+    A batch of 224x224 images is tens of MiB of fresh memory. Faulting it in 4 KiB pages can cost more
+    than the normalisation itself on virtual machines; with 2 MiB pages the kernel takes 512 times fewer
+    faults. The tensor owns the mapping, which is released with it.
     """
     num_bytes = math.prod(shape) * 4
     if num_bytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):

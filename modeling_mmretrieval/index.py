@@ -253,7 +253,7 @@ def _score_chunk(query_matrix: np.ndarray, chunk: np.ndarray, out: np.ndarray) -
 
     A few queries stream the whole chunk from memory, and numpy's bundled OpenBLAS does that at memory
     bandwidth on Intel and AMD alike, where the MKL in torch's CPU wheel takes about twice as long on AMD
-    (one query over 100k x 384: 8 ms vs 15 ms on 2 EPYC cores; docs/performance.md). Larger batches are
+    (`benchmarks/run.py --cases search` times both kernels alone; docs/performance.md). Larger batches are
     compute-bound and stay with torch, whose thread pool the following top-k shares.
     """
     if len(query_matrix) == 1:  # as a matrix-vector product, the one streaming pass OpenBLAS does best
