@@ -586,7 +586,8 @@ def test_concurrent_searches_equal_sequential_ones():
         assert torch.equal(scores, expected_scores) and ids == expected_ids
 
 
-def test_add_while_searching_is_safe(tmp_path):
+@pytest.mark.parametrize("screening", [None, True])  # True: searches also extend the float16 copy as rows arrive
+def test_add_while_searching_is_safe(tmp_path, screening):
     half = 16
     original = torch.nn.functional.normalize(
         torch.cat([random_unit_vectors(2000, half, seed=17), torch.zeros(2000, half)], 1), dim=-1
@@ -598,7 +599,7 @@ def test_add_while_searching_is_safe(tmp_path):
         torch.cat([random_unit_vectors(40, half, seed=19), torch.zeros(40, half)], 1), dim=-1
     )
     ProductIndex.from_embeddings(original, sku_ids(2000)).save(tmp_path / "index")
-    index = ProductIndex.load(tmp_path / "index", mmap=True)
+    index = ProductIndex.load(tmp_path / "index", mmap=True).set_backend("exact", screening=screening)
     expected = [index.search(query, k=5) for query in queries]
     stop_adding = threading.Event()
 
