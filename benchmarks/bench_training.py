@@ -3,7 +3,8 @@
 Both sides train the same towers at the same batch size, one optimizer step (forward, backward, AdamW)
 per timed repeat, on pre-collated batches of real catalogue pairs. Ours runs with its fast paths: one
 shared text tower for the joined product text, frozen image features cached once before training, sdpa
-attention and dynamic padding. The baseline (see `baseline.py`) has none of them.
+attention, dynamic padding, and text batches run in groups of similar length. The baseline (see
+`baseline.py`) has none of them.
 """
 
 import contextlib
@@ -23,18 +24,25 @@ from modeling_mmretrieval.data import CatalogueColumns, make_training_pairs
 from modeling_mmretrieval.training_utils import image_features_for_rows
 
 BATCH_SIZE = 32
-WARMUP_PAIRS = 4
 LOSS_CHECK_PAIRS = 8
 LOSS_TOLERANCE = 1e-4
 TRAINING_SPEEDUP_TARGET = 3.0
 
 
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
+    return tensors[0].shape[0] if tensors else 0
+
+
 @contextlib.contextmanager
-def counted_calls(modules: Mapping[str, nn.Module | None]) -> Iterator[Counter]:
-    """Counts forward calls of each named module inside the block."""
+def counted_examples(modules: Mapping[str, nn.Module | None]) -> Iterator[Counter]:
+    """Counts the examples (batch rows) each named module's forward passes see inside the block, however
+    they are split into calls."""
     counts = Counter()
     handles = [
-        module.register_forward_hook(lambda *_, name=name: counts.update([name]))
+        module.register_forward_pre_hook(
+            lambda _, args, kwargs, name=name: counts.update({name: _batch_size(args, kwargs)}), with_kwargs=True
+        )
         for name, module in modules.items()
         if module is not None
     ]
@@ -66,28 +74,42 @@ def _baseline_towers(baseline: ThreeTowerBaseline) -> dict[str, nn.Module | None
     }
 
 
-def _tower_step_flops(tower: nn.Module | None, batch_size: int, padded_length: int, *, image_size: int = 0) -> float:
+def _tower_step_flops(
+    tower: nn.Module | None, batch_size: int, padded_lengths: int | list[int], *, image_size: int = 0
+) -> float:
     """FLOPs one training step spends in `tower` on `batch_size` inputs: its forward pass, plus the backward
-    pass (about twice the forward) when the tower is trained. Padded tokens count: they are computed."""
+    pass (about twice the forward) when the tower is trained. Padded tokens count: they are computed.
+    `padded_lengths` is one length for the whole batch or the length each row was padded to."""
     if tower is None:
         return 0.0
     if image_size:
         forward = vision_flops(tower, batch_size, image_size)
     else:
-        forward = transformer_flops(tower, [padded_length] * batch_size)
+        lengths = [padded_lengths] * batch_size if isinstance(padded_lengths, int) else padded_lengths
+        forward = transformer_flops(tower, lengths)
     trained = any(parameter.requires_grad for parameter in tower.parameters())
     return 3 * forward if trained else forward
+
+
+def _padded_lengths(model, attention_mask: torch.Tensor) -> list[int]:
+    """The length each row is padded to in our towers: its group's longest row (see `length_groups`)."""
+    padded = [0] * attention_mask.shape[0]
+    for rows in model._text_length_groups(attention_mask.cpu()):
+        longest = int(attention_mask[rows].sum(dim=1).max())
+        for row in rows:
+            padded[row] = longest
+    return padded
 
 
 def _our_step_flops(model, batch: Mapping[str, torch.Tensor]) -> float:
     """Tower FLOPs of one of our steps on `batch` (image features cached, so no image tower)."""
     towers = _our_towers(model)
     size = len(batch["query_input_ids"])
-    flops = _tower_step_flops(towers["text"], size, batch["query_input_ids"].shape[1])
+    flops = _tower_step_flops(towers["text"], size, _padded_lengths(model, batch["query_attention_mask"]))
     product_tower = towers["product_text"] or towers["text"]
-    flops += _tower_step_flops(product_tower, size, batch["product_input_ids"].shape[1])
-    if "dual_input_ids" in batch:
-        flops += _tower_step_flops(towers["dual_text"], size, batch["dual_input_ids"].shape[1])
+    flops += _tower_step_flops(product_tower, size, _padded_lengths(model, batch["product_attention_mask"]))
+    if "query_dual_input_ids" in batch:
+        flops += _tower_step_flops(towers["dual_text"], size, batch["query_dual_input_ids"].shape[1])
     return flops
 
 
@@ -170,7 +192,7 @@ def _loss_check(model, processor, rows: list[dict], ctx: Context, architecture: 
 
 
 def _baseline_training(ctx: Context, architecture: str, processor, rows: list[dict]):
-    """The baseline's optimizer step, with its inputs for `rows` and for a warm-up batch."""
+    """The baseline's model, its optimizer step, and its inputs for `rows`."""
     towers = ctx.towers
     baseline = ThreeTowerBaseline(towers.text_tower(), towers.image_tower(architecture)).to(ctx.device).train()
     reference_images = towers.image_processor if architecture != "text_only" else None
@@ -183,7 +205,7 @@ def _baseline_training(ctx: Context, architecture: str, processor, rows: list[di
         return _to_device(batch, ctx.device)
 
     step = _optimizer_step(lambda batch: baseline(**batch), baseline, ctx)
-    return baseline, step, inputs(rows), inputs(rows[:WARMUP_PAIRS])
+    return baseline, step, inputs(rows)
 
 
 def _tower_work_check(architecture: str, ours: dict[str, float], baseline: dict[str, float]) -> Check:
@@ -191,8 +213,8 @@ def _tower_work_check(architecture: str, ours: dict[str, float], baseline: dict[
         f"training/{architecture}: no duplicated tower work per step",
         ours.get("text") == 2 and not ours.get("image") and ours.get("dual_text", 0) <= 1
         and not ours.get("product_text"),
-        f"tower runs per step: ours {ours} (one text tower for queries and products, image features cached) vs "
-        f"baseline {baseline}",
+        f"tower passes per pair and step: ours {ours} (one text tower for queries and products, image features "
+        f"cached) vs baseline {baseline}",
     )
 
 
@@ -205,17 +227,19 @@ def _architecture_case(ctx: Context, architecture: str, rows: list[dict]) -> Cas
 
     ours_step = _optimizer_step(lambda batch: model(**batch).loss, model, ctx)
     ours_batch, cache_seconds = _our_batch(model, processor, rows, device)
-    baseline, baseline_step, baseline_inputs, baseline_warmup = _baseline_training(ctx, architecture, processor, rows)
-    ours_step(_our_batch(model, processor, rows[:WARMUP_PAIRS], device)[0])
-    baseline_step(baseline_warmup)
+    baseline, baseline_step, baseline_inputs = _baseline_training(ctx, architecture, processor, rows)
+    # One untimed step each on the measured batch: the first touches its activations' memory (page faults,
+    # allocator growth), which a training run pays once, not per step.
+    ours_step(ours_batch)
+    baseline_step(baseline_inputs)
 
-    with counted_calls(_our_towers(model)) as our_counts, counted_calls(_baseline_towers(baseline)) as baseline_counts:
+    with counted_examples(_our_towers(model)) as our_counts, counted_examples(_baseline_towers(baseline)) as baseline_counts:
         samples = measure_interleaved(
             {"ours": lambda: ours_step(ours_batch), "baseline": lambda: baseline_step(baseline_inputs)},
             ctx.repeats, device,
         )
-    our_calls = {name: count / ctx.repeats for name, count in our_counts.items()}
-    baseline_calls = {name: count / ctx.repeats for name, count in baseline_counts.items()}
+    our_calls = {name: count / ctx.repeats / BATCH_SIZE for name, count in our_counts.items()}
+    baseline_calls = {name: count / ctx.repeats / BATCH_SIZE for name, count in baseline_counts.items()}
     result.checks.append(_tower_work_check(architecture, our_calls, baseline_calls))
 
     extra = {"towers": towers.kind, "batch_size": BATCH_SIZE}

@@ -1,6 +1,7 @@
 """Each fast path measured by benchmarks/run.py gives the numbers of the plain path it replaces."""
 
 import gc
+import itertools
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from modeling_mmretrieval.fast_image_processing import (
     resized_height_width,
 )
 from modeling_mmretrieval.image_loading import load_product_image
+from modeling_mmretrieval.modeling_mmretrieval import length_groups
 from modeling_mmretrieval.offline_towers import IMAGENET_MEAN, IMAGENET_STD, get_minilm_path
 from modeling_mmretrieval.search import LENGTH_SORT_WINDOW_BATCHES, build_product_index
 
@@ -162,18 +164,31 @@ def training_batch(processor, rows, image_features=None) -> dict:
     return RetrievalCollator(processor, image_features=image_features)(rows)
 
 
-def counted_forward_calls(model, batch) -> dict[str, int]:
-    counts = {"text": 0, "image": 0}
+def tower_examples(towers: dict, run) -> dict[str, int]:
+    """How many examples (batch rows) each named tower's forward passes see while `run()` runs, and in how
+    many calls: `{name: (examples, calls)}`."""
+    counts = {name: [0, 0] for name in towers}
+
+    def count(name, kwargs):
+        counts[name][0] += kwargs.get("input_ids", kwargs.get("pixel_values")).shape[0]
+        counts[name][1] += 1
+
     hooks = [
-        model.text_model.register_forward_hook(lambda *_: counts.__setitem__("text", counts["text"] + 1)),
-        model.vision_model.register_forward_hook(lambda *_: counts.__setitem__("image", counts["image"] + 1)),
+        tower.register_forward_pre_hook(lambda _, args, kwargs, name=name: count(name, kwargs), with_kwargs=True)
+        for name, tower in towers.items()
     ]
     try:
-        model(**batch).loss.backward()
+        run()
     finally:
         for hook in hooks:
             hook.remove()
-    return counts
+    return {name: tuple(value) for name, value in counts.items()}
+
+
+def counted_tower_examples(model, batch) -> dict[str, int]:
+    towers = {"text": model.text_model, "image": model.vision_model}
+    counts = tower_examples(towers, lambda: model(**batch).loss.backward())
+    return {name: examples for name, (examples, _) in counts.items()}
 
 
 def test_cached_image_features_give_the_recomputed_step(tokenizer, catalogue):
@@ -200,11 +215,12 @@ def test_cached_image_features_give_the_recomputed_step(tokenizer, catalogue):
     gradients = {}
     for name, batch in (("live", live), ("cached", cached)):
         model.zero_grad()
-        gradients[name] = (counted_forward_calls(model, batch),
+        gradients[name] = (counted_tower_examples(model, batch),
                            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     (live_calls, live_grads), (cached_calls, cached_grads) = gradients["live"], gradients["cached"]
-    # One text tower serves queries and products; the frozen tower runs live once, cached never.
-    assert live_calls == {"text": 2, "image": 1} and cached_calls == {"text": 2, "image": 0}
+    # One text tower serves queries and products (each row once); the frozen tower sees the 5 products
+    # with an image live, and nothing with cached features.
+    assert live_calls == {"text": 12, "image": 5} and cached_calls == {"text": 12, "image": 0}
     assert live_grads.keys() == cached_grads.keys() and not any("vision_model" in name for name in live_grads)
     for name in live_grads:
         assert torch.allclose(live_grads[name], cached_grads[name], atol=1e-6), name
@@ -229,6 +245,71 @@ def test_sdpa_and_dynamic_padding_give_the_eager_max_length_loss(tokenizer, cata
         model.set_attn_implementation("eager")
         reference_loss = model(**padded_batch).loss
     assert torch.allclose(fast_loss, reference_loss, atol=1e-5)
+
+
+def exhaustive_best_cost(sorted_lengths: list[int], call_cost: int) -> int:
+    """The cheapest split of rows sorted longest first into consecutive groups, by trying every split."""
+    best = None
+    for cuts in itertools.product((False, True), repeat=len(sorted_lengths) - 1):
+        cost, start = 0, 0
+        for end in [position + 1 for position, cut in enumerate(cuts) if cut] + [len(sorted_lengths)]:
+            cost += (end - start) * sorted_lengths[start] + call_cost
+            start = end
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_length_groups_are_the_cheapest_split(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, 129, size=int(rng.integers(1, 10))).tolist()
+    call_cost = int(rng.choice([0, 16, 64, 512]))
+    groups = length_groups(lengths, call_cost)
+    assert sorted(row for rows in groups for row in rows) == list(range(len(lengths)))
+    assert all(lengths[rows[0]] == max(lengths[row] for row in rows) for rows in groups)
+    cost = sum(len(rows) * lengths[rows[0]] + call_cost for rows in groups)
+    # Sorting first loses nothing: some cheapest split groups consecutive rows of the sorted order.
+    assert cost == exhaustive_best_cost(sorted(lengths, reverse=True), call_cost)
+
+
+def test_grouped_text_batches_give_the_embeddings_and_gradients_of_whole_batches(tokenizer, catalogue):
+    model = tiny_text_model(tokenizer)
+    processor = MultimodalRetrievalProcessor(tokenizer, max_product_length=96)
+    rows = make_training_pairs(catalogue.select(range(12)), seed=0).to_list()
+    for row in rows[::3]:
+        row["description"] = None  # title-only products next to long descriptions
+    batch = RetrievalCollator(processor, uses_images=False)(rows)
+
+    results = {}
+    for grouped in (False, True):
+        model.group_text_by_length = grouped
+        model.zero_grad()
+        outputs = {}
+
+        def step():
+            output = model(**batch)
+            output.loss.backward()
+            outputs.update(loss=output.loss.detach(), products=output.product_embeds.detach())
+
+        calls = tower_examples({"text": model.text_model}, step)["text"]
+        gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[grouped] = calls, outputs, gradients
+    (whole_calls, whole, whole_grads), (grouped_calls, grouped, grouped_grads) = results[False], results[True]
+    assert whole_calls == (24, 2) and grouped_calls[0] == 24 and grouped_calls[1] > 2  # really split
+    torch.testing.assert_close(grouped["products"], whole["products"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(grouped["loss"], whole["loss"], atol=1e-5, rtol=0)
+    assert grouped_grads.keys() == whole_grads.keys()
+    for name in whole_grads:
+        torch.testing.assert_close(grouped_grads[name], whole_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_left_padded_batches_run_whole(tokenizer):
+    model = tiny_text_model(tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(get_minilm_path(), padding_side="left")
+    texts = ["red cotton kurta for women with mirror work on the yoke", "black shoes", "watch"]
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    calls = tower_examples({"text": model.text_model}, lambda: model.get_query_embeddings(**inputs))["text"]
+    assert calls == (3, 1)
 
 
 def cpu_bf16_works() -> bool:
