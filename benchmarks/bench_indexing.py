@@ -17,7 +17,6 @@ Two parts:
 import gc
 import multiprocessing
 import os
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
@@ -168,10 +167,8 @@ class ScaleJob:
 
 
 def id_table_mib(index) -> float:
-    """MiB held by an index's product ids and its id -> position table (Python objects, not the matrix)."""
-    ids = index._ids  # the index's own list: `index.ids` would build a tuple copy
-    strings = sum(sys.getsizeof(product_id) for product_id in ids)
-    return (sys.getsizeof(ids) + strings + sys.getsizeof(index._position_by_id)) / (1 << 20)
+    """MiB held by an index's product ids and its id -> position lookup (its `ProductIdTable`, not the matrix)."""
+    return index._id_table.nbytes / (1 << 20)
 
 
 def measure_scale_job(job: ScaleJob) -> tuple[Samples, float, float]:
@@ -227,7 +224,7 @@ def _scale_cases(ctx: Context) -> CaseResult:
             allocator=" ".join(f"{name}={value}" for name, value in LIVE_MEMORY_ENVIRONMENT.items()),
         ))
         budget_mib = embeddings_mib + one_batch_mib
-        # Beyond the matrix, an index holds its product ids and their id -> position table as Python objects;
+        # Beyond the matrix, an index holds its product ids and their id -> position lookup (a compact table);
         # the detail says how much of any excess over the budget they explain.
         result.targets.append(Target(
             f"indexing {count // 1000}k: (embeddings + one batch) / peak memory growth",

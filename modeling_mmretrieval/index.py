@@ -17,7 +17,8 @@ Directories are written atomically (a sibling temporary directory renamed into p
 
 Concurrency: `search` keeps no mutable scratch state, so many threads may search one index at once. `add`
 is serialised by a lock and publishes new rows copy-on-grow, so searches running during an `add` see the
-catalogue either before or after it, never a half-written row.
+catalogue either before or after it, never a half-written row. Product ids live in a `ProductIdTable`
+(`product_ids.py`), which publishes appended ids the same way.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 import torch
 
+from .product_ids import DuplicateProductIdError, ProductId, ProductIdTable, validated_product_id
 from .screening import Float16Screen, float16_kernel_sums_in_float32
 
 INDEX_FORMAT = "mmretrieval-product-index"
@@ -74,7 +76,6 @@ COPY_BLOCK_ROWS = 1 << 16
 MAX_METADATA_FIELDS = 16
 MAX_METADATA_CHARS = 256
 
-ProductId = str | int
 EmbedBatchFn = Callable[[list[dict]], torch.Tensor]
 
 logger = logging.getLogger(__name__)
@@ -86,10 +87,6 @@ class IndexIntegrityError(ValueError):
 
 class IndexModelMismatchError(ValueError):
     """An index was built with another model id or model configuration than the one expected."""
-
-
-class DuplicateProductIdError(ValueError):
-    """The same product id was given to one index more than once."""
 
 
 def shard_row_indices(total_rows: int, rank: int, world_size: int, strategy: str = "contiguous") -> range:
@@ -121,44 +118,6 @@ def _validate_shard(shard: Sequence[int]) -> tuple[int, int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"shard rank must satisfy 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return rank, world_size
-
-
-def _validate_product_id(value: Any) -> ProductId:
-    if isinstance(value, np.integer):
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise TypeError(f"product ids must be str or int, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _first_duplicate(ids: Sequence[ProductId], known: Mapping[ProductId, int]) -> ProductId:
-    seen = set()
-    for product_id in ids:
-        if product_id in known or product_id in seen:
-            return product_id
-        seen.add(product_id)
-    raise AssertionError("no duplicate found")
-
-
-def _duplicate_id_error(ids: Sequence[ProductId], known: Mapping[ProductId, int]) -> DuplicateProductIdError:
-    duplicate = _first_duplicate(ids, known)
-    return DuplicateProductIdError(f"product id {duplicate!r} occurs more than once; product ids must be unique")
-
-
-def _positions_of(ids: Sequence[ProductId], first_position: int = 0) -> dict[ProductId, int]:
-    """Maps each id to its row, numbering from `first_position`; raises if an id repeats."""
-    positions = dict(zip(ids, range(first_position, first_position + len(ids))))
-    if len(positions) < len(ids):
-        raise _duplicate_id_error(ids, {})
-    return positions
-
-
-def _register_ids(ids: Sequence[ProductId], position_by_id: dict, first_position: int) -> None:
-    """Adds `ids` at consecutive positions, or raises without changing `position_by_id` if any repeats."""
-    new_positions = _positions_of(ids, first_position)
-    if not position_by_id.keys().isdisjoint(new_positions):
-        raise _duplicate_id_error(ids, position_by_id)
-    position_by_id.update(new_positions)
 
 
 def _bounded_metadata(values: Mapping[str, Any] | None) -> dict[str, str | None]:
@@ -423,7 +382,7 @@ def _row_product_id(row: Mapping, id_column: str, row_number: int) -> ProductId:
         raise TypeError(f"row {row_number} is a {type(row).__name__}, expected a dict")
     if id_column not in row:
         raise KeyError(f"row {row_number} has no {id_column!r} column (its keys are {sorted(row)})")
-    return _validate_product_id(row[id_column])
+    return validated_product_id(row[id_column])
 
 
 def fsync_path(path: Path) -> None:
@@ -462,23 +421,47 @@ def _atomic_directory(target: str | os.PathLike, overwrite: bool) -> Iterator[Pa
         raise
 
 
+def _json_array_items(values: Sequence, follow_earlier_items: bool) -> bytes:
+    """UTF-8 JSON of `values` as a stretch of a JSON array written in parts: `json.dumps` of a whole list is
+    "[", its items joined by ", ", then "]", so the parts add up to exactly the bytes of dumping it at once."""
+    items = json.dumps(list(values), ensure_ascii=False)[1:-1]
+    return (", " + items if follow_earlier_items else items).encode("utf-8")
+
+
+class _HashedFile:
+    """A file being written whose sha256 is computed from the bytes as they are written."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle = handle
+        self._digest = hashlib.sha256()
+
+    def write(self, payload: bytes | memoryview) -> None:
+        self.handle.write(payload)
+        self._digest.update(payload)
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 class _IndexWriter:
     """Streams rows of an index into open files in order, hashing the bytes as they are written, so a
-    catalogue of any size is written with the memory of one block of rows. Open one with `_index_writer`."""
+    catalogue of any size is written with the memory of one block of rows (and a compact table of the ids,
+    to refuse duplicates). Open one with `_index_writer`."""
 
-    def __init__(self, directory: Path, embeddings_file: BinaryIO, metadata_file: BinaryIO | None):
+    def __init__(
+        self, directory: Path, embeddings_file: BinaryIO, ids_file: BinaryIO, metadata_file: BinaryIO | None
+    ):
         self.directory = directory
         self.dim: int | None = None
-        self.ids: list[ProductId] = []
-        self._position_by_id: dict[ProductId, int] = {}
-        self._embeddings_file = embeddings_file
-        self._embeddings_digest = hashlib.sha256()
-        self._metadata_file = metadata_file
-        self._metadata_digest = hashlib.sha256()
+        self._ids = ProductIdTable()
+        self._embeddings_file = _HashedFile(embeddings_file)
+        self._ids_file = _HashedFile(ids_file)
+        self._metadata_file = None if metadata_file is None else _HashedFile(metadata_file)
+        self._ids_file.write(b"[")
 
     @property
     def count(self) -> int:
-        return len(self.ids)
+        return len(self._ids)
 
     def append(
         self, embeddings: np.ndarray, ids: Sequence[ProductId], metadata: Sequence[Mapping] | None = None
@@ -491,24 +474,21 @@ class _IndexWriter:
             self.dim = embeddings.shape[1]
         elif embeddings.shape[1] != self.dim:
             raise ValueError(f"embedding dimension changed from {self.dim} to {embeddings.shape[1]} while indexing")
-        _register_ids(ids, self._position_by_id, self.count)
-        block = np.ascontiguousarray(embeddings, dtype="<f4")
-        self._embeddings_file.write(block.data)
-        self._embeddings_digest.update(block.data)
-        self.ids.extend(ids)
+        ids_json = _json_array_items(ids, follow_earlier_items=bool(self.count))
+        self._ids.append(ids)
+        self._embeddings_file.write(np.ascontiguousarray(embeddings, dtype="<f4").data)
+        self._ids_file.write(ids_json)
         if self._metadata_file is not None:
             lines = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in metadata)
-            encoded = lines.encode("utf-8")
-            self._metadata_file.write(encoded)
-            self._metadata_digest.update(encoded)
+            self._metadata_file.write(lines.encode("utf-8"))
 
     def finish(self, *, model_id: str | None, config_hash: str | None, shard_info: dict | None) -> dict:
-        """Writes ids and `index_meta.json` (last, so its presence marks a complete directory)."""
-        for handle in (self._embeddings_file, self._metadata_file):
-            if handle is not None:
-                _flush_durably(handle)
-        ids_bytes = json.dumps(self.ids, ensure_ascii=False).encode("utf-8")
-        _write_durably(self.directory / IDS_FILENAME, ids_bytes)
+        """Closes the ids' JSON array and writes `index_meta.json` (last, so its presence marks a complete
+        directory)."""
+        self._ids_file.write(b"]")
+        for file in (self._embeddings_file, self._ids_file, self._metadata_file):
+            if file is not None:
+                _flush_durably(file.handle)
         meta = {
             "format": INDEX_FORMAT,
             "format_version": INDEX_FORMAT_VERSION,
@@ -518,9 +498,9 @@ class _IndexWriter:
             "dim": self.dim,
             "dtype": "float32",
             "byte_order": "little",
-            "embeddings_sha256": self._embeddings_digest.hexdigest(),
-            "ids_sha256": hashlib.sha256(ids_bytes).hexdigest(),
-            "metadata_sha256": None if self._metadata_file is None else self._metadata_digest.hexdigest(),
+            "embeddings_sha256": self._embeddings_file.hexdigest(),
+            "ids_sha256": self._ids_file.hexdigest(),
+            "metadata_sha256": None if self._metadata_file is None else self._metadata_file.hexdigest(),
             "shard": shard_info,
         }
         _write_durably(self.directory / META_FILENAME, json.dumps(meta, indent=2, sort_keys=True).encode("utf-8"))
@@ -531,8 +511,9 @@ class _IndexWriter:
 def _index_writer(directory: Path, *, with_metadata: bool) -> Iterator[_IndexWriter]:
     with contextlib.ExitStack() as files:
         embeddings_file = files.enter_context(open(directory / EMBEDDINGS_FILENAME, "wb"))
+        ids_file = files.enter_context(open(directory / IDS_FILENAME, "wb"))
         metadata_file = files.enter_context(open(directory / METADATA_FILENAME, "wb")) if with_metadata else None
-        yield _IndexWriter(directory, embeddings_file, metadata_file)
+        yield _IndexWriter(directory, embeddings_file, ids_file, metadata_file)
 
 
 def _flush_durably(handle: BinaryIO) -> None:
@@ -578,7 +559,7 @@ def _encode_rows(
 class _IndexFiles(NamedTuple):
     meta: dict
     embeddings: np.ndarray
-    ids: list
+    ids: ProductIdTable
     metadata: list | None
 
 
@@ -631,19 +612,25 @@ def _check_provenance(
             )
 
 
-def _read_embeddings(directory: Path, meta: dict, *, mmap: bool, verify_checksums: bool) -> np.ndarray:
+def _check_embeddings_size(directory: Path, meta: dict) -> None:
     path = directory / EMBEDDINGS_FILENAME
     if not path.is_file():
         raise IndexIntegrityError(f"{path} is missing")
-    shape = (meta["count"], meta["dim"] or 0)
-    expected_bytes = shape[0] * shape[1] * 4
+    count, dim = meta["count"], meta["dim"] or 0
+    expected_bytes = count * dim * 4
     actual_bytes = path.stat().st_size
     if actual_bytes != expected_bytes:
         raise IndexIntegrityError(
-            f"{path} holds {actual_bytes} bytes but count={shape[0]} x dim={shape[1]} float32 needs {expected_bytes}: "
+            f"{path} holds {actual_bytes} bytes but count={count} x dim={dim} float32 needs {expected_bytes}: "
             "the file is truncated, has trailing data, or belongs to another index"
         )
-    if expected_bytes == 0:
+
+
+def _read_embeddings(directory: Path, meta: dict, *, mmap: bool, verify_checksums: bool) -> np.ndarray:
+    _check_embeddings_size(directory, meta)
+    path = directory / EMBEDDINGS_FILENAME
+    shape = (meta["count"], meta["dim"] or 0)
+    if shape[0] * shape[1] == 0:
         embeddings = np.zeros(shape, dtype=np.float32)
     elif mmap:
         # Copy-on-write mapping: pages stay shared with the file, and torch can wrap it without warnings.
@@ -664,12 +651,15 @@ def _read_checked_bytes(path: Path, expected_sha256: str | None) -> bytes:
     return payload
 
 
-def _read_ids(directory: Path, meta: dict) -> list:
+def _read_ids(directory: Path, meta: dict) -> ProductIdTable:
     path = directory / IDS_FILENAME
     ids = json.loads(_read_checked_bytes(path, meta.get("ids_sha256")).decode("utf-8"))
     if not isinstance(ids, list) or len(ids) != meta["count"]:
         raise IndexIntegrityError(f"{path} must list exactly count={meta['count']} product ids")
-    return ids
+    try:
+        return ProductIdTable(ids)
+    except (DuplicateProductIdError, TypeError) as error:
+        raise IndexIntegrityError(f"{IDS_FILENAME} holds invalid product ids: {error}") from error
 
 
 def _read_metadata(directory: Path, meta: dict) -> list | None:
@@ -698,10 +688,14 @@ def _read_index_directory(
 ) -> _IndexFiles:
     meta = _read_meta(directory)
     _check_provenance(meta, expected_model_id, expected_config_hash, f"the index at {directory}")
+    # A wrong count shows first in the embeddings' size, which is cheap to check. The ids are read before the
+    # matrix: their parsed list (an object per id) is gone, kept as a compact table, before the matrix is read.
+    _check_embeddings_size(directory, meta)
+    ids = _read_ids(directory, meta)
     return _IndexFiles(
         meta=meta,
         embeddings=_read_embeddings(directory, meta, mmap=mmap, verify_checksums=verify_checksums),
-        ids=_read_ids(directory, meta),
+        ids=ids,
         metadata=_read_metadata(directory, meta),
     )
 
@@ -778,7 +772,7 @@ class ProductIndex:
     def __init__(
         self,
         embeddings: np.ndarray,
-        ids: Sequence[ProductId],
+        ids: Sequence[ProductId] | ProductIdTable,
         *,
         metadata: Sequence[Mapping[str, Any]] | None = None,
         model_id: str | None = None,
@@ -794,11 +788,11 @@ class ProductIndex:
         self.config_hash = config_hash
         self.shard_info = shard_info
         self._write_lock = threading.Lock()
-        self._ids = [_validate_product_id(product_id) for product_id in ids]
-        self._position_by_id = _positions_of(self._ids)
+        # A table given here (as `load` does) becomes the index's own: nothing else may append to it.
+        self._id_table = ids if isinstance(ids, ProductIdTable) else ProductIdTable(ids)
         self._metadata = None if metadata is None else [_bounded_metadata(row) for row in metadata]
         dim = embeddings.shape[1] if embeddings.shape[1] else None
-        self._state = _CatalogueState(storage=embeddings, count=len(self._ids), dim=dim)
+        self._state = _CatalogueState(storage=embeddings, count=len(self._id_table), dim=dim)
         self._faiss_searchers: dict[str, _FaissSearcher] = {}
         self._hnsw = _HNSWOptions()
         self._screen: Float16Screen | None = None
@@ -1058,7 +1052,7 @@ class ProductIndex:
     @property
     def ids(self) -> tuple[ProductId, ...]:
         """Product ids in row order."""
-        return tuple(self._ids[: self._state.count])
+        return tuple(self._id_table.ids_in(0, self._state.count))
 
     @property
     def embeddings(self) -> np.ndarray:
@@ -1073,7 +1067,7 @@ class ProductIndex:
 
     def position_of(self, product_id: object) -> int | None:
         """Row of `product_id`, or None when it is not indexed."""
-        position = self._position_by_id.get(product_id)
+        position = self._id_table.position_of(product_id)
         return position if position is not None and position < self._state.count else None
 
     def metadata_for(self, product_id: ProductId) -> dict[str, str | None]:
@@ -1103,7 +1097,7 @@ class ProductIndex:
             >>> scores, ids = index.search(query_embeddings, k=10)  # doctest: +SKIP
         """
         scores, positions = self.search_positions(query_embeddings, k, chunk_size=chunk_size, backend=backend)
-        ids = self._ids
+        ids = self._id_table
         if positions.dim() == 1:
             return scores, [ids[position] if position >= 0 else None for position in positions.tolist()]
         return scores, [[ids[position] if position >= 0 else None for position in row] for row in positions.tolist()]
@@ -1154,12 +1148,15 @@ class ProductIndex:
             >>> index.add(new_vectors, ["sku-new-1", "sku-new-2"], metadata=[{"title": "..."}] * 2)  # doctest: +SKIP
         """
         vectors = _as_float32_matrix(embeddings, "added embeddings")
-        ids = [_validate_product_id(product_id) for product_id in ids]
+        ids = [validated_product_id(product_id) for product_id in ids]
         if len(vectors) != len(ids):
             raise ValueError(f"got {len(vectors)} embeddings for {len(ids)} product ids")
         if metadata is not None and len(metadata) != len(ids):
             raise ValueError(f"got {len(metadata)} metadata rows for {len(ids)} product ids")
         _check_unit_rows(vectors, "added embeddings")
+        # Checked before the ids are appended: an add that fails after that would leave the id table ahead
+        # of the rows.
+        metadata_rows = None if metadata is None else [_bounded_metadata(row) for row in metadata]
         with self._write_lock:
             state = self._state
             if state.dim is not None and vectors.shape[1] != state.dim:
@@ -1167,15 +1164,15 @@ class ProductIndex:
                     f"added embeddings have dimension {vectors.shape[1]} but the index holds dimension {state.dim}"
                 )
             storage = self._storage_with_room(state, len(ids), vectors.shape[1])
-            _register_ids(ids, self._position_by_id, state.count)
-            if metadata is not None and self._metadata is None:
+            # Raises on a duplicate without changing the table. The new ids' positions are state.count
+            # onwards, which `position_of` and `ids` hide until the new state is published.
+            self._id_table.append(ids)
+            if metadata_rows is not None and self._metadata is None:
                 self._metadata = [{} for _ in range(state.count)]
             if self._metadata is not None:
-                rows = metadata if metadata is not None else [None] * len(ids)
-                self._metadata.extend(_bounded_metadata(row) for row in rows)
+                self._metadata.extend(metadata_rows if metadata_rows is not None else [{} for _ in ids])
             # Rows past state.count are invisible to readers of the current state, so filling them is safe.
             storage[state.count : state.count + len(ids)] = vectors
-            self._ids.extend(ids)
             self._state = _CatalogueState(storage, state.count + len(ids), vectors.shape[1])
 
     def _storage_with_room(self, state: _CatalogueState, extra_rows: int, dim: int) -> np.ndarray:
@@ -1240,7 +1237,7 @@ class ProductIndex:
         state = state or self._state
         stop = min(stop, state.count)
         metadata = None if self._metadata is None else self._metadata[start:stop]
-        return state.storage[start:stop], self._ids[start:stop], metadata
+        return state.storage[start:stop], self._id_table.ids_in(start, stop), metadata
 
 
 def _merge_order(shards: Sequence[ProductIndex]) -> tuple[list[ProductIndex], bool]:

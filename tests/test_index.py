@@ -248,6 +248,22 @@ def test_build_from_dataset_and_generator_agree():
     np.testing.assert_array_equal(from_dataset.embeddings, from_generator.embeddings)
 
 
+@pytest.mark.parametrize("count", [0, 1, 23])
+def test_ids_file_is_the_json_dump_of_the_ids_whatever_the_batches(tmp_path, count):
+    # Files written before ids.json was streamed batch by batch must keep loading, with the same checksums.
+    spellings = ["sku-{}", "crème-{}", "{}", '"quoted"\n{}', "日本-{}"]
+    ids = [position if position % 3 == 0 else spellings[position % 5].format(position) for position in range(count)]
+    rows = [{"product_id": product_id, "title": f"product {position}"} for position, product_id in enumerate(ids)]
+    index = ProductIndex.build(rows, embed_titles, batch_size=5, output_dir=tmp_path / "index", show_progress=False)
+    expected = json.dumps(ids, ensure_ascii=False).encode("utf-8")
+    assert (tmp_path / "index" / IDS_FILENAME).read_bytes() == expected
+    recorded = json.loads((tmp_path / "index" / META_FILENAME).read_text())["ids_sha256"]
+    assert recorded == hashlib.sha256(expected).hexdigest()
+    assert list(index.ids) == ids
+    index.save(tmp_path / "saved")
+    assert (tmp_path / "saved" / IDS_FILENAME).read_bytes() == expected
+
+
 def test_build_rejects_bad_rows_and_encoders():
     rows = list(catalogue_rows(10))
     with pytest.raises(DuplicateProductIdError, match=rows[3]["product_id"]):
