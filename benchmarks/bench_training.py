@@ -92,12 +92,11 @@ def _tower_step_flops(
 
 
 def _padded_lengths(model, attention_mask: torch.Tensor) -> list[int]:
-    """The length each row is padded to in our towers: its group's longest row (see `length_groups`)."""
+    """The width each row is padded to in our towers: its group's (see `length_groups`)."""
     padded = [0] * attention_mask.shape[0]
-    for rows in model._text_length_groups(attention_mask.cpu()):
-        longest = int(attention_mask[rows].sum(dim=1).max())
+    for rows, width in model._text_length_groups(attention_mask):
         for row in rows:
-            padded[row] = longest
+            padded[row] = width
     return padded
 
 

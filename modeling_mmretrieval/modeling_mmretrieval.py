@@ -77,6 +77,9 @@ def _repoint_layers(module: nn.Module, previous: PreTrainedConfig, config: PreTr
 # CPU a call's fixed cost (dispatch, small matrix products) is about that of a few dozen tokens; GPUs are
 # launch-bound at these sizes, so batches are only split on the CPU.
 LENGTH_GROUP_CALL_COST_TOKENS = 64
+# Group widths round up to a multiple of this, as the processor pads its batches (`pad_to_multiple_of`), so
+# that few distinct input shapes reach the towers.
+LENGTH_GROUP_WIDTH_MULTIPLE = 8
 
 
 def length_groups(lengths: Sequence[int], call_cost_tokens: int = LENGTH_GROUP_CALL_COST_TOKENS) -> list[list[int]]:
@@ -270,8 +273,8 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init_value)))
         self.logit_scale.requires_grad_(config.learn_logit_scale)
         self.loss_function_module = NTXentLoss()
-        # On the CPU, text batches run through the towers in groups of similar length, so little compute
-        # goes to padding (`length_groups`); results are the same either way. Set False to run each batch whole.
+        # Training on the CPU, text batches run through the towers in groups of similar length, so little
+        # compute goes to padding (`length_groups`); results are the same either way. False runs batches whole.
         self.group_text_by_length = True
         self.post_init()
         self._freeze_image_towers()
@@ -363,24 +366,31 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             pooled = self._pool_text(tower, input_ids, attention_mask, token_type_ids)
         else:
             parts = []
-            for rows in groups:
+            for rows, width in groups:
                 rows = torch.tensor(rows, device=input_ids.device)
-                length = int(attention_mask[rows[0]].sum())
-                types = None if token_type_ids is None else token_type_ids[rows, :length]
-                parts.append(self._pool_text(tower, input_ids[rows, :length], attention_mask[rows, :length], types))
-            order = torch.tensor([row for rows in groups for row in rows], device=input_ids.device)
+                types = None if token_type_ids is None else token_type_ids[rows, :width]
+                parts.append(self._pool_text(tower, input_ids[rows, :width], attention_mask[rows, :width], types))
+            order = torch.tensor([row for rows, _ in groups for row in rows], device=input_ids.device)
             pooled = torch.cat(parts)[torch.argsort(order)]
         return projection(pooled) if projection is not None else pooled
 
-    def _text_length_groups(self, attention_mask: torch.Tensor) -> list[list[int]]:
-        """Rows of a text batch grouped by length (`length_groups`), on the CPU and when
-        `self.group_text_by_length`; one group of every row otherwise."""
-        rows = list(range(attention_mask.shape[0]))
-        if not self.group_text_by_length or attention_mask.device.type != "cpu" or len(rows) < 2:
-            return [rows]
+    def _text_length_groups(self, attention_mask: torch.Tensor) -> list[tuple[list[int], int]]:
+        """`(rows, width)` groups of a text batch by length (`length_groups`, widths rounded up to
+        `LENGTH_GROUP_WIDTH_MULTIPLE`) when training on the CPU with `self.group_text_by_length`; one group
+        of every row at the batch's width otherwise.
+
+        Only training: its batches are random in length, while index builds sort their rows by length
+        already, and inference would gain little from splitting but would multiply the input shapes whose
+        kernels torch's CPU backend caches (each cached kernel pins heap memory).
+        """
+        rows, width = list(range(attention_mask.shape[0])), attention_mask.shape[1]
+        if not (self.group_text_by_length and self.training) or attention_mask.device.type != "cpu" or len(rows) < 2:
+            return [(rows, width)]
         if not _right_padded(attention_mask):  # left padding: rows cannot be cut to their length
-            return [rows]
-        return length_groups(attention_mask.sum(dim=1).tolist())
+            return [(rows, width)]
+        multiple = LENGTH_GROUP_WIDTH_MULTIPLE
+        widths = [min(width, -(-length // multiple) * multiple) for length in attention_mask.sum(dim=1).tolist()]
+        return [(group, widths[group[0]]) for group in length_groups(widths)]
 
     def _pool_text(
         self,

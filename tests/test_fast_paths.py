@@ -274,6 +274,9 @@ def test_length_groups_are_the_cheapest_split(seed):
 
 def test_grouped_text_batches_give_the_embeddings_and_gradients_of_whole_batches(tokenizer, catalogue):
     model = tiny_text_model(tokenizer)
+    model.text_model.config.hidden_dropout_prob = model.text_model.config.attention_probs_dropout_prob = 0.0
+    model.text_model = type(model.text_model)(model.text_model.config)  # no dropout: both runs see one network
+    model.train()  # length groups are a training fast path
     processor = MultimodalRetrievalProcessor(tokenizer, max_product_length=96)
     rows = make_training_pairs(catalogue.select(range(12)), seed=0).to_list()
     for row in rows[::3]:
@@ -303,13 +306,22 @@ def test_grouped_text_batches_give_the_embeddings_and_gradients_of_whole_batches
         torch.testing.assert_close(grouped_grads[name], whole_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_left_padded_batches_run_whole(tokenizer):
-    model = tiny_text_model(tokenizer)
-    tokenizer = AutoTokenizer.from_pretrained(get_minilm_path(), padding_side="left")
-    texts = ["red cotton kurta for women with mirror work on the yoke", "black shoes", "watch"]
-    inputs = tokenizer(texts, padding=True, return_tensors="pt")
-    calls = tower_examples({"text": model.text_model}, lambda: model.get_query_embeddings(**inputs))["text"]
-    assert calls == (3, 1)
+def test_text_batches_run_whole_when_left_padded_or_not_training(tokenizer):
+    model = tiny_text_model(tokenizer).train()
+    long_text = "red cotton kurta for women with mirror work on the yoke, side slits and three-quarter sleeves. " * 4
+    texts = [long_text, "black shoes", "watch"]
+
+    def tower_calls(inputs):
+        return tower_examples({"text": model.text_model}, lambda: model.get_query_embeddings(**inputs))["text"]
+
+    right_padded = tokenizer(texts, padding=True, return_tensors="pt")
+    assert tower_calls(right_padded) == (3, 2)  # the long text alone, the two short ones together
+    left_padded = AutoTokenizer.from_pretrained(get_minilm_path(), padding_side="left")(
+        texts, padding=True, return_tensors="pt"
+    )
+    assert tower_calls(left_padded) == (3, 1)
+    model.eval()
+    assert tower_calls(right_padded) == (3, 1)
 
 
 def cpu_bf16_works() -> bool:

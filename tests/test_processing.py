@@ -131,3 +131,35 @@ def test_from_towers_pretrained_follows_the_model_config(tmp_path):
     processor = MultimodalRetrievalProcessor.from_towers_pretrained(minilm, config=config)
     assert processor.max_query_length == 10 and processor.product_text_fields == ["title"]
     assert processor.image_processor is None and processor.dual_tokenizer is None
+
+
+def test_batches_are_widened_to_a_multiple_of_eight_within_the_truncation_length(minilm_tokenizer, clip_tokenizer):
+    queries = ["red shoes", "navy blue slim fit stretchable jeans for men with five pockets, a zip fly and a mid rise waist"]
+    processor = MultimodalRetrievalProcessor(
+        minilm_tokenizer, dual_tokenizer=clip_tokenizer, max_query_length=20, max_dual_length=13
+    )
+    short = processor.encode_queries(queries[:1])
+    assert short["input_ids"].shape[1] == 8 and short["attention_mask"][0].tolist() == [1] * 4 + [0] * 4
+    assert short["input_ids"][0, 4:].tolist() == [minilm_tokenizer.pad_token_id] * 4
+    both = processor.encode_queries(queries)
+    # 20 and 13 are the truncation lengths: a width past them would overrun a tower's positions (CLIP: 77).
+    assert both["input_ids"].shape[1] == 20 and both["dual_input_ids"].shape[1] == 13
+    unwidened = MultimodalRetrievalProcessor(minilm_tokenizer, pad_to_multiple_of=None).encode_queries(queries[:1])
+    assert unwidened["input_ids"].shape[1] == 4
+
+    config = make_config("text_only")
+    config.text_config.vocab_size = minilm_tokenizer.vocab_size
+    model = MultimodalRetrievalModel(config).eval()
+    with torch.no_grad():  # the extra columns are padding: masked out, the embedding is the same
+        torch.testing.assert_close(model.get_query_embeddings(**short), model.get_query_embeddings(**unwidened))
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        MultimodalRetrievalProcessor(minilm_tokenizer, pad_to_multiple_of=0)
+
+
+def test_pad_to_multiple_of_round_trips(minilm_tokenizer, tmp_path):
+    MultimodalRetrievalProcessor(minilm_tokenizer, pad_to_multiple_of=16).save_pretrained(tmp_path)
+    assert MultimodalRetrievalProcessor.from_pretrained(tmp_path).pad_to_multiple_of == 16
+    settings = json.loads((tmp_path / "processor_config.json").read_text())
+    del settings["pad_to_multiple_of"]  # a processor saved before the option existed
+    (tmp_path / "processor_config.json").write_text(json.dumps(settings))
+    assert MultimodalRetrievalProcessor.from_pretrained(tmp_path).pad_to_multiple_of == 8
