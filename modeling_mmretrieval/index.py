@@ -675,7 +675,16 @@ def _read_metadata(directory: Path, meta: dict) -> list | None:
         lines.pop()
     if len(lines) != meta["count"]:
         raise IndexIntegrityError(f"{path} has {len(lines)} rows but the index has count={meta['count']}")
-    return [json.loads(line) for line in lines]
+    rows = []
+    for number, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise IndexIntegrityError(f"{path} row {number} is not valid JSON: {error}") from error
+        if not isinstance(row, dict):
+            raise IndexIntegrityError(f"{path} row {number} is not a JSON object")
+        rows.append(row)
+    return rows
 
 
 def _read_index_directory(
@@ -932,18 +941,15 @@ class ProductIndex:
 
     @classmethod
     def _from_files(cls, files: _IndexFiles, backend: str = "exact") -> ProductIndex:
-        try:
-            return cls(
-                files.embeddings,
-                files.ids,
-                metadata=files.metadata,
-                model_id=files.meta["model_id"],
-                config_hash=files.meta["config_hash"],
-                shard_info=files.meta.get("shard"),
-                backend=backend,
-            )
-        except (DuplicateProductIdError, TypeError) as error:
-            raise IndexIntegrityError(f"{IDS_FILENAME} holds invalid product ids: {error}") from error
+        return cls(
+            files.embeddings,
+            files.ids,
+            metadata=files.metadata,
+            model_id=files.meta["model_id"],
+            config_hash=files.meta["config_hash"],
+            shard_info=files.meta.get("shard"),
+            backend=backend,
+        )
 
     @classmethod
     def merge(

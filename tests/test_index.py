@@ -407,6 +407,23 @@ def test_load_detects_edited_ids(saved_index):
         ProductIndex.load(saved_index)
 
 
+@pytest.mark.parametrize("bad_row", ['["Nike Men Black Running Shoes"]', '{"title": "Nike'])
+def test_load_names_the_metadata_file_for_rows_that_are_not_json_objects(tmp_path, bad_row):
+    # Checksums catch edits; this is a file whose checksum was recomputed by whoever wrote the bad row.
+    directory = tmp_path / "index"
+    ProductIndex.build(catalogue_rows(5), embed_titles, output_dir=directory, show_progress=False,
+                       metadata_columns=("title",))
+    path = directory / "metadata.jsonl"
+    lines = path.read_text(encoding="utf-8").split("\n")
+    lines[2] = bad_row
+    path.write_text("\n".join(lines), encoding="utf-8")
+    meta = json.loads((directory / META_FILENAME).read_text())
+    meta["metadata_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (directory / META_FILENAME).write_text(json.dumps(meta))
+    with pytest.raises(IndexIntegrityError, match="metadata.jsonl row 2"):
+        ProductIndex.load(directory)
+
+
 def test_load_detects_inconsistent_or_missing_meta(saved_index):
     meta_path = saved_index / META_FILENAME
     meta = json.loads(meta_path.read_text())
