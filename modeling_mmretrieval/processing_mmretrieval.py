@@ -114,9 +114,9 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
             the reference) instead of calling `image_processor` itself.
         pad_to_multiple_of (`int` or `None`): batches are padded to their longest text, then widened to a
             multiple of this (at most the truncation length). Few distinct widths keep the kernels torch's CPU
-            backend caches per input shape, and the heap memory each one pins, few: indexing a catalogue with
-            every width from 1 to 128 grows a MiniLM process by about 1 GB, by about 90 MB at multiples of 8.
-            `None` pads to the longest text only.
+            backend caches per input shape, and the heap memory each one pins, few: running MiniLM over every
+            width from 1 to 128 grows a process by about 1.2 GB, by about 0.2 GB at multiples of 8
+            (`benchmarks/shape_cache_memory.py`). `None` pads to the longest text only.
 
     Images are PIL images or `None`; `None` marks an image-less product (`image_mask` False, and the image
     tower never sees the zero placeholder left in `pixel_values`).
