@@ -8,10 +8,9 @@ Batch 64 is a matrix product plus top-k selection, compared with faiss `IndexFla
 inner-product search) at the same number of threads.
 """
 
-import time
-
 import gc
 import statistics
+import time
 
 import numpy as np
 import torch

@@ -627,7 +627,7 @@ def _check_embeddings_size(directory: Path, meta: dict) -> None:
 
 
 def _read_embeddings(directory: Path, meta: dict, *, mmap: bool, verify_checksums: bool) -> np.ndarray:
-    _check_embeddings_size(directory, meta)
+    """The embedding matrix of a directory whose file size `_check_embeddings_size` has accepted."""
     path = directory / EMBEDDINGS_FILENAME
     shape = (meta["count"], meta["dim"] or 0)
     if shape[0] * shape[1] == 0:
@@ -1220,7 +1220,7 @@ class ProductIndex:
                 self._screening_failure = str(error)
                 logger.warning("exact search continues without float16 screening: %s", error)
                 return None
-            if self.screening is False:  # switched off while the copy was made
+            if self.screening is False:  # switched off after `_screens` said yes, before this thread got the lock
                 return None
             self._screen = screen
         return screen

@@ -93,12 +93,18 @@ def length_groups(lengths: Sequence[int], call_cost_tokens: int = LENGTH_GROUP_C
         >>> length_groups([128, 12, 126, 10, 127, 11], call_cost_tokens=16)
         [[0, 4, 2], [1, 5, 3]]
     """
+    if not lengths:
+        return []
     order = sorted(range(len(lengths)), key=lambda row: -lengths[row])
     sorted_lengths = [lengths[row] for row in order]
-    # best[j]: the cheapest split of the j longest rows; start[j]: where its last group begins.
-    best, start = [0] + [math.inf] * len(order), [0] * (len(order) + 1)
-    for end in range(1, len(order) + 1):
-        for first in range(end):
+    # Groups only need to start where the length changes: splitting rows of equal length adds a call and
+    # saves no padding. That keeps the search to (distinct lengths)^2 steps, however large the batch.
+    starts = [row for row in range(len(order)) if row == 0 or sorted_lengths[row] != sorted_lengths[row - 1]]
+    # best[j]: the cheapest split of the j longest rows (j a group boundary); start[j]: where its last group begins.
+    best, start = {0: 0}, {}
+    for end in [*starts[1:], len(order)]:
+        best[end] = math.inf
+        for first in (row for row in starts if row < end):
             cost = best[first] + (end - first) * sorted_lengths[first] + call_cost_tokens
             if cost < best[end]:
                 best[end], start[end] = cost, first
