@@ -3,8 +3,10 @@ in docs/performance.md.
 
 On the training case's batch (32 attribute-derived pairs of the real catalogue, offline MiniLM) it prints
 the text tokens the step computes against the texts' real tokens, the step time with the towers' dropout
-as configured and switched off (interleaved, so both see the same machine), and the share of the step's
-CPU time in the heaviest operators (torch.profiler):
+masks gap-sampled (the default), drawn by torch, and with dropout switched off (interleaved, so all see the
+same machine), the share of the default step's CPU time in the heaviest operators (torch.profiler), and
+one attention layer of the product batch (forward and backward) with torch's sdpa with and without
+dropout and with gap-sampled dropout:
 
     python benchmarks/profile_training_step.py              # about 1 minute on 2 cores
 """
@@ -16,10 +18,14 @@ import torch
 from bench_training import BATCH_SIZE, _optimizer_step, _our_batch, _padded_lengths, training_rows
 from measure import measure_interleaved
 from towers import Towers
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from modeling_mmretrieval.data import load_catalogue
+from modeling_mmretrieval.gap_sampled_dropout import GAP_SAMPLED_SDPA
 
 TOP_OPERATORS = 6
+DEFAULT = "gap-sampled dropout masks"
+DEFAULT_AND_VARIANTS = (DEFAULT, "torch dropout masks", "dropout off")
 
 
 class _Settings:
@@ -51,14 +57,14 @@ def main() -> None:
     rows = training_rows(settings, BATCH_SIZE)
     processor = towers.processor("text_only")
 
-    models = {"dropout as configured": towers.retrieval_model("text_only").train()}
-    models["dropout off"] = towers.retrieval_model("text_only").train()
+    models = {name: towers.retrieval_model("text_only").train() for name in DEFAULT_AND_VARIANTS}
+    models["torch dropout masks"].use_gap_sampled_dropout(False)
     _without_dropout(models["dropout off"])
-    batch, _ = _our_batch(models["dropout as configured"], processor, rows, settings.device)
+    batch, _ = _our_batch(models[DEFAULT], processor, rows, settings.device)
 
     for side in ("query", "product"):
         mask = batch[f"{side}_attention_mask"]
-        computed = sum(_padded_lengths(models["dropout as configured"], mask))
+        computed = sum(_padded_lengths(models[DEFAULT], mask))
         print(f"{side} tokens: {int(mask.sum()):,} real, {computed:,} computed in length groups, "
               f"{mask.numel():,} at the batch's width")
 
@@ -71,12 +77,38 @@ def main() -> None:
         print(f"step, {name}: {sample.median_s:.2f} s (median of {args.repeats})")
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-        steps["dropout as configured"](batch)
+        steps[DEFAULT](batch)
     events = profiler.key_averages()
     total = sum(event.self_cpu_time_total for event in events)
     print("share of the step's CPU time:")
     for event in sorted(events, key=lambda event: -event.self_cpu_time_total)[:TOP_OPERATORS]:
         print(f"  {event.key:28s} {100 * event.self_cpu_time_total / total:5.1f}%")
+    _time_one_attention_layer(models[DEFAULT], batch, args.repeats, settings.device)
+
+
+def _time_one_attention_layer(model, batch: dict, repeats: int, device: torch.device) -> None:
+    """Forward and backward of one attention layer at the product batch's width, by implementation."""
+    config = model.config.text_config
+    heads, mask = config.num_attention_heads, batch["product_attention_mask"].bool()
+    shape = (mask.shape[0], heads, mask.shape[1], config.hidden_size // heads)
+    query, key, value = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    allowed = mask[:, None, None, :]
+    layer = model.text_model.encoder.layer[0].attention.self
+    dropout = config.attention_probs_dropout_prob
+
+    def forward_backward(implementation: str, p: float):
+        def run():
+            output, _ = ALL_ATTENTION_FUNCTIONS[implementation](layer, query, key, value, allowed, dropout=p)
+            output.sum().backward()
+        return run
+
+    variants = {f"torch sdpa, dropout {dropout}": forward_backward("sdpa", dropout),
+                "torch sdpa, no dropout": forward_backward("sdpa", 0.0),
+                f"gap-sampled, dropout {dropout}": forward_backward(GAP_SAMPLED_SDPA, dropout)}
+    samples = measure_interleaved(variants, repeats, device)
+    print(f"one attention layer {tuple(shape)}, forward + backward:")
+    for name, sample in samples.items():
+        print(f"  {name:28s} {1e3 * sample.median_s:6.1f} ms")
 
 
 if __name__ == "__main__":

@@ -63,15 +63,21 @@ def _format_rate(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
+def _gpu_peak(row: dict) -> str:
+    return f"{row['gpu_peak_mib']:,.0f}M" if row.get("gpu_peak_mib") else "-"
+
+
 def format_report(report: dict) -> str:
     """The human-readable table of a results dictionary."""
-    lines = [f"{'case':<14}{'variant':<58}{'median':>12} {'unit':<11}{'spread':>8}{'peak RSS':>11}{'growth':>10}"]
+    on_gpu = any(row.get("gpu_peak_mib") for row in report["rows"])
+    lines = [f"{'case':<14}{'variant':<58}{'median':>12} {'unit':<11}{'spread':>8}{'peak RSS':>11}{'growth':>10}"
+             + (f"{'GPU peak':>10}" if on_gpu else "")]
     for row in report["rows"]:
         peak = f"{row['peak_rss_mib']:,.0f}M" if row["peak_rss_mib"] else "-"
         growth = f"+{row['rss_growth_mib']:,.0f}M" if row["rss_growth_mib"] is not None else "-"
         lines.append(
             f"{row['case']:<14}{row['variant']:<58}{_format_rate(row['value']):>12} {row['unit']:<11}"
-            f"{row['spread_pct']:>7.1f}%{peak:>11}{growth:>10}"
+            f"{row['spread_pct']:>7.1f}%{peak:>11}{growth:>10}" + (f"{_gpu_peak(row):>10}" if on_gpu else "")
         )
     lines.append("\nTargets (ratios measured side by side in this run)")
     for target in report["targets"]:
@@ -96,12 +102,15 @@ def format_report(report: dict) -> str:
 
 def format_markdown(report: dict) -> str:
     """The rows and targets of a results dictionary as markdown tables, for docs/performance.md."""
-    lines = ["| case | variant | median | unit | spread | peak RSS | growth |", "|---|---|---|---|---|---|---|"]
+    on_gpu = any(row.get("gpu_peak_mib") for row in report["rows"])
+    lines = ["| case | variant | median | unit | spread | peak RSS | growth |" + (" GPU peak |" if on_gpu else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if on_gpu else "")]
     for row in report["rows"]:
         peak = f"{row['peak_rss_mib']:,.0f} MiB" if row["peak_rss_mib"] else "–"
         growth = f"+{row['rss_growth_mib']:,.0f} MiB" if row["rss_growth_mib"] is not None else "–"
+        gpu_peak = f" {row['gpu_peak_mib']:,.0f} MiB |" if row.get("gpu_peak_mib") else " – |"
         lines.append(f"| {row['case']} | {row['variant']} | {_format_rate(row['value'])} | {row['unit']} | "
-                     f"{row['spread_pct']:.0f}% | {peak} | {growth} |")
+                     f"{row['spread_pct']:.0f}% | {peak} | {growth} |" + (gpu_peak if on_gpu else ""))
     lines += ["", "| target | measured | required | status | detail |", "|---|---|---|---|---|"]
     for target in report["targets"]:
         status = "met" if target["met"] else "MISS"
@@ -153,7 +162,35 @@ def main(argv: list[str] | None = None) -> int:
         read_gbps=read_samples.rate(read_bytes) / 1e9,
     )
 
+    def report_so_far(matmul_end=None) -> dict:
+        matmul_seconds = matmul_start.seconds + (matmul_end.seconds if matmul_end is not None else [])
+        return {
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "complete": matmul_end is not None,
+            "settings": {"quick": args.quick, "towers": args.towers, "device": args.device, "dtype": args.dtype,
+                         "threads": args.threads, "repeats": args.repeats, "cases": args.cases,
+                         "tower_weights": "random stand-ins" if ctx.towers.stand_in_weights else "as loaded"},
+            "machine": machine_description(device, args.threads),
+            "machine_rates": {
+                "matmul_gflops": flops / statistics.median(matmul_seconds) / 1e9,
+                "matmul_gflops_start": matmul_start.rate(flops) / 1e9,
+                "matmul_gflops_end": (matmul_end or matmul_start).rate(flops) / 1e9,
+                "matmul_size": matmul_size,
+                "copy_gbps": ctx.copy_gbps,
+                "read_gbps": ctx.read_gbps,
+            },
+            "rows": [asdict(row) for row in results.rows],
+            "targets": [{**asdict(target), "met": target.met} for target in results.targets],
+            "checks": [asdict(check) for check in results.checks],
+            "notes": results.notes + (["offline towers carry random stand-in weights (benchmarks/stand_in_towers.py): "
+                                       "rates and memory hold, quality figures do not"]
+                                      if ctx.towers.stand_in_weights else []),
+            "elapsed_s": time.perf_counter() - started,
+        }
+
     results = CaseResult()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     for case in args.cases:
         case_started = time.perf_counter()
         print(f"[{time.perf_counter() - started:6.0f}s] {case} ...", file=sys.stderr, flush=True)
@@ -164,31 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             results.checks.append(Check(f"{case}: ran to completion", False, f"{type(error).__name__}: {error}"))
         print(f"[{time.perf_counter() - started:6.0f}s] {case} done in {time.perf_counter() - case_started:.0f}s",
               file=sys.stderr, flush=True)
+        # Written after every case, so a run stopped part-way (a timeout, Ctrl-C) keeps what it measured.
+        args.output.write_text(json.dumps(report_so_far(), indent=2, default=str), encoding="utf-8")
 
-    matmul_end = matmul_gflops(device, matmul_size, repeats=5)
-    matmul_seconds = matmul_start.seconds + matmul_end.seconds
-    report = {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "settings": {"quick": args.quick, "towers": args.towers, "device": args.device, "dtype": args.dtype,
-                     "threads": args.threads, "repeats": args.repeats, "cases": args.cases},
-        "machine": machine_description(device, args.threads),
-        "machine_rates": {
-            "matmul_gflops": flops / statistics.median(matmul_seconds) / 1e9,
-            "matmul_gflops_start": matmul_start.rate(flops) / 1e9,
-            "matmul_gflops_end": matmul_end.rate(flops) / 1e9,
-            "matmul_size": matmul_size,
-            "copy_gbps": ctx.copy_gbps,
-            "read_gbps": ctx.read_gbps,
-        },
-        "rows": [asdict(row) for row in results.rows],
-        "targets": [{**asdict(target), "met": target.met} for target in results.targets],
-        "checks": [asdict(check) for check in results.checks],
-        "notes": results.notes,
-        "elapsed_s": time.perf_counter() - started,
-    }
+    report = report_so_far(matmul_end=matmul_gflops(device, matmul_size, repeats=5))
     print(format_report(report))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     print(f"results written to {args.output}", file=sys.stderr)
     if args.markdown:

@@ -23,6 +23,8 @@ from transformers import (
     VisionTextDualEncoderModel,
 )
 
+from stand_in_towers import is_stand_in
+
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
 from modeling_mmretrieval.offline_towers import get_dinov2_small_path, get_minilm_path
 
@@ -53,6 +55,7 @@ class Towers:
     tokenizer: object
     image_processor: object
     seed: int = 0
+    stand_in_weights: bool = False  # offline towers with random weights (benchmarks/stand_in_towers.py)
 
     @classmethod
     def load(cls, kind: str) -> "Towers":
@@ -60,7 +63,8 @@ class Towers:
             raise ValueError(f"towers must be one of {TOWER_KINDS}, got {kind!r}")
         tokenizer = AutoTokenizer.from_pretrained(get_minilm_path())
         image_processor = AutoImageProcessor.from_pretrained(get_dinov2_small_path())
-        return cls(kind, tokenizer, image_processor)
+        stand_in = kind == "offline" and (is_stand_in(get_minilm_path()) or is_stand_in(get_dinov2_small_path()))
+        return cls(kind, tokenizer, image_processor, stand_in_weights=stand_in)
 
     @property
     def image_size(self) -> int:

@@ -567,6 +567,9 @@ def main(argv=None) -> dict:
     set_seed(args.seed)
 
     model, processor, towers, image_size = build_model_and_processor(args)
+    # On the accelerator before the frozen image features are cached: `accelerator.prepare` moves it only later,
+    # and caching then ran the image tower on the CPU (16 s instead of 2 s for 2,800 products on an H100 machine).
+    model.to(accelerator.device)
     columns = CatalogueColumns(
         product_id=args.product_id_column, title=args.title_column, description=args.description_column,
         image=args.image_column, query=args.query_column,

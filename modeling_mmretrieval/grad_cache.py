@@ -110,7 +110,9 @@ class RandomStateSnapshot:
 
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
-        with torch.random.fork_rng(devices=self.device_indices, device_type=self.device_type):
+        # torch before 2.13 rejects device_type=None; left out, it only forks the CPU state for `devices=[]`.
+        accelerator = {"device_type": self.device_type} if self.device_type else {}
+        with torch.random.fork_rng(devices=self.device_indices, **accelerator):
             torch.set_rng_state(self.cpu_state)
             if self.device_type:
                 device_module = torch.get_device_module(self.device_type)

@@ -19,6 +19,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_mmretrieval import MultimodalRetrievalConfig
+from .gap_sampled_dropout import use_gap_sampled_dropout
 from .losses import NTXentLoss
 
 
@@ -113,6 +114,15 @@ def length_groups(lengths: Sequence[int], call_cost_tokens: int = LENGTH_GROUP_C
         groups.append(order[start[end] : end])
         end = start[end]
     return groups[::-1]
+
+
+# Towers whose embedding layer treats `inputs_embeds` exactly as the lookup of `input_ids` (positions included):
+# RoBERTa-style towers, for one, number positions from the ids' padding, but not from embeddings.
+EMBEDS_LIKE_INPUT_IDS_MODEL_TYPES = ("bert",)
+
+
+def _embeds_like_input_ids(tower: PreTrainedModel) -> bool:
+    return getattr(tower.config, "model_type", None) in EMBEDS_LIKE_INPUT_IDS_MODEL_TYPES
 
 
 def _right_padded(attention_mask: torch.Tensor) -> bool:
@@ -284,6 +294,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         self.group_text_by_length = True
         self.post_init()
         self._freeze_image_towers()
+        self.use_gap_sampled_dropout(True)
 
     def _adopt_tower(self, tower: PreTrainedModel | None, config_key: str) -> PreTrainedModel:
         sub_config = getattr(self.config, config_key)
@@ -298,6 +309,31 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             # it cannot leave DDP waiting for gradients that never come.
             tower.pooler.requires_grad_(False)
         return tower
+
+    def use_gap_sampled_dropout(self, enabled: bool = True) -> None:
+        """Draws the towers' dropout masks in CPU training from about `p * n` random numbers instead of `n`.
+
+        On by default. Masks keep their distribution (independent, each element dropped with the configured
+        probability), so training is the same in law; only the random stream differs. It replaces the towers'
+        `nn.Dropout` layers by `GapSampledDropout` and their `sdpa` attention by `GAP_SAMPLED_SDPA`, which
+        both behave exactly as before in eval mode and on GPUs (see `gap_sampled_dropout.py`). `False`
+        restores plain `nn.Dropout` and `sdpa`.
+
+        Example:
+
+        ```python
+        >>> model.use_gap_sampled_dropout(False)  # e.g. to compare against torch's own dropout masks
+        ```
+        """
+        self._gap_sampled_dropout = enabled
+        for tower in (self.text_model, self.product_text_model, self.dual_encoder, self.vision_model):
+            if tower is not None:
+                use_gap_sampled_dropout(tower, enabled)
+
+    def set_attn_implementation(self, attn_implementation, **kwargs):
+        """`PreTrainedModel.set_attn_implementation`, keeping gap-sampled dropout on towers set to `sdpa`."""
+        super().set_attn_implementation(attn_implementation, **kwargs)
+        self.use_gap_sampled_dropout(self._gap_sampled_dropout)
 
     def _freeze_image_towers(self):
         if not self.config.freeze_image_towers or self.image_tower is None:
@@ -369,13 +405,20 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         groups = self._text_length_groups(attention_mask)
         if len(groups) == 1:
-            pooled = self._pool_text(tower, input_ids, attention_mask, token_type_ids)
+            pooled = self._pool_text(tower, {"input_ids": input_ids}, attention_mask, token_type_ids)
         else:
+            # One lookup for the batch: each tower call's own would build, in backward, a dense gradient of the
+            # whole vocabulary-by-hidden table (47 MB for MiniLM) to zero, fill and add up.
+            embeds = tower.get_input_embeddings()(input_ids) if _embeds_like_input_ids(tower) else None
             parts = []
             for rows, width in groups:
                 rows = torch.tensor(rows, device=input_ids.device)
                 types = None if token_type_ids is None else token_type_ids[rows, :width]
-                parts.append(self._pool_text(tower, input_ids[rows, :width], attention_mask[rows, :width], types))
+                if embeds is not None:
+                    inputs = {"inputs_embeds": embeds[rows, :width]}
+                else:
+                    inputs = {"input_ids": input_ids[rows, :width]}
+                parts.append(self._pool_text(tower, inputs, attention_mask[rows, :width], types))
             order = torch.tensor([row for rows, _ in groups for row in rows], device=input_ids.device)
             pooled = torch.cat(parts)[torch.argsort(order)]
         return projection(pooled) if projection is not None else pooled
@@ -401,11 +444,12 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
     def _pool_text(
         self,
         tower: PreTrainedModel,
-        input_ids: torch.Tensor,
+        token_inputs: dict[str, torch.Tensor],
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None,
     ) -> torch.Tensor:
-        tower_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        """Pooled token states of `token_inputs` (`input_ids`, or `inputs_embeds` looked up from them)."""
+        tower_inputs = {**token_inputs, "attention_mask": attention_mask}
         if token_type_ids is not None:
             tower_inputs["token_type_ids"] = token_type_ids
         hidden_states = tower(**tower_inputs).last_hidden_state

@@ -170,7 +170,8 @@ def tower_examples(towers: dict, run) -> dict[str, int]:
     counts = {name: [0, 0] for name in towers}
 
     def count(name, kwargs):
-        counts[name][0] += kwargs.get("input_ids", kwargs.get("pixel_values")).shape[0]
+        inputs = next(kwargs[key] for key in ("input_ids", "inputs_embeds", "pixel_values") if kwargs.get(key) is not None)
+        counts[name][0] += inputs.shape[0]
         counts[name][1] += 1
 
     hooks = [

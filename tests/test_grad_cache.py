@@ -236,6 +236,22 @@ def test_random_state_snapshot_replays_without_disturbing_the_outer_stream():
     assert torch.equal(torch.rand(3), following)
 
 
+def test_random_state_snapshot_works_with_torch_releases_that_reject_a_none_device_type(monkeypatch):
+    # torch 2.11 (seen on a CUDA machine) raises on fork_rng(device_type=None); 2.13 accepts it.
+    fork_rng = torch.random.fork_rng
+
+    def strict_fork_rng(*args, device_type="cuda", **kwargs):
+        torch.device(device_type)  # what torch 2.11 does first: TypeError for None
+        return fork_rng(*args, device_type=device_type, **kwargs)
+
+    monkeypatch.setattr(torch.random, "fork_rng", strict_fork_rng)
+    torch.manual_seed(5)
+    snapshot = RandomStateSnapshot([torch.zeros(1)])
+    first = torch.rand(3)
+    with snapshot.replay():
+        assert torch.equal(torch.rand(3), first)
+
+
 def test_split_and_chunk_inputs():
     config = make_config("4tower-mlp")
     batch = make_batch(config, num_pairs=5, num_negatives=1)

@@ -33,6 +33,7 @@ from modeling_mmretrieval.training_utils import (
     TRAINER_STATE_NAME,
     EpochSeededSampler,
     NonFiniteLossError,
+    check_cached_image_features,
     checkpoint_problem,
     find_latest_checkpoint,
     format_results_table,
@@ -253,6 +254,23 @@ def test_cached_image_features_give_the_same_loss_as_recomputing(assets):
     set_image_tower_frozen(model, False)
     with pytest.raises(ValueError, match="frozen image tower"):
         precompute_image_features(model, processor, catalogue, show_progress=False)
+
+
+def test_cached_image_features_are_checked_against_a_recomputation(assets):
+    model = MultimodalRetrievalModel.from_towers_pretrained(str(assets["text"]), str(assets["vision"]))
+    processor = MultimodalRetrievalProcessor.from_towers_pretrained(str(assets["text"]), str(assets["vision"]),
+                                                                    config=model.config)
+    catalogue = load_catalogue(assets["data"], split="train").select(range(24))
+    cache = precompute_image_features(model, processor, catalogue, batch_size=16, show_progress=False)
+    sample = catalogue.select(range(8)).to_list()
+    # Another batch size, same frozen tower: float noise only, within the CPU default of 1e-4.
+    assert check_cached_image_features(model, processor, sample, cache) <= 1e-4
+
+    stale = dict(cache)
+    stale[str(sample[3]["product_id"])] = cache[str(sample[3]["product_id"])] + 0.05
+    with pytest.raises(ValueError, match="differ from recomputed"):
+        check_cached_image_features(model, processor, sample, stale)
+    assert check_cached_image_features(model, processor, sample, stale, tolerance=0.1) == pytest.approx(0.05, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
