@@ -79,6 +79,15 @@ def bernoulli_keep_mask(
     return mask.view(shape)
 
 
+def _zero_where_dropped(inputs: torch.Tensor, drop_probability: float) -> torch.Tensor:
+    """`inputs` with a gap-sampled share of its elements zeroed (not rescaled).
+
+    One `torch.where` pass forward and one backward; `masked_fill` costs a copy and a fill each way. Its
+    output is fresh and its backward needs only the mask, so callers may scale it in place.
+    """
+    return torch.where(bernoulli_keep_mask(inputs.shape, drop_probability), inputs, inputs.new_zeros(()))
+
+
 def gap_sampled_dropout(inputs: torch.Tensor, drop_probability: float, training: bool = True) -> torch.Tensor:
     """`nn.functional.dropout`, with the mask drawn by `bernoulli_keep_mask` for CPU tensors.
 
@@ -97,9 +106,7 @@ def gap_sampled_dropout(inputs: torch.Tensor, drop_probability: float, training:
         return nn.functional.dropout(inputs, drop_probability, training=True)
     if drop_probability == 1.0:
         return inputs * 0.0
-    dropped = ~bernoulli_keep_mask(inputs.shape, drop_probability)
-    # masked_fill's backward needs only the mask, so scaling its fresh output in place is safe for autograd.
-    return inputs.masked_fill(dropped, 0.0).mul_(1.0 / (1.0 - drop_probability))
+    return _zero_where_dropped(inputs, drop_probability).mul_(1.0 / (1.0 - drop_probability))
 
 
 class GapSampledDropout(nn.Dropout):
@@ -150,9 +157,8 @@ def gap_sampled_sdpa(
     # product's backward does not need its output, so the mask goes in place.
     scores = _add_attention_mask_(torch.matmul(query * scaling, key.transpose(-1, -2)), attention_mask)
     probabilities = scores.softmax(dim=-1)
-    dropped = ~bernoulli_keep_mask(probabilities.shape, dropout)
     # Scaling the (smaller) output instead of the probabilities saves a pass over a length x length tensor.
-    attention = torch.matmul(probabilities.masked_fill(dropped, 0.0), value).mul_(1.0 / (1.0 - dropout))
+    attention = torch.matmul(_zero_where_dropped(probabilities, dropout), value).mul_(1.0 / (1.0 - dropout))
     return attention.transpose(1, 2).contiguous(), None
 
 
