@@ -52,6 +52,7 @@ from modeling_mmretrieval.data import (
     make_training_pairs,
 )
 from modeling_mmretrieval.evaluation import RetrievalEvaluator
+from modeling_mmretrieval.fast_image_processing import FastImageProcessor, UnsupportedImageProcessorError
 from modeling_mmretrieval.model_card import ModelCardInfo, render_model_card
 from modeling_mmretrieval.offline_towers import get_dinov2_small_path, get_minilm_path
 from modeling_mmretrieval.training_utils import (
@@ -127,6 +128,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help=f"Image side in pixels (default: {DEFAULT_DINOV2_IMAGE_SIZE} for a DINOv2 tower built from "
                             "--vision_model, else the image processor's own size).")
     model.add_argument("--gradient_checkpointing", action="store_true", help="Recompute tower activations in backward.")
+    model.add_argument("--fast_image_processing", dest="fast_image_processing", action="store_true", default=None,
+                       help="Preprocess images with the batched fast path (default: on for a new model whose image "
+                            "processor it reproduces; a --model_name_or_path checkpoint keeps its own setting).")
+    model.add_argument("--no_fast_image_processing", dest="fast_image_processing", action="store_false")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default=str(SAMPLE_DATA_DIR),
@@ -262,9 +267,29 @@ def build_model_and_processor(args) -> ModelSetup:
     if image_size is not None and model.image_tower is not None:
         check_image_size_supported(model.image_tower, image_size)
         resize_image_processor(processor.image_processor, image_size)
+    if processor.image_processor is not None:
+        set_fast_image_processing(processor, args.fast_image_processing, new_model=not args.model_name_or_path)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return ModelSetup(model, processor, towers, image_size)
+
+
+def set_fast_image_processing(processor: MultimodalRetrievalProcessor, requested: bool | None, new_model: bool) -> None:
+    """Turns the batched image path on or off. Unrequested, a new model gets it wherever it can reproduce the image
+    processor (pixel values within 2 levels of 255, exact for DINOv2's transform); asked for where it cannot, it
+    fails here with the setting it cannot reproduce, not at the first batch."""
+    if requested is None:
+        if not new_model:
+            return  # a checkpoint's processor keeps the setting it was saved with
+        try:
+            FastImageProcessor.from_image_processor(processor.image_processor)
+        except UnsupportedImageProcessorError as error:
+            logger.info(f"Images go through the reference image processor; the fast path cannot reproduce it: {error}")
+            return
+        requested = True
+    if requested:
+        FastImageProcessor.from_image_processor(processor.image_processor)
+    processor.fast_image_processing = requested
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ subprocesses; the rest call `main()` in-process.
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from hub_server import MiniHub
 from safetensors.torch import load_file
@@ -27,6 +29,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel, Dinov2Config, Din
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
 from modeling_mmretrieval.collator import RetrievalCollator
 from modeling_mmretrieval.data import SAMPLE_DATA_DIR, load_catalogue, make_training_pairs
+from modeling_mmretrieval.image_loading import load_product_image
 from modeling_mmretrieval.offline_towers import get_minilm_path
 from modeling_mmretrieval.training_utils import (
     COMPLETION_MARKER,
@@ -229,6 +232,32 @@ def test_dataset_queries_are_used_when_the_catalogue_has_them(assets, tmp_path):
     card = (tmp_path / "run" / "final" / "README.md").read_text()
     assert "the dataset's own query column" in card and "attribute-derived" not in card
     assert MultimodalRetrievalModel.from_pretrained(tmp_path / "run" / "final").config.architecture == "text_only"
+
+
+def test_fast_image_path_is_the_default_where_it_reproduces_the_image_processor(assets, tmp_path):
+    Accelerator(cpu=True)  # as in main(): the script logs through accelerate
+
+    def processor_for(*extra, vision=assets["vision"]):
+        args = train_example.parse_args(train_args(assets, tmp_path, "--vision_model", vision, *extra))
+        return train_example.build_model_and_processor(args).processor
+
+    fast, reference = processor_for(), processor_for("--no_fast_image_processing")
+    assert fast.fast_image_processing and not reference.fast_image_processing
+    images = [load_product_image(row["image"]).image for row in load_catalogue(assets["data"], split="train")
+              .select(range(6)).to_list()]
+    # DINOv2's transform (bicubic resize, centre crop) is reproduced to within 2 levels of 255.
+    torch.testing.assert_close(fast.encode_images(images)["pixel_values"],
+                               reference.encode_images(images)["pixel_values"], atol=2 / 255 / 0.224, rtol=0)
+    fast.save_pretrained(tmp_path / "saved")
+    assert MultimodalRetrievalProcessor.from_pretrained(tmp_path / "saved").fast_image_processing
+
+    # A resampling filter the batched path does not have: left off by default, refused when asked for.
+    box_filter = tmp_path / "box_filter_vision"
+    shutil.copytree(assets["vision"], box_filter)
+    (box_filter / "preprocessor_config.json").write_text(json.dumps({**DINOV2_PREPROCESSOR, "resample": 4}))
+    assert not processor_for(vision=box_filter).fast_image_processing
+    with pytest.raises(ValueError, match="resample=BOX"):
+        processor_for("--fast_image_processing", vision=box_filter)
 
 
 def test_cached_image_features_give_the_same_loss_as_recomputing(assets):
