@@ -333,7 +333,8 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
     def set_attn_implementation(self, attn_implementation, **kwargs):
         """`PreTrainedModel.set_attn_implementation`, keeping gap-sampled dropout on towers set to `sdpa`."""
         super().set_attn_implementation(attn_implementation, **kwargs)
-        self.use_gap_sampled_dropout(self._gap_sampled_dropout)
+        if hasattr(self, "_gap_sampled_dropout"):  # called during `__init__`, which switches the towers itself
+            self.use_gap_sampled_dropout(self._gap_sampled_dropout)
 
     def _freeze_image_towers(self):
         if not self.config.freeze_image_towers or self.image_tower is None:
