@@ -278,18 +278,17 @@ def set_fast_image_processing(processor: MultimodalRetrievalProcessor, requested
     """Turns the batched image path on or off. Unrequested, a new model gets it wherever it can reproduce the image
     processor (pixel values within 2 levels of 255, exact for DINOv2's transform); asked for where it cannot, it
     fails here with the setting it cannot reproduce, not at the first batch."""
-    if requested is None:
-        if not new_model:
-            return  # a checkpoint's processor keeps the setting it was saved with
+    if requested is None and not new_model:
+        return  # a checkpoint's processor keeps the setting it was saved with
+    if requested is not False:
         try:
             FastImageProcessor.from_image_processor(processor.image_processor)
         except UnsupportedImageProcessorError as error:
+            if requested:
+                raise
             logger.info(f"Images go through the reference image processor; the fast path cannot reproduce it: {error}")
             return
-        requested = True
-    if requested:
-        FastImageProcessor.from_image_processor(processor.image_processor)
-    processor.fast_image_processing = requested
+    processor.fast_image_processing = requested is not False
 
 
 # ----------------------------------------------------------------------------------------------------------------
