@@ -14,7 +14,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_mmretrieval", "modeling_mmretrieval.*"]),
-    package_data={"modeling_mmretrieval": ["sample_data/*.parquet", "sample_data/*.md", "retrieval_metric/*"]},
+    package_data={
+        "modeling_mmretrieval": ["data/sample/*.parquet", "data/sample/*.md", "training/model_card_template.md"]
+    },
     include_package_data=True,
     install_requires=[
         "torch>=2.1",
@@ -23,7 +25,6 @@ setup(
         "accelerate>=1.0",
         "safetensors>=0.4",
         "huggingface_hub>=1.0",
-        "evaluate>=0.4",
         "pillow>=10.1",
         "numpy",
         "tqdm",
@@ -35,5 +36,5 @@ setup(
         "tensorboard": ["tensorboard"],
         "test": ["pytest", "hypothesis", "onnx", "onnxruntime", "pytrec_eval-terrier"],
     },
-    entry_points={"console_scripts": ["mmretrieval=modeling_mmretrieval.__main__:main"]},
+    entry_points={"console_scripts": ["mmretrieval=modeling_mmretrieval.cli:main"]},
 )

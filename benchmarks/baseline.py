@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from modeling_mmretrieval.image_loading import load_product_image
+from modeling_mmretrieval.data.images import load_product_image
 from modeling_mmretrieval.losses import NTXentLoss
 from modeling_mmretrieval.modeling_mmretrieval import masked_mean_pool, pooled_features
 

@@ -26,11 +26,11 @@ from measure import Samples, keeping_results, measure_interleaved, native_bf16
 from towers import MAX_PRODUCT_LENGTH, product_tower_flops, without_fast_paths
 from transformers import AutoTokenizer, BertConfig
 
-from modeling_mmretrieval import MultimodalRetrievalConfig, MultimodalRetrievalModel, MultimodalRetrievalProcessor
-from modeling_mmretrieval.collator import RetrievalCollator
-from modeling_mmretrieval.image_loading import load_product_image
-from modeling_mmretrieval.offline_towers import get_minilm_path
-from modeling_mmretrieval.search import LENGTH_SORT_WINDOW_BATCHES, build_product_index
+from modeling_mmretrieval import MultimodalRetrievalConfig, MultimodalRetrievalModel, MultimodalRetrievalProcessor, speedups
+from modeling_mmretrieval.data.collator import RetrievalCollator
+from modeling_mmretrieval.data.images import load_product_image
+from modeling_mmretrieval.towers import get_minilm_path
+from modeling_mmretrieval.retrieval.search import LENGTH_SORT_WINDOW_BATCHES, build_product_index
 
 BATCH_SIZE = 64
 FLOP_RATE_TARGET = 0.5
@@ -82,6 +82,7 @@ def _with_eager_attention(model, run):
             return run()
         finally:
             model.set_attn_implementation("sdpa")
+            speedups.apply_to_model(model)  # sdpa resets the towers' attention to the plain implementation
 
     return run_eager
 

@@ -9,9 +9,9 @@ from common import CaseResult, Check, Context, Row, Target
 from measure import keeping_results, measure_interleaved, paired_ratio
 from transformers import CLIPImageProcessorPil
 
-from modeling_mmretrieval import MultimodalRetrievalProcessor
-from modeling_mmretrieval.fast_image_processing import FastImageProcessor, pixel_value_tolerance
-from modeling_mmretrieval.image_loading import load_product_image
+from modeling_mmretrieval import MultimodalRetrievalProcessor, speedups
+from modeling_mmretrieval.speedups.fast_image_processing import FastImageProcessor, pixel_value_tolerance
+from modeling_mmretrieval.data.images import load_product_image
 
 IMAGES_PER_CALL = 64
 PREPROCESSING_SPEEDUP_TARGET = 3.0
@@ -40,9 +40,8 @@ def _in_calls(preprocess, encoded_images: list[dict]):
 
 
 def _settings_case(ctx: Context, name: str, reference, encoded_images: list[dict]) -> CaseResult:
-    processor = MultimodalRetrievalProcessor(
-        ctx.towers.tokenizer, image_processor=reference, fast_image_processing=True
-    )
+    processor = MultimodalRetrievalProcessor(ctx.towers.tokenizer, image_processor=reference)
+    speedups.apply_to_processor(processor, fast_image_processing=True)
     run_reference = _in_calls(
         lambda images: reference(images=images, return_tensors="pt")["pixel_values"], encoded_images
     )

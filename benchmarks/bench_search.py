@@ -17,7 +17,7 @@ import torch
 from common import CaseResult, Check, Context, Row, Target
 from measure import copy_probe, measure_interleaved, paired_ratio
 
-from modeling_mmretrieval.index import ProductIndex
+from modeling_mmretrieval.retrieval.index import ProductIndex
 
 K = 100
 SINGLE_QUERIES_PER_REPEAT = 16
@@ -97,7 +97,7 @@ def _catalogue_case(ctx: Context, count: int, dim: int) -> CaseResult:
     start = time.perf_counter()
     index.search_positions(single_queries[0], K)  # makes the float16 copy, once per catalogue
     screen_seconds = time.perf_counter() - start
-    screen = index._screen
+    screen = index._screening.copy
     result.checks.append(_screening_check(name, index, single_queries, screen))
     matrix_bytes = vectors.nbytes
     cpu = torch.device("cpu")

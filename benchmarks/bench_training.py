@@ -19,9 +19,11 @@ from measure import measure_interleaved, paired_ratio, synchronize
 from torch import nn
 from towers import ARCHITECTURES, transformer_flops, vision_flops, without_fast_paths
 
-from modeling_mmretrieval.collator import RetrievalCollator
+from modeling_mmretrieval import speedups
+from modeling_mmretrieval.data.collator import RetrievalCollator
 from modeling_mmretrieval.data import CatalogueColumns, make_training_pairs
-from modeling_mmretrieval.training_utils import image_features_for_rows
+from modeling_mmretrieval.speedups.length_groups import text_length_groups
+from modeling_mmretrieval.training.image_feature_cache import image_features_for_rows
 
 BATCH_SIZE = 32
 LOSS_CHECK_PAIRS = 8
@@ -94,7 +96,7 @@ def _tower_step_flops(
 def _padded_lengths(model, attention_mask: torch.Tensor) -> list[int]:
     """The width each row is padded to in our towers: its group's (see `length_groups`)."""
     padded = [0] * attention_mask.shape[0]
-    for rows, width in model._text_length_groups(attention_mask):
+    for rows, width in text_length_groups(attention_mask, training=model.training):
         for row in rows:
             padded[row] = width
     return padded
@@ -181,6 +183,7 @@ def _loss_check(model, processor, rows: list[dict], ctx: Context, architecture: 
             reference_loss = model(**_to_device(reference_batch, device)).loss.item()
         finally:
             model.set_attn_implementation("sdpa")
+            speedups.apply_to_model(model)  # sdpa resets the towers' attention to the plain implementation
     model.train()
     difference = abs(fast_loss - reference_loss)
     return Check(

@@ -15,13 +15,13 @@ import torch
 from measure import synchronize
 from towers import Towers
 
-from modeling_mmretrieval import MultimodalRetrievalProcessor
+from modeling_mmretrieval import MultimodalRetrievalProcessor, speedups
 from modeling_mmretrieval.data import CatalogueColumns, load_catalogue
-from modeling_mmretrieval.training_utils import (
+from modeling_mmretrieval.data.rows import row_batches
+from modeling_mmretrieval.training.image_feature_cache import (
     _images_of,
     precompute_image_features,
     resize_image_processor,
-    row_batches,
 )
 
 BATCH_SIZE = 64
@@ -61,7 +61,8 @@ def main() -> None:
 
     images = _per_image_ms("decode", lambda: [_images_of(rows, columns, None) for rows in batches], count, device)
     for fast in (False, True):
-        processor = MultimodalRetrievalProcessor(towers.tokenizer, towers.image_processor, fast_image_processing=fast)
+        processor = MultimodalRetrievalProcessor(towers.tokenizer, towers.image_processor)
+        speedups.apply_to_processor(processor, fast)
         encoded = _per_image_ms(f"preprocess ({'fast path' if fast else 'reference'})",
                                 lambda p=processor: [p.encode_images(batch) for batch in images], count, device)
 
@@ -73,7 +74,8 @@ def main() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             _per_image_ms("DINOv2 tower, bf16 autocast", tower, count, device)
     for fast in (False, True):
-        processor = MultimodalRetrievalProcessor(towers.tokenizer, towers.image_processor, fast_image_processing=fast)
+        processor = MultimodalRetrievalProcessor(towers.tokenizer, towers.image_processor)
+        speedups.apply_to_processor(processor, fast)
         _per_image_ms(f"end to end ({'fast path' if fast else 'reference'})",
                       lambda p=processor: precompute_image_features(model, p, products, show_progress=False),
                       count, device)

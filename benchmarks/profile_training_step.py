@@ -20,8 +20,9 @@ from measure import measure_interleaved
 from towers import Towers
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from modeling_mmretrieval import speedups
 from modeling_mmretrieval.data import load_catalogue
-from modeling_mmretrieval.gap_sampled_dropout import GAP_SAMPLED_SDPA
+from modeling_mmretrieval.speedups.gap_sampled_dropout import GAP_SAMPLED_SDPA
 
 TOP_OPERATORS = 6
 DEFAULT = "gap-sampled dropout masks"
@@ -58,7 +59,7 @@ def main() -> None:
     processor = towers.processor("text_only")
 
     models = {name: towers.retrieval_model("text_only").train() for name in DEFAULT_AND_VARIANTS}
-    models["torch dropout masks"].use_gap_sampled_dropout(False)
+    speedups.apply_to_model(models["torch dropout masks"], gap_sampled_dropout=False)
     _without_dropout(models["dropout off"])
     batch, _ = _our_batch(models[DEFAULT], processor, rows, settings.device)
 

@@ -23,7 +23,7 @@ def grow(rows: int, max_width: int, multiple: int, threads: int) -> tuple[float,
     """`(MiB of resident memory gained, seconds)` running the tower once at each width, in this process."""
     from transformers import AutoModel
 
-    from modeling_mmretrieval.offline_towers import get_minilm_path
+    from modeling_mmretrieval.towers import get_minilm_path
 
     torch.set_num_threads(threads)
     tower = AutoModel.from_pretrained(get_minilm_path(), attn_implementation="sdpa").eval()

@@ -23,14 +23,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel
 
-from modeling_mmretrieval.offline_towers import (
-    DINOV2_FILES,
-    DINOV2_FOLDER_NAME,
-    MINILM,
-    _cache_root,
-    get_dinov2_small_path,
-    get_minilm_path,
-)
+from modeling_mmretrieval.towers.dinov2 import DINOV2_FILES, DINOV2_FOLDER_NAME, get_dinov2_small_path
+from modeling_mmretrieval.towers.packages import MINILM, _cache_root, get_minilm_path
 
 # Read by `towers.Towers.load`, which reports stand-in weights in the results.
 STAND_IN_MARKER = "STAND_IN_WEIGHTS.txt"

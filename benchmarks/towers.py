@@ -25,8 +25,8 @@ from transformers import (
 
 from stand_in_towers import is_stand_in
 
-from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
-from modeling_mmretrieval.offline_towers import get_dinov2_small_path, get_minilm_path
+from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, speedups
+from modeling_mmretrieval.towers import get_dinov2_small_path, get_minilm_path
 
 TOWER_KINDS = ("offline", "tiny")
 ARCHITECTURES = ("text_only", "4tower", "3tower")
@@ -95,10 +95,11 @@ class Towers:
         return None
 
     def retrieval_model(self, architecture: str, **config_kwargs) -> MultimodalRetrievalModel:
-        """Our model with these towers (pretrained weights kept; fusion and projections initialised)."""
+        """Our model with these towers (pretrained weights kept; fusion and projections initialised), with the
+        speedups the trainer applies."""
         text_tower, image_tower = self.text_tower(), self.image_tower(architecture)
         torch.manual_seed(self.seed + 3)
-        return MultimodalRetrievalModel.from_towers_pretrained(
+        model = MultimodalRetrievalModel.from_towers_pretrained(
             text_tower,
             image_tower,
             architecture=architecture,
@@ -106,16 +107,20 @@ class Towers:
             max_product_length=MAX_PRODUCT_LENGTH,
             **config_kwargs,
         )
+        speedups.apply_to_model(model)
+        return model
 
     def processor(self, architecture: str, fast_image_processing: bool = True) -> MultimodalRetrievalProcessor:
-        return MultimodalRetrievalProcessor(
+        """Our processor, with the batched image path the trainer and indexer apply (unless told not to)."""
+        processor = MultimodalRetrievalProcessor(
             self.tokenizer,
             image_processor=self.image_processor if architecture != "text_only" else None,
             dual_tokenizer=self.tokenizer if architecture == "4tower" else None,
             max_query_length=MAX_QUERY_LENGTH,
             max_product_length=MAX_PRODUCT_LENGTH,
-            fast_image_processing=fast_image_processing,
         )
+        speedups.apply_to_processor(processor, fast_image_processing)
+        return processor
 
 
 class PaddedToMaxLengthProcessor(MultimodalRetrievalProcessor):

@@ -31,9 +31,9 @@ import torch
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
 from modeling_mmretrieval.data import default_data_dir, load_catalogue, make_evaluation_queries
-from modeling_mmretrieval.evaluation import RetrievalEvaluator
-from modeling_mmretrieval.exclusive_matches import exclusive_matches
-from modeling_mmretrieval.offline_towers import get_dinov2_small_path, get_minilm_path
+from modeling_mmretrieval.retrieval.evaluator import RetrievalEvaluator
+from modeling_mmretrieval.retrieval.exclusive_matches import exclusive_matches
+from modeling_mmretrieval.towers import get_dinov2_small_path, get_minilm_path
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 

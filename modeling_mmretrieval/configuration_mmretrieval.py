@@ -16,7 +16,9 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 ARCHITECTURES = ("text_only", "4tower", "3tower")
-FUSIONS = ("concat", "alpha_concat", "mlp")
+FUSIONS = ("concat", "alpha_concat", "mlp", "residual")
+# Fusions through a learned MLP (they own `query_fusion`/`product_fusion` layers and a missing-image embedding).
+MLP_FUSIONS = ("mlp", "residual")
 POOLINGS = ("mean", "cls")
 # Model types whose models expose both `get_text_features` and `get_image_features` in one space.
 DUAL_ENCODER_MODEL_TYPES = ("clip", "siglip", "siglip2", "vision-text-dual-encoder", "chinese_clip", "altclip")
@@ -57,7 +59,10 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
             adds no parameters.
         fusion (`str`, defaults to `"concat"`):
             4tower fusion: `"concat"` of the normalised halves, `"alpha_concat"` (alpha * v1 ⊕ (1 - alpha)
-            * v2) or a jointly trained `"mlp"`. 3tower always fuses the product side with an MLP.
+            * v2), a jointly trained `"mlp"` (the paper's fusions), or `"residual"`: the normalised text vector
+            plus an MLP of `[text ; other]` whose last layer starts at zero, so a new model ranks exactly as
+            its text tower does and the image can only add what training finds useful. 3tower fuses the
+            product side with `"mlp"` or `"residual"`.
         fusion_alpha (`float`, defaults to 0.5):
             Weight of the text-tower half in `"alpha_concat"`; `0.0` ranks by the dual encoder alone.
         fusion_hidden_size (`int`, defaults to 512):
@@ -168,10 +173,10 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
                 )
             if self.dual_encoder_config is not None:
                 raise ValueError("`architecture='3tower'` takes `vision_config`, not `dual_encoder_config`.")
-            if self.fusion != "mlp":
+            if self.fusion not in MLP_FUSIONS:
                 raise ValueError(
                     f"`architecture='3tower'` maps products into the query space with an MLP; `fusion` must be "
-                    f"'mlp', got {self.fusion!r}."
+                    f"one of {list(MLP_FUSIONS)}, got {self.fusion!r}."
                 )
         elif self.dual_encoder_config is not None or self.vision_config is not None:
             raise ValueError(

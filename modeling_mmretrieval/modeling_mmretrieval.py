@@ -8,7 +8,6 @@ ranked by its text half alone) or by a learned "missing image" vector (MLP fusio
 
 import copy
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +17,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedMode
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .configuration_mmretrieval import MultimodalRetrievalConfig
-from .gap_sampled_dropout import use_gap_sampled_dropout
+from .configuration_mmretrieval import MLP_FUSIONS, MultimodalRetrievalConfig
 from .losses import NTXentLoss
 
 
@@ -33,6 +31,31 @@ def pool_token_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor,
     if pooling == "cls":
         return hidden_states[:, 0]
     return masked_mean_pool(hidden_states, attention_mask)
+
+
+def pooled_text_states(
+    tower: PreTrainedModel,
+    token_inputs: dict[str, torch.Tensor],
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor | None,
+    pooling: str,
+) -> torch.Tensor:
+    """Runs a text tower over one token batch and pools its last hidden states, shape `(batch, hidden)`.
+
+    `token_inputs` holds `input_ids` (or `inputs_embeds` looked up from them). This is the default
+    `MultimodalRetrievalModel.text_tower_runner`; a runner with the same signature may split the batch
+    (e.g. `speedups.length_groups`) as long as every row's result is unchanged.
+
+    Example:
+    ```python
+    >>> pooled = pooled_text_states(model.text_model, {"input_ids": ids}, mask, None, "mean")
+    ```
+    """
+    tower_inputs = {**token_inputs, "attention_mask": attention_mask}
+    if token_type_ids is not None:
+        tower_inputs["token_type_ids"] = token_type_ids
+    hidden_states = tower(**tower_inputs).last_hidden_state
+    return pool_token_states(hidden_states, attention_mask, pooling)
 
 
 def pooled_features(output) -> torch.Tensor:
@@ -74,62 +97,6 @@ def _repoint_layers(module: nn.Module, previous: PreTrainedConfig, config: PreTr
         _repoint_layers(child, previous, config)
 
 
-# Cost of one more tower call, in padded tokens, when deciding how to split a text batch by length. On a
-# CPU a call's fixed cost (dispatch, small matrix products) is about that of a few dozen tokens; GPUs are
-# launch-bound at these sizes, so batches are only split on the CPU.
-LENGTH_GROUP_CALL_COST_TOKENS = 64
-# Group widths round up to a multiple of this, as the processor pads its batches (`pad_to_multiple_of`), so
-# that few distinct input shapes reach the towers.
-LENGTH_GROUP_WIDTH_MULTIPLE = 8
-
-
-def length_groups(lengths: Sequence[int], call_cost_tokens: int = LENGTH_GROUP_CALL_COST_TOKENS) -> list[list[int]]:
-    """Splits a batch into groups of rows of similar length, each to be padded only to its own longest row.
-
-    The groups minimise padded tokens plus `call_cost_tokens` per group (one tower call each), exactly,
-    by dynamic programming over the rows sorted longest first; every row's result is unchanged because
-    padding is masked out. Returns the row indices of each group, longest rows first.
-
-    Example:
-        >>> length_groups([128, 12, 126, 10, 127, 11], call_cost_tokens=16)
-        [[0, 4, 2], [1, 5, 3]]
-    """
-    if not lengths:
-        return []
-    order = sorted(range(len(lengths)), key=lambda row: -lengths[row])
-    sorted_lengths = [lengths[row] for row in order]
-    # Groups only need to start where the length changes: splitting rows of equal length adds a call and
-    # saves no padding. That keeps the search to (distinct lengths)^2 steps, however large the batch.
-    starts = [row for row in range(len(order)) if row == 0 or sorted_lengths[row] != sorted_lengths[row - 1]]
-    # best[j]: the cheapest split of the j longest rows (j a group boundary); start[j]: where its last group begins.
-    best, start = {0: 0}, {}
-    for end in [*starts[1:], len(order)]:
-        best[end] = math.inf
-        for first in (row for row in starts if row < end):
-            cost = best[first] + (end - first) * sorted_lengths[first] + call_cost_tokens
-            if cost < best[end]:
-                best[end], start[end] = cost, first
-    groups, end = [], len(order)
-    while end:
-        groups.append(order[start[end] : end])
-        end = start[end]
-    return groups[::-1]
-
-
-# Towers whose embedding layer treats `inputs_embeds` exactly as the lookup of `input_ids` (positions included):
-# RoBERTa-style towers, for one, number positions from the ids' padding, but not from embeddings.
-EMBEDS_LIKE_INPUT_IDS_MODEL_TYPES = ("bert",)
-
-
-def _embeds_like_input_ids(tower: PreTrainedModel) -> bool:
-    return getattr(tower.config, "model_type", None) in EMBEDS_LIKE_INPUT_IDS_MODEL_TYPES
-
-
-def _right_padded(attention_mask: torch.Tensor) -> bool:
-    """Whether every row's tokens come first and its padding last (so a row can be cut to its length)."""
-    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
-
-
 def dual_encoder_embedding_size(config: PreTrainedConfig) -> int:
     """Width of the shared text-image space of a dual encoder (CLIP-like projection, or SigLIP's heads)."""
     if hasattr(config, "projection_dim"):
@@ -152,6 +119,86 @@ class FusionMLP(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.layers(features)
+
+
+def adopt_tower(tower: PreTrainedModel | None, sub_config: PreTrainedConfig, is_text_tower: bool = False) -> PreTrainedModel:
+    """The tower as the composite model keeps it: a pretrained one sharing `sub_config`, or a new random one.
+
+    `__init__` never downloads weights: see `MultimodalRetrievalModel.from_towers_pretrained`.
+    """
+    if tower is None:
+        tower = AutoModel.from_config(sub_config)
+    else:
+        # The tower and the composite config must describe the same weights, so later edits stay in sync; the
+        # tower keeps the attention implementation it was loaded with (mask handling depends on it).
+        share_config(tower, sub_config)
+    if is_text_tower and getattr(tower, "pooler", None) is not None:
+        # Token states are pooled here (mean/CLS), so a text tower's own pooler head is never used; frozen, it
+        # cannot leave DDP waiting for gradients that never come.
+        tower.pooler.requires_grad_(False)
+    return tower
+
+
+def image_feature_size(config: MultimodalRetrievalConfig) -> int:
+    """Width of the image tower's per-image vector (the dual encoder's space, or the vision hidden size)."""
+    if config.architecture == "4tower":
+        return dual_encoder_embedding_size(config.dual_encoder_config)
+    return config.vision_config.hidden_size
+
+
+def fusion_mlps(config: MultimodalRetrievalConfig, text_embedding_dim: int) -> tuple[nn.Module | None, nn.Module | None]:
+    """The `(query_fusion, product_fusion)` MLPs of the `"mlp"` and `"residual"` fusions; `None` where a side
+    concatenates.
+
+    3tower maps the product's `[text ; image]` into the query (text) space; 4tower fuses each side's pair into
+    `fusion_output_dim` (the text embedding size by default; always that size for `"residual"`, which adds the
+    MLP's output to the text vector).
+    """
+    if not config.uses_images or config.fusion not in MLP_FUSIONS:
+        return None, None
+    sizes = dict(hidden_size=config.fusion_hidden_size, num_layers=config.fusion_num_layers, dropout=config.fusion_dropout)
+    product_input = text_embedding_dim + image_feature_size(config)
+    if config.architecture == "3tower":
+        return None, FusionMLP(product_input, output_size=text_embedding_dim, **sizes)
+    output_size = text_embedding_dim if config.fusion == "residual" else config.fusion_output_dim or text_embedding_dim
+    query_input = text_embedding_dim + dual_encoder_embedding_size(config.dual_encoder_config)
+    return FusionMLP(query_input, output_size=output_size, **sizes), FusionMLP(product_input, output_size=output_size, **sizes)
+
+
+def fuse_features(
+    text: torch.Tensor,
+    other: torch.Tensor,
+    alpha: float,
+    fusion_mlp: nn.Module | None = None,
+    image_mask: torch.Tensor | None = None,
+    missing_image_embedding: torch.Tensor | None = None,
+    residual: bool = False,
+) -> torch.Tensor:
+    """Combines one side's text-tower vector with its dual-encoder/vision vector (both L2-normalised first).
+
+    Concatenation weighs them `[alpha * text ; (1 - alpha) * other]`; an MLP reads `[text ; other]`, and with
+    `residual=True` its output is added to the text vector. Rows where `image_mask` is False get a zero image
+    half (concatenation) or `missing_image_embedding` (MLP).
+
+    Example:
+    ```python
+    >>> fuse_features(torch.ones(2, 4), torch.ones(2, 3), alpha=0.5).shape
+    torch.Size([2, 7])
+    ```
+    """
+    other = F.normalize(other.to(text.dtype), dim=-1)
+    if image_mask is not None:
+        keep = image_mask.unsqueeze(-1)
+        if fusion_mlp is not None:
+            missing = F.normalize(missing_image_embedding, dim=-1).to(text.dtype)
+            other = torch.where(keep, other, missing.expand_as(other))
+        else:
+            other = other * keep.to(other.dtype)
+    text = F.normalize(text, dim=-1)
+    if fusion_mlp is not None:
+        fused = fusion_mlp(torch.cat([text, other], dim=-1))
+        return text + fused if residual else fused
+    return torch.cat([alpha * text, (1 - alpha) * other], dim=-1)
 
 
 @dataclass
@@ -214,6 +261,12 @@ class MultimodalRetrievalPreTrainedModel(PreTrainedModel):
                 # Only its direction is used (it is normalised); a zero start would make that gradient explode.
                 size = module.missing_image_embedding.shape[0]
                 init.normal_(module.missing_image_embedding, std=size**-0.5)
+            if module.config.fusion == "residual":
+                # The image branch starts silent: a new model ranks exactly as its text tower does.
+                for fusion in (module.query_fusion, module.product_fusion):
+                    if fusion is not None:
+                        init.zeros_(fusion.layers[-1].weight)
+                        init.zeros_(fusion.layers[-1].bias)
 
 
 class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
@@ -248,12 +301,12 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         super().__init__(config)
         # Towers passed in (pretrained) are adopted as they are; otherwise they are built randomly from the
         # sub-configs. `__init__` never downloads weights: see `from_towers_pretrained`.
-        self.text_model = self._adopt_tower(text_model, "text_config")
+        self.text_model = adopt_tower(text_model, config.text_config, is_text_tower=True)
         self.product_text_model = None
         if not config.share_text_towers:
-            self.product_text_model = self._adopt_tower(product_text_model, "product_text_config")
-        self.dual_encoder = self._adopt_tower(dual_encoder, "dual_encoder_config") if config.architecture == "4tower" else None
-        self.vision_model = self._adopt_tower(vision_model, "vision_config") if config.architecture == "3tower" else None
+            self.product_text_model = adopt_tower(product_text_model, config.product_text_config, is_text_tower=True)
+        self.dual_encoder = adopt_tower(dual_encoder, config.dual_encoder_config) if config.architecture == "4tower" else None
+        self.vision_model = adopt_tower(vision_model, config.vision_config) if config.architecture == "3tower" else None
 
         text_size = config.text_config.hidden_size
         self.text_projection = None
@@ -266,77 +319,45 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
                 )
         self.text_embedding_dim = config.projection_dim or text_size
 
-        self.query_fusion = None
-        self.product_fusion = None
+        self.query_fusion, self.product_fusion = fusion_mlps(config, self.text_embedding_dim)
         self.missing_image_embedding = None
-        if config.uses_images:
-            image_size = self.image_feature_size
-            if config.fusion == "mlp":
-                # A learned stand-in for the image half of image-less products, so the MLP never reads a
-                # feature computed from a fake image.
-                self.missing_image_embedding = nn.Parameter(torch.randn(image_size) * image_size**-0.5)
-                mlp_sizes = dict(
-                    hidden_size=config.fusion_hidden_size, num_layers=config.fusion_num_layers, dropout=config.fusion_dropout
-                )
-                if config.architecture == "3tower":
-                    self.product_fusion = FusionMLP(self.text_embedding_dim + image_size, output_size=self.text_embedding_dim, **mlp_sizes)
-                else:
-                    output_size = config.fusion_output_dim or self.text_embedding_dim
-                    query_size = self.text_embedding_dim + dual_encoder_embedding_size(self.dual_encoder.config)
-                    self.query_fusion = FusionMLP(query_size, output_size=output_size, **mlp_sizes)
-                    self.product_fusion = FusionMLP(self.text_embedding_dim + image_size, output_size=output_size, **mlp_sizes)
+        if self.product_fusion is not None:
+            # A learned stand-in for the image half of image-less products, so the MLP never reads a feature
+            # computed from a fake image.
+            size = image_feature_size(config)
+            self.missing_image_embedding = nn.Parameter(torch.randn(size) * size**-0.5)
 
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init_value)))
         self.logit_scale.requires_grad_(config.learn_logit_scale)
         self.loss_function_module = NTXentLoss()
-        # Training on the CPU, text batches run through the towers in groups of similar length, so little
-        # compute goes to padding (`length_groups`); results are the same either way. False runs batches whole.
-        self.group_text_by_length = True
+        # How a text tower runs over a token batch: `pooled_text_states` when None. An explicit hook, so a
+        # caller can install a faster runner with the same results (`speedups.apply`) without this class
+        # knowing about it.
+        self.text_tower_runner = None
         self.post_init()
-        self._freeze_image_towers()
-        self.use_gap_sampled_dropout(True)
+        self._apply_image_tower_lock()
 
-    def _adopt_tower(self, tower: PreTrainedModel | None, config_key: str) -> PreTrainedModel:
-        sub_config = getattr(self.config, config_key)
-        if tower is None:
-            tower = AutoModel.from_config(sub_config)
-        else:
-            # The tower and the composite config must describe the same weights, so later edits stay in sync;
-            # the tower keeps the attention implementation it was loaded with (mask handling depends on it).
-            share_config(tower, sub_config)
-        if config_key in ("text_config", "product_text_config") and getattr(tower, "pooler", None) is not None:
-            # Token states are pooled here (mean/CLS), so a text tower's own pooler head is never used; frozen,
-            # it cannot leave DDP waiting for gradients that never come.
-            tower.pooler.requires_grad_(False)
-        return tower
+    def lock_image_tower(self, locked: bool = True) -> None:
+        """Freezes (no gradients, eval mode) or unfreezes the image tower, and records it in the config.
 
-    def use_gap_sampled_dropout(self, enabled: bool = True) -> None:
-        """Draws the towers' dropout masks in CPU training from about `p * n` random numbers instead of `n`.
-
-        On by default. Masks keep their distribution (independent, each element dropped with the configured
-        probability), so training is the same in law; only the random stream differs. It replaces the towers'
-        `nn.Dropout` layers by `GapSampledDropout` and their `sdpa` attention by `GAP_SAMPLED_SDPA`, which
-        both behave exactly as before in eval mode and on GPUs (see `gap_sampled_dropout.py`). `False`
-        restores plain `nn.Dropout` and `sdpa`.
+        Under LiT (`config.train_dual_text_tower`) only the dual encoder's vision tower is locked; its text
+        tower and projections keep training. A locked tower's features can be computed once and cached
+        (`image_features_are_frozen`).
 
         Example:
-
         ```python
-        >>> model.use_gap_sampled_dropout(False)  # e.g. to compare against torch's own dropout masks
+        >>> model.lock_image_tower(False)  # fine-tune the image tower too
+        >>> model.config.freeze_image_towers
+        False
         ```
         """
-        self._gap_sampled_dropout = enabled
-        for tower in (self.text_model, self.product_text_model, self.dual_encoder, self.vision_model):
-            if tower is not None:
-                use_gap_sampled_dropout(tower, enabled)
+        if self.image_tower is None:
+            return
+        self.config.freeze_image_towers = locked
+        self.image_tower.requires_grad_(True)
+        self._apply_image_tower_lock()
 
-    def set_attn_implementation(self, attn_implementation, **kwargs):
-        """`PreTrainedModel.set_attn_implementation`, keeping gap-sampled dropout on towers set to `sdpa`."""
-        super().set_attn_implementation(attn_implementation, **kwargs)
-        if hasattr(self, "_gap_sampled_dropout"):  # called during `__init__`, which switches the towers itself
-            self.use_gap_sampled_dropout(self._gap_sampled_dropout)
-
-    def _freeze_image_towers(self):
+    def _apply_image_tower_lock(self) -> None:
         if not self.config.freeze_image_towers or self.image_tower is None:
             return
         if self.config.train_dual_text_tower:
@@ -349,7 +370,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
 
     def check_image_queries_supported(self) -> None:
         """Raises a `ValueError` explaining why unless this model can embed image queries."""
-        if self.config.architecture != "4tower" or self.config.fusion == "mlp":
+        if self.config.architecture != "4tower" or self.config.fusion in MLP_FUSIONS:
             raise ValueError(
                 "Image queries need a 4tower model with `fusion='concat'` or `'alpha_concat'`: the product "
                 "index then holds the dual encoder's image half, which an image query can match. "
@@ -369,7 +390,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
     def embedding_dim(self) -> int:
         """Size of the query and product embeddings."""
         if self.config.architecture == "4tower":
-            if self.config.fusion == "mlp":
+            if self.config.fusion in MLP_FUSIONS:
                 return self.query_fusion.layers[-1].out_features
             return self.text_embedding_dim + dual_encoder_embedding_size(self.dual_encoder.config)
         return self.text_embedding_dim
@@ -377,9 +398,11 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
     @property
     def image_feature_size(self) -> int:
         """Width of the image tower's per-image vector (the dual encoder's space, or the vision hidden size)."""
-        if self.dual_encoder is not None:
-            return dual_encoder_embedding_size(self.dual_encoder.config)
-        return self.vision_model.config.hidden_size
+        return image_feature_size(self.config)
+
+    @property
+    def residual_fusion(self) -> bool:
+        return self.config.fusion == "residual"
 
     @property
     def fusion_alpha(self) -> float:
@@ -388,7 +411,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
     def train(self, mode: bool = True):
         super().train(mode)
         # Frozen towers keep eval mode (no dropout) so their features are deterministic and cacheable.
-        self._freeze_image_towers()
+        self._apply_image_tower_lock()
         return self
 
     # ----- tower encoders -------------------------------------------------------------------------------
@@ -404,57 +427,9 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         projection = self.product_text_projection if use_product_tower else self.text_projection
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        groups = self._text_length_groups(attention_mask)
-        if len(groups) == 1:
-            pooled = self._pool_text(tower, {"input_ids": input_ids}, attention_mask, token_type_ids)
-        else:
-            # One lookup for the batch: each tower call's own would build, in backward, a dense gradient of the
-            # whole vocabulary-by-hidden table (47 MB for MiniLM) to zero, fill and add up.
-            embeds = tower.get_input_embeddings()(input_ids) if _embeds_like_input_ids(tower) else None
-            parts = []
-            for rows, width in groups:
-                rows = torch.tensor(rows, device=input_ids.device)
-                types = None if token_type_ids is None else token_type_ids[rows, :width]
-                if embeds is not None:
-                    inputs = {"inputs_embeds": embeds[rows, :width]}
-                else:
-                    inputs = {"input_ids": input_ids[rows, :width]}
-                parts.append(self._pool_text(tower, inputs, attention_mask[rows, :width], types))
-            order = torch.tensor([row for rows, _ in groups for row in rows], device=input_ids.device)
-            pooled = torch.cat(parts)[torch.argsort(order)]
+        run_tower = self.text_tower_runner or pooled_text_states
+        pooled = run_tower(tower, {"input_ids": input_ids}, attention_mask, token_type_ids, self.config.pooling)
         return projection(pooled) if projection is not None else pooled
-
-    def _text_length_groups(self, attention_mask: torch.Tensor) -> list[tuple[list[int], int]]:
-        """`(rows, width)` groups of a text batch by length (`length_groups`, widths rounded up to
-        `LENGTH_GROUP_WIDTH_MULTIPLE`) when training on the CPU with `self.group_text_by_length`; one group
-        of every row at the batch's width otherwise.
-
-        Only training: its batches are random in length, while index builds sort their rows by length
-        already, and inference would gain little from splitting but would multiply the input shapes whose
-        kernels torch's CPU backend caches (each cached kernel pins heap memory).
-        """
-        rows, width = list(range(attention_mask.shape[0])), attention_mask.shape[1]
-        if not (self.group_text_by_length and self.training) or attention_mask.device.type != "cpu" or len(rows) < 2:
-            return [(rows, width)]
-        if not _right_padded(attention_mask):  # left padding: rows cannot be cut to their length
-            return [(rows, width)]
-        multiple = LENGTH_GROUP_WIDTH_MULTIPLE
-        widths = [min(width, -(-length // multiple) * multiple) for length in attention_mask.sum(dim=1).tolist()]
-        return [(group, widths[group[0]]) for group in length_groups(widths)]
-
-    def _pool_text(
-        self,
-        tower: PreTrainedModel,
-        token_inputs: dict[str, torch.Tensor],
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Pooled token states of `token_inputs` (`input_ids`, or `inputs_embeds` looked up from them)."""
-        tower_inputs = {**token_inputs, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            tower_inputs["token_type_ids"] = token_type_ids
-        hidden_states = tower(**tower_inputs).last_hidden_state
-        return pool_token_states(hidden_states, attention_mask, self.config.pooling)
 
     def _run_image_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.image_features_are_frozen):
@@ -520,7 +495,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
                     "`MultimodalRetrievalProcessor.encode_queries`, which produces them."
                 )
             dual = self._dual_text_features(dual_input_ids, dual_attention_mask)
-            embeddings = self._fuse(text, dual, self.query_fusion)
+            embeddings = fuse_features(text, dual, self.fusion_alpha, self.query_fusion, residual=self.residual_fusion)
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
     def get_product_embeddings(
@@ -562,7 +537,10 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
                 if image_mask.any():
                     raise ValueError("`image_mask` marks products with images but no `pixel_values` or `image_features` were given.")
                 image_features = text.new_zeros((num_products, self.image_feature_size))
-        embeddings = self._fuse(text, image_features, self.product_fusion, image_mask)
+        embeddings = fuse_features(
+            text, image_features, self.fusion_alpha, self.product_fusion, image_mask, self.missing_image_embedding,
+            residual=self.residual_fusion,
+        )
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
     def get_image_query_embeddings(
@@ -589,27 +567,6 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         text_half = image_features.new_zeros((image_features.shape[0], self.text_embedding_dim))
         embeddings = torch.cat([text_half, (1 - self.fusion_alpha) * F.normalize(image_features, dim=-1)], dim=-1)
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
-
-    def _fuse(
-        self,
-        text: torch.Tensor,
-        other: torch.Tensor,
-        fusion_mlp: FusionMLP | None,
-        image_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Combines the text-tower vector with the dual-encoder/vision vector of the same side."""
-        other = F.normalize(other.to(text.dtype), dim=-1)
-        if image_mask is not None:
-            keep = image_mask.unsqueeze(-1)
-            if fusion_mlp is not None:
-                missing = F.normalize(self.missing_image_embedding, dim=-1).to(text.dtype)
-                other = torch.where(keep, other, missing.expand_as(other))
-            else:
-                other = other * keep.to(other.dtype)
-        text = F.normalize(text, dim=-1)
-        if fusion_mlp is not None:
-            return fusion_mlp(torch.cat([text, other], dim=-1))
-        return torch.cat([self.fusion_alpha * text, (1 - self.fusion_alpha) * other], dim=-1)
 
     def forward(
         self,
@@ -702,39 +659,9 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         '3tower'
         ```
         """
-        tower_kwargs = tower_kwargs or {}
-        text = _load_tower(text_model, tower_kwargs)
-        product_text = _load_tower(product_text_model, tower_kwargs) if product_text_model is not None else None
-        image_tower = _load_tower(vision_or_dual_encoder, tower_kwargs) if vision_or_dual_encoder is not None else None
-        if architecture is None:
-            if image_tower is None:
-                architecture = "text_only"
-            else:
-                architecture = "4tower" if hasattr(image_tower, "get_text_features") else "3tower"
-        if architecture == "3tower" and image_tower is not None and hasattr(image_tower, "get_image_features"):
-            if not hasattr(image_tower, "vision_model"):
-                raise ValueError(f"Cannot take a vision tower out of {type(image_tower).__name__}.")
-            image_tower = image_tower.vision_model
-        if architecture == "3tower":
-            config_kwargs.setdefault("fusion", "mlp")
-        if config_kwargs.get("share_text_towers") is False and product_text is None:
-            # Separate towers start from the same pretrained weights and drift apart in training.
-            product_text = copy.deepcopy(text)
-        towers = {"text_model": text, "product_text_model": product_text}
-        if product_text is not None:
-            config_kwargs.setdefault("share_text_towers", False)
-        towers["dual_encoder" if architecture == "4tower" else "vision_model"] = image_tower
-        # Copies: building the composite config resets attention settings on the configs it is given.
-        tower_configs = {
-            "text_config": text,
-            "product_text_config": product_text,
-            "dual_encoder_config": image_tower if architecture == "4tower" else None,
-            "vision_config": image_tower if architecture == "3tower" else None,
-        }
-        for key, tower in tower_configs.items():
-            if tower is not None:
-                config_kwargs[key] = copy.deepcopy(tower.config)
-        config = MultimodalRetrievalConfig(architecture=architecture, **config_kwargs)
+        config, towers = compose_towers(
+            text_model, vision_or_dual_encoder, architecture, product_text_model, tower_kwargs or {}, config_kwargs
+        )
         return cls(config, **towers)
 
 
@@ -743,6 +670,52 @@ def _load_tower(model_or_path: str | PreTrainedModel, tower_kwargs: dict) -> Pre
         return model_or_path
     config = AutoConfig.from_pretrained(model_or_path, **tower_kwargs)
     return AutoModel.from_pretrained(model_or_path, config=config, **tower_kwargs)
+
+
+
+def compose_towers(
+    text_model: str | PreTrainedModel,
+    vision_or_dual_encoder: str | PreTrainedModel | None,
+    architecture: str | None,
+    product_text_model: str | PreTrainedModel | None,
+    tower_kwargs: dict,
+    config_kwargs: dict,
+) -> tuple[MultimodalRetrievalConfig, dict]:
+    """The composite config and the loaded towers of `MultimodalRetrievalModel.from_towers_pretrained`."""
+    tower_kwargs = tower_kwargs or {}
+    text = _load_tower(text_model, tower_kwargs)
+    product_text = _load_tower(product_text_model, tower_kwargs) if product_text_model is not None else None
+    image_tower = _load_tower(vision_or_dual_encoder, tower_kwargs) if vision_or_dual_encoder is not None else None
+    if architecture is None:
+        if image_tower is None:
+            architecture = "text_only"
+        else:
+            architecture = "4tower" if hasattr(image_tower, "get_text_features") else "3tower"
+    if architecture == "3tower" and image_tower is not None and hasattr(image_tower, "get_image_features"):
+        if not hasattr(image_tower, "vision_model"):
+            raise ValueError(f"Cannot take a vision tower out of {type(image_tower).__name__}.")
+        image_tower = image_tower.vision_model
+    if architecture == "3tower":
+        config_kwargs.setdefault("fusion", "mlp")
+    if config_kwargs.get("share_text_towers") is False and product_text is None:
+        # Separate towers start from the same pretrained weights and drift apart in training.
+        product_text = copy.deepcopy(text)
+    towers = {"text_model": text, "product_text_model": product_text}
+    if product_text is not None:
+        config_kwargs.setdefault("share_text_towers", False)
+    towers["dual_encoder" if architecture == "4tower" else "vision_model"] = image_tower
+    # Copies: building the composite config resets attention settings on the configs it is given.
+    tower_configs = {
+        "text_config": text,
+        "product_text_config": product_text,
+        "dual_encoder_config": image_tower if architecture == "4tower" else None,
+        "vision_config": image_tower if architecture == "3tower" else None,
+    }
+    for key, tower in tower_configs.items():
+        if tower is not None:
+            config_kwargs[key] = copy.deepcopy(tower.config)
+    config = MultimodalRetrievalConfig(architecture=architecture, **config_kwargs)
+    return config, towers
 
 
 __all__ = ["MultimodalRetrievalModel", "MultimodalRetrievalOutput", "MultimodalRetrievalPreTrainedModel"]

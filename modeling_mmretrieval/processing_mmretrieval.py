@@ -18,11 +18,66 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.processing_utils import ProcessorMixin
 
-from .fast_image_processing import FastImageProcessor
-from .image_loading import load_product_image
-
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 DUAL_TOKENIZER_FOLDER = "dual_tokenizer"
+
+# The input contract of `MultimodalRetrievalModel.forward`, defined once: query tensors carry the `query_`
+# prefix, product text tensors the `product_` prefix, product image tensors and loss inputs none.
+QUERY_INPUT_PREFIX = "query_"
+PRODUCT_INPUT_PREFIX = "product_"
+PRODUCT_IMAGE_INPUTS = ("pixel_values", "image_mask", "image_features")
+LOSS_INPUTS = ("false_negative_mask",)
+
+
+def pair_model_inputs(query_inputs: Mapping | None, product_inputs: Mapping | None) -> dict:
+    """The `model.forward` batch for the inputs of `get_query_embeddings` and `get_product_embeddings`.
+
+    Example:
+    ```python
+    >>> sorted(pair_model_inputs({"input_ids": q}, {"input_ids": p, "image_mask": m}))
+    ['image_mask', 'product_input_ids', 'query_input_ids']
+    ```
+    """
+    batch = {f"{QUERY_INPUT_PREFIX}{key}": value for key, value in (query_inputs or {}).items()}
+    for key, value in (product_inputs or {}).items():
+        batch[key if key in PRODUCT_IMAGE_INPUTS else f"{PRODUCT_INPUT_PREFIX}{key}"] = value
+    return batch
+
+
+def split_model_inputs(batch: Mapping) -> tuple[dict, dict]:
+    """Splits a `model.forward` batch into keyword arguments of `get_query_embeddings` and `get_product_embeddings`.
+
+    The inverse of `pair_model_inputs`: `query_*` and `product_*` keys lose their prefix; `pixel_values`,
+    `image_mask` and `image_features` belong to the products; loss inputs and `None` values are dropped.
+
+    Example:
+    ```python
+    >>> queries, products = split_model_inputs({"query_input_ids": q, "product_input_ids": p, "image_mask": m})
+    >>> sorted(queries), sorted(products)
+    (['input_ids'], ['image_mask', 'input_ids'])
+    ```
+    """
+    query_inputs, product_inputs, unknown = {}, {}, []
+    for key, value in batch.items():
+        if value is None or key in LOSS_INPUTS:
+            continue
+        if key.startswith(QUERY_INPUT_PREFIX):
+            query_inputs[key.removeprefix(QUERY_INPUT_PREFIX)] = value
+        elif key.startswith(PRODUCT_INPUT_PREFIX):
+            product_inputs[key.removeprefix(PRODUCT_INPUT_PREFIX)] = value
+        elif key in PRODUCT_IMAGE_INPUTS:
+            product_inputs[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"Unexpected batch keys {unknown}: a contrastive batch holds `query_*`, `product_*` and "
+            f"{list(PRODUCT_IMAGE_INPUTS)}."
+        )
+    for side, inputs in (("query", query_inputs), ("product", product_inputs)):
+        if "input_ids" not in inputs:
+            raise ValueError(f"The batch has no `{side}_input_ids`.")
+    return query_inputs, product_inputs
 
 
 def field_text(value, field: str = "field") -> str:
@@ -109,9 +164,9 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
         max_product_length (`int`): truncation length of product texts.
         product_text_fields (`list[str]`): product row fields joined into the product text.
         max_dual_length (`int`): truncation length for the dual encoder's tokenizer (CLIP uses 77).
-        fast_image_processing (`bool`): preprocess images with the batched [`FastImageProcessor`] built from
-            `image_processor`'s settings (several times faster; pixel values within its stated tolerance of
-            the reference) instead of calling `image_processor` itself.
+        fast_image_processing (`bool`): a saved preference, read by `modeling_mmretrieval.speedups.apply`:
+            whether to install the batched image path (`batched_image_processor`) for this processor. The
+            processor itself only ever calls `batched_image_processor` (when set) or `image_processor`.
         pad_to_multiple_of (`int` or `None`): batches are padded to their longest text, then widened to a
             multiple of this (at most the truncation length). Few distinct widths keep the kernels torch's CPU
             backend caches per input shape, and the heap memory each one pins, few: running MiniLM over every
@@ -119,7 +174,11 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
             (`benchmarks/shape_cache_memory.py`). `None` pads to the longest text only.
 
     Images are PIL images or `None`; `None` marks an image-less product (`image_mask` False, and the image
-    tower never sees the zero placeholder left in `pixel_values`).
+    tower never sees the zero placeholder left in `pixel_values`). Decoding files and bytes is the caller's
+    job (`modeling_mmretrieval.data.images.load_product_image` does it defensively).
+
+    `batched_image_processor` (not saved) is an optional drop-in for `image_processor` on whole batches,
+    with the same outputs within a stated tolerance; `speedups.apply(processor=...)` installs one.
 
     Example:
     ```python
@@ -155,12 +214,12 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
         self.product_text_fields = list(product_text_fields)
         self.max_dual_length = max_dual_length
         self.fast_image_processing = fast_image_processing
+        self.batched_image_processor = None
         if pad_to_multiple_of is not None and (
             isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1
         ):
             raise ValueError(f"pad_to_multiple_of must be a positive integer or None, got {pad_to_multiple_of!r}")
         self.pad_to_multiple_of = pad_to_multiple_of
-        self._fast_image_processor = None
 
     @property
     def product_text_separator(self) -> str:
@@ -217,38 +276,35 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
             inputs["dual_attention_mask"] = dual["attention_mask"]
         return inputs
 
-    def encode_images(self, images: Sequence, fast_image_processing: bool | None = None) -> dict[str, torch.Tensor]:
-        """`pixel_values` and `image_mask` for a list of images, `None` marking a missing image.
+    def encode_images(self, images: Sequence) -> dict[str, torch.Tensor]:
+        """`pixel_values` and `image_mask` for a list of PIL images, `None` marking a missing image.
 
-        Images are PIL images; encoded images (bytes, `datasets.Image` dicts, file paths) are decoded with
-        `load_product_image`, and one that cannot be decoded becomes image-less (`image_mask` False).
-        `fast_image_processing` overrides the processor's setting for this call (see the class arguments).
+        Example:
+        ```python
+        >>> inputs = processor.encode_images([pil_image, None])
+        >>> inputs["image_mask"].tolist()
+        [True, False]
+        ```
         """
         if self.image_processor is None:
             raise ValueError("This processor has no image processor (a text-only model takes no images).")
-        images = [image if image is None or isinstance(image, Image.Image) else load_product_image(image).image
-                  for image in images]
+        for position, image in enumerate(images):
+            if image is not None and not isinstance(image, Image.Image):
+                raise TypeError(
+                    f"Image {position} is a {type(image).__name__}; pass PIL images or None (decode files and bytes "
+                    "with modeling_mmretrieval.data.images.load_product_image)."
+                )
         image_mask = torch.tensor([image is not None for image in images], dtype=torch.bool)
         present = [image for image in images if image is not None]
-        if fast_image_processing is None:
-            fast_image_processing = self.fast_image_processing
-        if present:
-            image_processor = self._batched_image_processor() if fast_image_processing else self.image_processor
-            processed = image_processor(images=present, return_tensors="pt")["pixel_values"]
-            if len(present) == len(images):
-                pixel_values = processed  # no placeholders to add: spare a copy of the whole batch
-            else:
-                pixel_values = processed.new_zeros((len(images), *processed.shape[1:]))
-                pixel_values[image_mask] = processed
-        else:
-            pixel_values = torch.zeros((len(images), 3, *self._image_size()))
+        if not present:
+            return {"pixel_values": torch.zeros((len(images), 3, *self._image_size())), "image_mask": image_mask}
+        image_processor = self.batched_image_processor or self.image_processor
+        processed = image_processor(images=present, return_tensors="pt")["pixel_values"]
+        if len(present) == len(images):
+            return {"pixel_values": processed, "image_mask": image_mask}  # no placeholders: spare a copy
+        pixel_values = processed.new_zeros((len(images), *processed.shape[1:]))
+        pixel_values[image_mask] = processed
         return {"pixel_values": pixel_values, "image_mask": image_mask}
-
-    def _batched_image_processor(self) -> FastImageProcessor:
-        # Built on first use from the current image processor, so settings changed before then still count.
-        if self._fast_image_processor is None:
-            self._fast_image_processor = FastImageProcessor.from_image_processor(self.image_processor)
-        return self._fast_image_processor
 
     def _image_size(self) -> tuple[int, int]:
         size = getattr(self.image_processor, "crop_size", None) or self.image_processor.size
@@ -276,16 +332,9 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
         """Model-ready training/scoring inputs: `query_*`, `query_dual_*`, `product_*`, `pixel_values`, `image_mask`."""
         if queries is None and products is None:
             raise ValueError("Pass `queries`, `products` or both.")
-        batch: dict[str, torch.Tensor] = {}
-        if queries is not None:
-            batch.update({f"query_{key}": value for key, value in self.encode_queries(queries).items()})
-        if products is not None:
-            product_inputs = self.encode_products(products, images)
-            for key, value in product_inputs.items():
-                batch[key if key in ("pixel_values", "image_mask") else f"product_{key}"] = value
-        elif images is not None:
-            batch.update(self.encode_images(images))
-        return BatchFeature(batch, tensor_type=return_tensors)
+        query_inputs = self.encode_queries(queries) if queries is not None else None
+        product_inputs = self.encode_products(products, images) if products is not None else None
+        return BatchFeature(pair_model_inputs(query_inputs, product_inputs), tensor_type=return_tensors)
 
     # ----- persistence ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -318,23 +367,8 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
         with open(save_directory / PROCESSOR_CONFIG_NAME, "w", encoding="utf-8") as handle:
             json.dump(settings, handle, indent=2, sort_keys=True)
         if push_to_hub:
-            repo_id = kwargs.pop("repo_id", save_directory.name)
-            self.push_to_hub(repo_id, **kwargs)
+            self.push_to_hub(kwargs.pop("repo_id", save_directory.name), **kwargs)
         return [str(save_directory / PROCESSOR_CONFIG_NAME)]
-
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Uploads the processor files to `repo_id` (created if needed) through `huggingface_hub`."""
-        import tempfile
-
-        from huggingface_hub import HfApi
-
-        api = HfApi(endpoint=kwargs.pop("endpoint", None), token=kwargs.pop("token", None))
-        api.create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None))
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder)
-            return api.upload_folder(
-                repo_id=repo_id, folder_path=folder, commit_message=kwargs.pop("commit_message", "Upload processor")
-            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
@@ -415,4 +449,4 @@ def _read_processor_settings(name_or_path: str | os.PathLike, hub_kwargs: dict) 
         return json.load(handle)
 
 
-__all__ = ["MultimodalRetrievalProcessor", "join_product_text"]
+__all__ = ["MultimodalRetrievalProcessor", "join_product_text", "pair_model_inputs", "split_model_inputs"]

@@ -3,9 +3,9 @@
 Each process takes its share of every global batch saved by the test, runs the model wrapped by
 `accelerator.prepare` (DistributedDataParallel on CPU/gloo) and saves, per batch and per method, its
 local loss and its parameter gradients after the backward (already averaged across processes by DDP or
-by the GradCache step). Methods, in this order on the same weights: the plain `model(**batch).loss`
-backward, the GradCache step, the plain backward again (DDP must still work after a GradCache step), and
-the GradCache step inside `model.no_sync()` (gradients stay local).
+by the GradCache loss). Methods, in this order on the same weights: the plain `model(**batch).loss`
+backward, the `CachedNTXentLoss` backward, the plain backward again (DDP must still work after a GradCache
+step), and the `CachedNTXentLoss` backward inside `model.no_sync()` (gradients stay local).
 
 Usage (`--multi_gpu` selects accelerate's torchrun launcher; the worker itself runs on CPU with gloo.
 In accelerate 1.15 `--cpu --num_processes 2` starts a single process unless an MPI hostfile is given):
@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 
 from modeling_mmretrieval import MultimodalRetrievalModel
-from modeling_mmretrieval.grad_cache import cached_contrastive_step
+from modeling_mmretrieval.training.cached_loss import CachedNTXentLoss
 
 
 def local_share(batch: dict, rank: int, world_size: int) -> dict:
@@ -67,6 +67,7 @@ def main():
     # Eval mode: dropout masks drawn on two processes cannot match the masks of one process.
     model = accelerator.prepare(MultimodalRetrievalModel.from_pretrained(args.model_dir).eval())
     global_batches = torch.load(args.batches_file)
+    cached_loss = CachedNTXentLoss(args.mini_batch_size)
 
     results = {}
     for name, global_batch in global_batches.items():
@@ -75,8 +76,9 @@ def main():
         accelerator.backward(loss)
         results[name, "plain"] = {"loss": loss.detach(), "grads": gradients(model)}
 
-        loss = cached_contrastive_step(model, batch, args.mini_batch_size, backward=accelerator.backward)
-        results[name, "grad_cache"] = {"loss": loss, "grads": gradients(model)}
+        loss = cached_loss(model, batch)
+        accelerator.backward(loss)
+        results[name, "grad_cache"] = {"loss": loss.detach(), "grads": gradients(model)}
 
         loss = model(**batch).loss
         accelerator.backward(loss)
@@ -84,8 +86,9 @@ def main():
 
         # As in the non-final micro-steps of `accelerator.accumulate`: local gradients, no all-reduce.
         with model.no_sync():
-            loss = cached_contrastive_step(model, batch, args.mini_batch_size, backward=accelerator.backward)
-        results[name, "grad_cache_no_sync"] = {"loss": loss, "grads": gradients(model)}
+            loss = cached_loss(model, batch)
+            accelerator.backward(loss)
+        results[name, "grad_cache_no_sync"] = {"loss": loss.detach(), "grads": gradients(model)}
 
     results["setup"] = {"distributed_type": accelerator.distributed_type.value, "backend": accelerator.state.backend}
     torch.save(results, Path(args.output_dir) / f"rank{accelerator.process_index}.pt")

@@ -1,4 +1,5 @@
-"""End-to-end tests of examples/evaluate.py and examples/search.py, run as subprocesses on the committed sample.
+"""End-to-end tests of examples/evaluate.py and examples/search.py, run as subprocesses on the committed sample,
+and of the `mmretrieval` console entry that dispatches to the same commands.
 
 Two checkpoints: the real all-MiniLM-L6-v2 as a text-only retriever (so rankings mean something) and a tiny random
 4tower concat model (MiniLM and CLIP tokenizers, 28 px CLIP image processor) for image queries and comparisons.
@@ -21,9 +22,9 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
 from modeling_mmretrieval.data import SAMPLE_DATA_DIR, load_catalogue, make_evaluation_queries
-from modeling_mmretrieval.metrics import compute_retrieval_metrics
-from modeling_mmretrieval.offline_towers import MissingOfflineTowerError, build_clip_tokenizer, get_minilm_path
-from modeling_mmretrieval.search import config_fingerprint
+from modeling_mmretrieval.retrieval.metrics import compute_retrieval_metrics
+from modeling_mmretrieval.towers import MissingOfflineTowerError, build_clip_tokenizer, get_minilm_path
+from modeling_mmretrieval.retrieval.search import config_fingerprint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = REPO_ROOT / "examples"
@@ -341,3 +342,63 @@ def test_search_serves_the_demo_until_interrupted(built_index, text_checkpoint, 
         if server.poll() is None:
             server.kill()
             server.communicate()
+
+
+# --- The `mmretrieval` console entry ----------------------------------------------------------------------------
+
+
+def run_module_entry(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "modeling_mmretrieval", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=SUBPROCESS_TIMEOUT_S, check=False,
+    )
+
+
+def test_setup_declares_the_console_entry_and_the_installed_one_runs_cli_main():
+    from importlib.metadata import entry_points
+
+    from modeling_mmretrieval import cli
+
+    assert '"mmretrieval=modeling_mmretrieval.cli:main"' in (REPO_ROOT / "setup.py").read_text(encoding="utf-8")
+    installed = entry_points(group="console_scripts", name="mmretrieval")
+    if not installed:
+        pytest.skip("the package is not installed (pip install -e .)")
+    # An install made before the entry moved to cli.py points at __main__.main, which is the same function.
+    assert next(iter(installed)).load() is cli.main
+
+
+def test_module_entry_lists_every_command_and_dispatches_to_one():
+    listed = succeeded(run_module_entry("--help")).stdout
+    for command in ("train", "index", "search", "evaluate", "data-stats", "convert-dinov2"):
+        assert f"\n  {command} " in listed
+
+    command_help = succeeded(run_module_entry("data-stats", "--help")).stdout
+    assert command_help.startswith("usage: data-stats") and "--num-queries" in command_help
+
+
+def test_unknown_or_missing_command_exits_2_with_one_line(capsys):
+    from modeling_mmretrieval.cli import main
+
+    assert main(["frobnicate"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "unknown command 'frobnicate'" in error and "search" in error
+    assert main([]) == 2
+    assert "usage: mmretrieval <command>" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "index", "search", "evaluate", "data-stats", "convert-dinov2"])
+def test_every_command_answers_help_with_its_own_usage(command, capsys):
+    from modeling_mmretrieval.cli import main
+
+    assert main([command, "--help"]) == 0
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: ") and "--help" in usage
+
+
+def test_command_usage_errors_become_exit_statuses(capsys):
+    from modeling_mmretrieval.cli import main
+
+    assert main(["convert-dinov2", "--check-parity", "-1"]) == 2
+    assert "mmretrieval convert-dinov2: error: --check-parity must be >= 0" in capsys.readouterr().err
+    assert main(["search", "--model_name_or_path", "unused"]) == 2
+    assert "give --query, --image or --serve" in capsys.readouterr().err

@@ -7,14 +7,15 @@ from tiny_towers import IMAGE_SIZE, make_config
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
-from modeling_mmretrieval.collator import RetrievalCollator
+from modeling_mmretrieval.data.collator import RetrievalCollator
 from modeling_mmretrieval.data import SAMPLE_DATA_DIR, load_catalogue, make_evaluation_queries, make_training_pairs
-from modeling_mmretrieval.evaluation import RetrievalEvaluator
-from modeling_mmretrieval.image_loading import ImageDecodeError
-from modeling_mmretrieval.index import IndexModelMismatchError, ProductIndex
-from modeling_mmretrieval.offline_towers import get_minilm_path
-from modeling_mmretrieval.search import build_product_index, config_fingerprint, embed_queries, search_text
-from modeling_mmretrieval.training_utils import precompute_image_features
+from modeling_mmretrieval.retrieval.evaluator import RetrievalEvaluator
+from modeling_mmretrieval.data.images import ImageDecodeError
+from modeling_mmretrieval.retrieval.index import ProductIndex
+from modeling_mmretrieval.retrieval.index_files import IndexModelMismatchError
+from modeling_mmretrieval.towers import get_minilm_path
+from modeling_mmretrieval.retrieval.search import build_product_index, config_fingerprint, embed_queries, search_text
+from modeling_mmretrieval.training.image_feature_cache import precompute_image_features
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,10 @@
-"""Catalogue loading, attribute-derived queries, relevance sets, hard negatives and the data-stats command."""
+"""Catalogue loading (catalogue), attribute-derived queries (queries), relevance sets and hard negatives (relevance)
+and the data-stats command (stats)."""
 
 import json
 import random
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -11,25 +14,25 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-from modeling_mmretrieval import data
-from modeling_mmretrieval.data import (
-    QUERY_ATTRIBUTES_COLUMN,
+from modeling_mmretrieval.data import catalogue
+from modeling_mmretrieval.data.catalogue import (
     SAMPLE_DATA_DIR,
     CatalogueColumnError,
     CatalogueColumns,
-    article_type_phrases,
-    catalogue_stats,
-    count_image_problems,
     default_data_dir,
-    derive_query,
-    find_hard_negatives,
     load_catalogue,
+)
+from modeling_mmretrieval.data.images import load_product_image
+from modeling_mmretrieval.data.queries import (
+    QUERY_ATTRIBUTES_COLUMN,
+    EvaluationQuery,
+    article_type_phrases,
+    derive_query,
     make_evaluation_queries,
     make_training_pairs,
-    product_matches,
-    run_data_stats,
 )
-from modeling_mmretrieval.image_loading import load_product_image
+from modeling_mmretrieval.data.relevance import find_hard_negatives, product_matches
+from modeling_mmretrieval.data.stats import catalogue_stats, count_image_problems, run_data_stats
 
 SHARED_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fashion-products"
 ADULT_GENDERS = {"men", "women"}
@@ -57,7 +60,7 @@ def train_values(train_records) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def evaluation_queries(sample) -> list[data.EvaluationQuery]:
+def evaluation_queries(sample) -> list[EvaluationQuery]:
     return make_evaluation_queries(sample["train"], seed=7, num_queries=300)
 
 
@@ -118,22 +121,22 @@ def test_real_catalogue_split_loads_from_the_shared_parquet_files(cache_dir):
 
 @pytest.mark.skipif(not SHARED_DATA_DIR.is_dir(), reason="the shared catalogue is absent")
 def test_default_source_is_the_shared_catalogue_when_present(monkeypatch):
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv(catalogue.DATA_DIR_ENV, raising=False)
     assert default_data_dir() == SHARED_DATA_DIR.resolve()
 
 
 def test_default_source_falls_back_to_the_sample(monkeypatch, tmp_path):
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv(catalogue.DATA_DIR_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path)
+    monkeypatch.setattr(catalogue, "_REPO_ROOT", tmp_path)
     assert default_data_dir() == SAMPLE_DATA_DIR
 
 
 def test_environment_variable_chooses_the_data_dir(monkeypatch, tmp_path):
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(SAMPLE_DATA_DIR))
+    monkeypatch.setenv(catalogue.DATA_DIR_ENV, str(SAMPLE_DATA_DIR))
     assert default_data_dir() == SAMPLE_DATA_DIR
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match=data.DATA_DIR_ENV):
+    monkeypatch.setenv(catalogue.DATA_DIR_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=catalogue.DATA_DIR_ENV):
         default_data_dir()
 
 
@@ -424,7 +427,7 @@ def test_catalogue_stats_summarise_queries_and_images(sample):
 
 
 def test_data_stats_command_prints_the_split_summary(capsys, monkeypatch):
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(SAMPLE_DATA_DIR))
+    monkeypatch.setenv(catalogue.DATA_DIR_ENV, str(SAMPLE_DATA_DIR))
     assert run_data_stats(["--split", "validation", "--num-queries", "40", "--skip-images"]) == 0
     output = capsys.readouterr().out
     assert "attribute-derived" in output
@@ -442,3 +445,22 @@ def test_data_stats_command_reports_a_bad_source(capsys, tmp_path):
     (tmp_path / "train.csv").write_text("product_id,title\n1,Red Tee\n")
     assert run_data_stats(["--source", str(tmp_path), "--skip-images"]) == 2
     assert "image" in capsys.readouterr().err
+
+
+def test_data_stats_runs_as_a_module():
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_mmretrieval.data.stats", "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and result.stdout.startswith("usage: data-stats")
+
+
+def test_package_re_exports_its_public_api():
+    import modeling_mmretrieval.data as package
+
+    assert all(getattr(package, name, None) is not None for name in package.__all__)
+    assert (package.load_catalogue, package.make_training_pairs, package.product_matches, package.run_data_stats) == (
+        load_catalogue,
+        make_training_pairs,
+        product_matches,
+        run_data_stats,
+    )

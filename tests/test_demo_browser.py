@@ -22,9 +22,9 @@ from PIL import Image
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
 from modeling_mmretrieval.data import SAMPLE_DATA_DIR, load_catalogue
-from modeling_mmretrieval.demo import MAX_QUERY_CHARS, serve_demo
-from modeling_mmretrieval.offline_towers import MissingOfflineTowerError, get_minilm_path
-from modeling_mmretrieval.search import build_product_index
+from modeling_mmretrieval.retrieval.demo import MAX_QUERY_CHARS, serve_demo
+from modeling_mmretrieval.towers import MissingOfflineTowerError, get_minilm_path
+from modeling_mmretrieval.retrieval.search import build_product_index
 
 NUM_PRODUCTS = 30
 INJECTED_TITLE = '<img src=x id=injected> Nike "Quoted" & Co <b>Running Shoes</b>'
@@ -133,7 +133,7 @@ def server(catalogue):
 
 @requires_chromium
 def test_browser_shows_titles_and_the_catalogue_images(server, catalogue, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="modeling_mmretrieval.demo")
+    caplog.set_level(logging.INFO, logger="modeling_mmretrieval.retrieval.demo")
     wanted = catalogue[5]
     dom = render_in_chromium(page_url(server, wanted["title"], k=6), tmp_path / "chromium-profile")
 

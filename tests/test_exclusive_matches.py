@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from modeling_mmretrieval.exclusive_matches import ExclusiveMatchReport, exclusive_matches
+from modeling_mmretrieval.retrieval.exclusive_matches import ExclusiveMatchReport, exclusive_matches
 
 
 # Two fashion queries ranked by a multimodal and a text-only model (Myntra-style product ids). The multimodal

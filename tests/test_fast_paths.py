@@ -10,20 +10,20 @@ from PIL import Image
 from tiny_towers import IMAGE_SIZE, make_config
 from transformers import AutoTokenizer, BitImageProcessorPil, CLIPImageProcessorPil
 
-from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
-from modeling_mmretrieval.collator import RetrievalCollator
+from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, speedups
+from modeling_mmretrieval.data.collator import RetrievalCollator
 from modeling_mmretrieval.data import SAMPLE_DATA_DIR, load_catalogue, make_training_pairs
-from modeling_mmretrieval.fast_image_processing import (
+from modeling_mmretrieval.speedups.fast_image_processing import (
     HUGE_PAGE_MIN_BYTES,
     FastImageProcessor,
     UnsupportedImageProcessorError,
     pixel_value_tolerance,
     resized_height_width,
 )
-from modeling_mmretrieval.image_loading import load_product_image
-from modeling_mmretrieval.modeling_mmretrieval import length_groups
-from modeling_mmretrieval.offline_towers import IMAGENET_MEAN, IMAGENET_STD, get_minilm_path
-from modeling_mmretrieval.search import LENGTH_SORT_WINDOW_BATCHES, build_product_index
+from modeling_mmretrieval.data.images import load_product_image
+from modeling_mmretrieval.speedups.length_groups import length_groups
+from modeling_mmretrieval.towers import IMAGENET_MEAN, IMAGENET_STD, get_minilm_path
+from modeling_mmretrieval.retrieval.search import LENGTH_SORT_WINDOW_BATCHES, build_product_index
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +110,16 @@ def test_unsupported_settings_and_inputs_are_refused(photos):
 
 
 def test_processor_fast_flag_round_trips_and_masks_missing_images(tokenizer, photos, tmp_path):
-    processor = MultimodalRetrievalProcessor(tokenizer, CLIPImageProcessorPil(), fast_image_processing=True)
+    processor = MultimodalRetrievalProcessor(tokenizer, CLIPImageProcessorPil())
+    assert speedups.apply_to_processor(processor) and processor.fast_image_processing is True
     processor.save_pretrained(tmp_path)
     loaded = MultimodalRetrievalProcessor.from_pretrained(tmp_path)
-    assert loaded.fast_image_processing is True
+    # The preference is saved; the batched path itself is installed only by the speedups.
+    assert loaded.fast_image_processing is True and loaded.batched_image_processor is None
     images = [photos[0], None, photos[1]]
+    plain = loaded.encode_images(images)
+    speedups.apply(processor=loaded)
     fast = loaded.encode_images(images)
-    plain = loaded.encode_images(images, fast_image_processing=False)
     assert fast["image_mask"].tolist() == [True, False, True]
     assert torch.count_nonzero(fast["pixel_values"][1]) == 0
     assert_within_stated_tolerance(
@@ -200,9 +203,8 @@ def test_cached_image_features_give_the_recomputed_step(tokenizer, catalogue):
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
-    processor = MultimodalRetrievalProcessor(
-        tokenizer, image_processor, max_product_length=48, fast_image_processing=True
-    )
+    processor = MultimodalRetrievalProcessor(tokenizer, image_processor, max_product_length=48)
+    speedups.apply(processor=processor, fast_image_processing=True)
     rows = make_training_pairs(catalogue.select(range(6)), seed=0).to_list()
     rows[2]["image"] = None  # an image-less product stays image-less in the cache
 
@@ -286,7 +288,7 @@ def test_grouped_text_batches_give_the_embeddings_and_gradients_of_whole_batches
 
     results = {}
     for grouped in (False, True):
-        model.group_text_by_length = grouped
+        speedups.apply(model, length_groups=grouped)
         model.zero_grad()
         outputs = {}
 
@@ -309,6 +311,7 @@ def test_grouped_text_batches_give_the_embeddings_and_gradients_of_whole_batches
 
 def test_text_batches_run_whole_when_left_padded_or_not_training(tokenizer):
     model = tiny_text_model(tokenizer).train()
+    speedups.apply(model)
     long_text = "red cotton kurta for women with mirror work on the yoke, side slits and three-quarter sleeves. " * 4
     texts = [long_text, "black shoes", "watch"]
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
-from modeling_mmretrieval.gap_sampled_dropout import GAP_SAMPLED_SDPA
-from modeling_mmretrieval.offline_towers import get_minilm_path
+from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, speedups
+from modeling_mmretrieval.speedups.gap_sampled_dropout import GAP_SAMPLED_SDPA
+from modeling_mmretrieval.towers import get_minilm_path
 from tiny_towers import tiny_dinov2
 from transformers import Dinov2Model, PreTrainedConfig, VisionTextDualEncoderModel
 
@@ -83,9 +83,13 @@ def test_switching_attention_reaches_every_layer_of_adopted_towers(minilm_path):
         with torch.no_grad():
             return model.get_query_embeddings(**inputs)
 
-    # sdpa, with dropout masks drawn by gap sampling in CPU training (eval-mode results are sdpa's).
-    assert attention_in_layers() == {GAP_SAMPLED_SDPA}
+    assert attention_in_layers() == {"sdpa"}
     sdpa = query_embeddings()
+    # The speedups reach every layer too: sdpa with dropout masks drawn by gap sampling in CPU training
+    # (eval-mode results are sdpa's).
+    speedups.apply(model)
+    assert attention_in_layers() == {GAP_SAMPLED_SDPA}
+    torch.testing.assert_close(query_embeddings(), sdpa, atol=0, rtol=0)
     model.set_attn_implementation("eager")
     assert attention_in_layers() == {"eager"}
     # Every layer now reads the model's own config, so later edits of model.config reach the weights' users.

@@ -36,11 +36,13 @@ from tiny_towers import IMAGE_SIZE, make_config
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
-from modeling_mmretrieval.collator import RetrievalCollator
+from modeling_mmretrieval.data.collator import RetrievalCollator
 from modeling_mmretrieval.data import SAMPLE_DATA_DIR
-from modeling_mmretrieval.index import NORM_TOLERANCE, DuplicateProductIdError, ProductIndex
-from modeling_mmretrieval.offline_towers import build_clip_tokenizer, get_minilm_path
-from modeling_mmretrieval.search import build_product_index, embed_queries, search_text
+from modeling_mmretrieval.retrieval.embedding_checks import NORM_TOLERANCE
+from modeling_mmretrieval.retrieval.index import ProductIndex
+from modeling_mmretrieval.retrieval.product_ids import DuplicateProductIdError
+from modeling_mmretrieval.towers import build_clip_tokenizer, get_minilm_path
+from modeling_mmretrieval.retrieval.search import build_product_index, embed_queries, search_text
 
 EXAMPLES = int(os.environ.get("MMRETRIEVAL_FUZZ_EXAMPLES", "30"))
 REPORT_DIR_ENV = "MMRETRIEVAL_RELIABILITY_REPORT_DIR"

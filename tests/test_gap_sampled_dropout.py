@@ -7,8 +7,8 @@ import torch
 from tiny_towers import make_config
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from modeling_mmretrieval import MultimodalRetrievalModel
-from modeling_mmretrieval import gap_sampled_dropout as gsd
+from modeling_mmretrieval import MultimodalRetrievalModel, speedups
+from modeling_mmretrieval.speedups import gap_sampled_dropout as gsd
 
 
 def _within_binomial(successes: float, trials: int, probability: float, deviations: float = 5.0) -> bool:
@@ -130,28 +130,35 @@ def test_attention_dropout_drops_probabilities_with_the_drawn_mask_and_ignores_p
 def test_model_towers_switch_and_switch_back(tmp_path):
     model = MultimodalRetrievalModel(make_config("4tower-mlp"))
     towers = [model.text_model, model.dual_encoder]
-    dropouts = [module for tower in towers for module in tower.modules() if isinstance(module, torch.nn.Dropout)]
-    assert dropouts and all(type(module) is gsd.GapSampledDropout for module in dropouts)
+    dropouts = lambda: [module for tower in towers for module in tower.modules() if isinstance(module, torch.nn.Dropout)]
+    # A model as built or loaded runs plain transformers modules; the speedups are applied explicitly.
+    assert dropouts() and not any(type(module) is gsd.GapSampledDropout for module in dropouts())
+    assert model.text_model.config._attn_implementation == "sdpa"
+    speedups.apply(model)
+    assert all(type(module) is gsd.GapSampledDropout for module in dropouts())
     assert model.text_model.config._attn_implementation == gsd.GAP_SAMPLED_SDPA
     # A frozen image tower stays in eval mode, new dropout layers included, through every switch.
     three_tower = MultimodalRetrievalModel(make_config("3tower-dinov2"))
     assert any(isinstance(module, torch.nn.Dropout) for module in three_tower.vision_model.modules())
     for enabled in (True, False, True):
-        three_tower.use_gap_sampled_dropout(enabled)
+        speedups.apply(three_tower, gap_sampled_dropout=enabled)
         assert three_tower.training and not any(module.training for module in three_tower.vision_model.modules())
 
-    # An explicit implementation is honoured; asking for sdpa again gives the gap-sampled one.
+    # An explicit implementation is honoured; applying the speedups again gives the gap-sampled one.
     model.set_attn_implementation("eager")
     assert model.text_model.config._attn_implementation == "eager"
     model.set_attn_implementation("sdpa")
+    speedups.apply(model)
     assert model.text_model.config._attn_implementation == gsd.GAP_SAMPLED_SDPA
 
+    # Checkpoints never record the speedups: a loaded model is plain.
     model.save_pretrained(tmp_path)
     assert gsd.GAP_SAMPLED_SDPA not in (tmp_path / "config.json").read_text()
     loaded = MultimodalRetrievalModel.from_pretrained(tmp_path)
-    assert loaded.text_model.config._attn_implementation == gsd.GAP_SAMPLED_SDPA
+    assert loaded.text_model.config._attn_implementation == "sdpa"
+    assert not any(type(module) is gsd.GapSampledDropout for module in loaded.modules())
 
-    model.use_gap_sampled_dropout(False)
+    speedups.apply(model, gap_sampled_dropout=False)
     assert model.text_model.config._attn_implementation == "sdpa"
     assert not any(type(module) is gsd.GapSampledDropout for module in model.modules())
 
@@ -169,10 +176,10 @@ def test_training_steps_are_reproducible_and_eval_embeddings_unchanged():
 
     model.eval()
     with torch.no_grad():
+        plain_eval = embed()
+        speedups.apply(model)
         gap_eval = embed()
-        model.use_gap_sampled_dropout(False)
-        torch.testing.assert_close(embed(), gap_eval, rtol=0, atol=1e-6)
-        model.use_gap_sampled_dropout(True)
+        torch.testing.assert_close(gap_eval, plain_eval, rtol=0, atol=1e-6)
 
     model.train()
     torch.manual_seed(1)

@@ -1,17 +1,13 @@
-"""GradCache must reproduce the gradients of the plain full-batch NT-Xent backward, chunk size aside."""
+"""GradCache (`CachedNTXentLoss`) must reproduce the gradients of the plain full-batch NT-Xent backward, chunk size
+aside, and hold the caller's autocast in every tower pass, the replay during backward included."""
 
 import pytest
 import torch
 from tiny_towers import make_batch, make_config, product_inputs, query_inputs
 
 from modeling_mmretrieval import MultimodalRetrievalModel
-from modeling_mmretrieval.grad_cache import (
-    CachedNTXentStep,
-    RandomStateSnapshot,
-    cached_contrastive_step,
-    chunk_rows,
-    split_model_inputs,
-)
+from modeling_mmretrieval.processing_mmretrieval import split_model_inputs
+from modeling_mmretrieval.training.cached_loss import AutocastState, CachedNTXentLoss, RandomStateSnapshot, chunk_rows
 
 # (case, config overrides, pairs, hard negatives per query, mini-batch size); 5 pairs so most chunk
 # sizes leave a ragged last chunk, and every batch has an image-less product (tiny_towers.make_batch).
@@ -52,6 +48,13 @@ def assert_same_grads(actual: dict, expected: dict):
 def build(case: str, overrides: dict, seed: int = 0) -> MultimodalRetrievalModel:
     torch.manual_seed(seed)
     return MultimodalRetrievalModel(make_config(case, **overrides))
+
+
+def cached_contrastive_step(model, batch: dict, mini_batch_size: int) -> torch.Tensor:
+    """One GradCache step as the trainer runs it: the cached loss, then its backward; returns the detached loss."""
+    loss = CachedNTXentLoss(mini_batch_size)(model, batch)
+    loss.backward()
+    return loss.detach()
 
 
 def chunked_autograd_loss(model, batch: dict, mini_batch_size: int) -> torch.Tensor:
@@ -154,7 +157,7 @@ def flat_grads(model) -> torch.Tensor:
     return torch.cat([grad.reshape(-1) for _, grad in sorted(parameter_grads(model).items())])
 
 
-def test_autocast_factory_wraps_every_forward():
+def test_autocast_at_call_time_wraps_every_forward():
     model = build("4tower-concat", {}).eval()
     batch = make_batch(model.config, num_pairs=5, num_negatives=1)
 
@@ -166,7 +169,9 @@ def test_autocast_factory_wraps_every_forward():
     plain_bf16 = flat_grads(model)
     model(**batch).loss.backward()
     plain_fp32 = flat_grads(model)
-    cached_contrastive_step(model, batch, mini_batch_size=2, autocast=bfloat16)
+    with bfloat16():
+        loss = CachedNTXentLoss(mini_batch_size=2)(model, batch)
+    loss.backward()  # outside the autocast block: the replay must re-enter it
     cached_bf16 = flat_grads(model)
 
     def distance(a, b):
@@ -191,36 +196,104 @@ def test_replays_cuda_dropout_masks():
     assert_same_grads(parameter_grads(model), expected)
 
 
-def test_backward_hook_scales_the_loss_once():
-    """A loss-scaling `backward` (as fp16's GradScaler in `accelerator.backward`) must scale gradients once."""
+def test_backward_scales_the_replayed_gradients_by_the_incoming_gradient():
+    """fp16 loss scaling and gradient-accumulation division (both `accelerator.backward`) multiply the loss
+    before its backward: every gradient, the towers' and the logit scale's, must be scaled exactly once."""
     model = build("text_only", {}).eval()
     batch = make_batch(model.config, num_pairs=5, num_negatives=1)
     cached_contrastive_step(model, batch, mini_batch_size=2)
     unscaled = parameter_grads(model)
-    losses_seen = []
 
-    def scaled_backward(loss):
-        losses_seen.append(loss.detach())
-        (loss * 8.0).backward()
+    loss = CachedNTXentLoss(mini_batch_size=2)(model, batch)
+    (loss * 8.0 / 2).backward()
 
-    loss = cached_contrastive_step(model, batch, mini_batch_size=2, backward=scaled_backward)
-
-    assert len(losses_seen) == 1 and torch.equal(losses_seen[0], loss)
-    assert_same_grads(parameter_grads(model), {name: 8.0 * grad for name, grad in unscaled.items()})
+    assert "logit_scale" in unscaled
+    assert_same_grads(parameter_grads(model), {name: 4.0 * grad for name, grad in unscaled.items()})
 
 
-def test_step_object_accumulates_like_repeated_backward_calls():
+def test_loss_object_accumulates_like_repeated_backward_calls():
     model = build("4tower-concat", {}).eval()
     batch = make_batch(model.config, num_pairs=4, num_negatives=0)
     model(**batch).loss.backward()
     single = parameter_grads(model)
-    step = CachedNTXentStep(mini_batch_size=3)
+    loss_fn = CachedNTXentLoss(mini_batch_size=3)
 
-    step(model, batch)
-    step(model, batch)
+    loss_fn(model, batch).backward()
+    loss_fn(model, batch).backward()
 
-    assert repr(step) == "CachedNTXentStep(mini_batch_size=3)"
+    assert repr(loss_fn) == "CachedNTXentLoss(mini_batch_size=3)"
     assert_same_grads(parameter_grads(model), {name: 2 * grad for name, grad in single.items()})
+
+
+@pytest.mark.parametrize("case", ["text_only", "3tower-dinov2", "4tower-mlp"])
+def test_bf16_autocast_holds_in_the_first_pass_and_in_the_replay(case):
+    """The issue's bug: GradCache ran the towers without the caller's autocast. With bf16 autocast on the CPU,
+    a tower Linear must compute in bf16 in the no-grad first pass and in the replay during backward, which runs
+    here outside the autocast block (as on CUDA, where backward runs in another thread)."""
+    model = build(case, {"freeze_image_towers": False}).train()
+    batch = make_batch(model.config, num_pairs=4, num_negatives=1)
+    seen = {"first pass": set(), "replay": set()}
+
+    def record(module, inputs, output):
+        seen["replay" if torch.is_grad_enabled() else "first pass"].add(output.dtype)
+
+    text_query = model.text_model.encoder.layer[0].attention.self.query
+    hooks = [text_query.register_forward_hook(record)]
+    if model.vision_model is not None:  # a trainable image tower is replayed too
+        hooks.append(model.vision_model.encoder.layer[0].mlp.fc1.register_forward_hook(record))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = CachedNTXentLoss(mini_batch_size=3)(model, batch)
+    assert seen == {"first pass": {torch.bfloat16}, "replay": set()}
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+
+    assert seen == {"first pass": {torch.bfloat16}, "replay": {torch.bfloat16}}
+    assert text_query.weight.grad is not None and torch.isfinite(text_query.weight.grad).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp16_autocast_holds_in_the_cuda_backward_thread():
+    """On CUDA the backward (and so the replay) runs in the autograd engine's device thread, where the caller's
+    thread-local autocast is not active; a loss scale as GradScaler's must reach the towers once."""
+    model = build("4tower-mlp", {}).train().cuda()
+    batch = {key: value.cuda() for key, value in make_batch(model.config, num_pairs=4, num_negatives=1).items()}
+    dtypes = {"first pass": set(), "replay": set()}
+    model.text_model.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda module, inputs, output: dtypes["replay" if torch.is_grad_enabled() else "first pass"].add(output.dtype)
+    )
+    loss_fn = CachedNTXentLoss(mini_batch_size=3)
+    torch.manual_seed(0)
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = loss_fn(model, batch)
+    loss.backward()
+    unscaled = parameter_grads(model)
+    torch.manual_seed(0)
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = loss_fn(model, batch)
+    (loss * 1024.0).backward()
+
+    assert dtypes == {"first pass": {torch.float16}, "replay": {torch.float16}}
+    scaled = parameter_grads(model)
+    assert scaled.keys() == unscaled.keys()
+    for name, grad in unscaled.items():  # fp16 rounds the scaled and unscaled backward differently
+        scale = max(grad.abs().max().item(), 1e-3)
+        torch.testing.assert_close(scaled[name] / 1024.0, grad, rtol=1e-2, atol=1e-2 * scale, msg=name)
+
+
+def test_without_autocast_the_replay_stays_float32_even_inside_one():
+    """The state recorded at call time wins: a backward run inside an autocast block does not change it."""
+    model = build("text_only", {}).eval()
+    batch = make_batch(model.config, num_pairs=4)
+    dtypes = []
+    model.text_model.encoder.layer[0].attention.self.query.register_forward_hook(
+        lambda module, inputs, output: dtypes.append(output.dtype)
+    )
+    loss = CachedNTXentLoss(mini_batch_size=2)(model, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss.backward()
+    assert set(dtypes) == {torch.float32} and len(dtypes) == 8  # 2 query and 2 product chunks, embedded twice
+    assert not AutocastState.capture("cpu").enabled
 
 
 def test_random_state_snapshot_replays_without_disturbing_the_outer_stream():
@@ -268,12 +341,13 @@ def test_bad_inputs_raise_clear_errors():
     batch = make_batch(model.config, num_pairs=4)
     for size in (0, -2, 2.5, True):
         with pytest.raises(ValueError, match="mini_batch_size"):
-            cached_contrastive_step(model, batch, size)
+            CachedNTXentLoss(size)
+    loss_fn = CachedNTXentLoss(2)
     with pytest.raises(ValueError, match="Unexpected batch keys \\['labels'\\]"):
-        cached_contrastive_step(model, {**batch, "labels": torch.arange(4)}, 2)
+        loss_fn(model, {**batch, "labels": torch.arange(4)})
     with pytest.raises(ValueError, match="product_input_ids"):
-        cached_contrastive_step(model, {k: v for k, v in batch.items() if not k.startswith("product_")}, 2)
+        loss_fn(model, {k: v for k, v in batch.items() if not k.startswith("product_")})
     with pytest.raises(ValueError, match="rows like `input_ids`"):
-        cached_contrastive_step(model, {**batch, "query_attention_mask": batch["query_attention_mask"][:3]}, 2)
+        loss_fn(model, {**batch, "query_attention_mask": batch["query_attention_mask"][:3]})
     with pytest.raises(TypeError, match="DataParallel"):
-        cached_contrastive_step(torch.nn.DataParallel(model), batch, 2)
+        loss_fn(torch.nn.DataParallel(model), batch)

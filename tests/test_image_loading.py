@@ -11,7 +11,7 @@ from hostile_images import png_header_only
 from PIL import Image, ImageFile
 
 from modeling_mmretrieval.data import SAMPLE_DATA_DIR
-from modeling_mmretrieval.image_loading import (
+from modeling_mmretrieval.data.images import (
     ImageDecodeError,
     ImageLoadResult,
     ImageProblem,

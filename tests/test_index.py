@@ -1,4 +1,4 @@
-"""Tests for modeling_mmretrieval.index: exact/faiss search, build, save/load integrity, sharding, threads."""
+"""Tests for modeling_mmretrieval.retrieval.index (and its parts): exact/faiss search, build, save/load integrity, sharding, threads."""
 
 import functools
 import hashlib
@@ -16,19 +16,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from modeling_mmretrieval.index import (
+from modeling_mmretrieval.retrieval.index import ProductIndex
+from modeling_mmretrieval.retrieval.index_files import (
     EMBEDDINGS_FILENAME,
     IDS_FILENAME,
     MAX_METADATA_CHARS,
     META_FILENAME,
-    DuplicateProductIdError,
     IndexIntegrityError,
     IndexModelMismatchError,
-    ProductIndex,
-    shard_row_indices,
 )
+from modeling_mmretrieval.retrieval.product_ids import DuplicateProductIdError
+from modeling_mmretrieval.retrieval.sharding import shard_row_indices
 
-SAMPLE_CATALOGUE = Path(__file__).resolve().parents[1] / "modeling_mmretrieval" / "sample_data" / "train.parquet"
+SAMPLE_CATALOGUE = Path(__file__).resolve().parents[1] / "modeling_mmretrieval" / "data" / "sample" / "train.parquet"
 BRANDS = ["Nike", "Puma", "Adidas", "Reebok", "Levis", "Fabindia", "Titan", "Fastrack"]
 GENDERS = ["Men", "Women", "Boys", "Girls", "Unisex"]
 COLOURS = ["Black", "Navy Blue", "Red", "White", "Olive", "Mustard"]

@@ -1,21 +1,14 @@
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modeling_mmretrieval.metrics import (
+from modeling_mmretrieval.retrieval.metrics import (
     METRIC_NAMES,
-    RETRIEVAL_METRIC_DIR,
     compute_retrieval_metrics,
     evaluate_run,
-    load_retrieval_metric,
     normalize_qrels,
     normalize_run,
     rank_by_score,
@@ -264,95 +257,3 @@ def test_agrees_with_trec_eval_on_random_graded_runs(seed):
         # no run is longer than 30 products, so MRR@30 is trec_eval's uncut reciprocal rank
         assert evaluation.per_query["mrr@30"][query_id] == pytest.approx(trec_values["recip_rank"])
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# evaluate module
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def retrieval_metric():
-    pytest.importorskip("evaluate", reason="the evaluate module wrapper needs the `evaluate` package")
-    return load_retrieval_metric(keep_in_memory=True)
-
-
-def test_evaluate_module_matches_metrics_on_binary_references(retrieval_metric):
-    run, qrels = _random_run_and_qrels(seed=3, num_queries=20)
-    query_ids = list(qrels)
-    predictions = [rank_by_score(run[query_id]) for query_id in query_ids]
-    references = [[product for product, grade in qrels[query_id].items() if grade > 0] for query_id in query_ids]
-
-    results = retrieval_metric.compute(predictions=predictions, references=references, k_values=[1, 10])
-
-    expected = compute_retrieval_metrics(
-        dict(zip(query_ids, predictions, strict=True)), dict(zip(query_ids, references, strict=True)), k_values=[1, 10]
-    )
-    assert results == pytest.approx(expected)
-    assert results.keys() == expected.keys()
-
-
-def test_evaluate_module_matches_metrics_on_graded_references_added_in_batches(retrieval_metric):
-    run, qrels = _random_run_and_qrels(seed=4, num_queries=20)
-    query_ids = list(qrels)
-    predictions = [rank_by_score(run[query_id]) for query_id in query_ids]
-    references = [
-        {"product_id": list(qrels[query_id]), "relevance": list(qrels[query_id].values())} for query_id in query_ids
-    ]
-    for start in range(0, len(query_ids), 8):
-        retrieval_metric.add_batch(
-            predictions=predictions[start : start + 8], references=references[start : start + 8]
-        )
-
-    results = retrieval_metric.compute(k_values=[5], gain="exponential")
-
-    expected = compute_retrieval_metrics(run, qrels, k_values=[5], gain="exponential")
-    assert results == pytest.approx(expected)
-
-
-def test_evaluate_module_rejects_duplicates_and_non_string_ids(retrieval_metric):
-    with pytest.raises(ValueError, match="more than once"):
-        retrieval_metric.compute(predictions=[["a", "b", "a"]], references=[["a"]])
-    with pytest.raises(ValueError, match="expected format"):
-        retrieval_metric.compute(predictions=[[1, 2]], references=[[1]])
-    with pytest.raises(ValueError, match="2 product ids but 1 relevance grades"):
-        retrieval_metric.compute(predictions=[["a"]], references=[{"product_id": ["a", "b"], "relevance": [1]}])
-
-
-def test_evaluate_load_by_absolute_path_in_offline_mode(monkeypatch):
-    evaluate = pytest.importorskip("evaluate", reason="the evaluate module wrapper needs the `evaluate` package")
-    monkeypatch.setattr(evaluate.config, "HF_EVALUATE_OFFLINE", True)
-
-    metric = evaluate.load(str(RETRIEVAL_METRIC_DIR), keep_in_memory=True)
-
-    assert type(metric).__name__ == "RetrievalMetric"
-    assert "nDCG" in metric.description
-    run = {0: ["p3", "p1", "p2"], 1: ["p4"]}
-    qrels = {0: ["p1", "p2"], 1: ["p5"]}
-    results = metric.compute(predictions=list(run.values()), references=list(qrels.values()), k_values=[2])
-    assert results == compute_retrieval_metrics(run, qrels, k_values=[2])
-
-
-@pytest.mark.slow  # a fresh interpreter pays the full `import evaluate` (~10 s here)
-def test_evaluate_load_works_in_a_fresh_offline_process(tmp_path):
-    pytest.importorskip("evaluate", reason="the evaluate module wrapper needs the `evaluate` package")
-    script = (
-        "import evaluate, json\n"
-        f"metric = evaluate.load({str(RETRIEVAL_METRIC_DIR)!r}, keep_in_memory=True)\n"
-        "print(json.dumps(metric.compute(predictions=[['p2', 'p1']], references=[['p1']], k_values=[1, 2])))\n"
-    )
-    repository_root = str(Path(__file__).resolve().parents[1])
-    environment = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_EVALUATE_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "PYTHONPATH": os.pathsep.join(filter(None, [repository_root, os.environ.get("PYTHONPATH")])),
-    }
-    completed = subprocess.run(
-        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert completed.returncode == 0, completed.stderr
-    results = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert results["mrr@2"] == 0.5
-    assert results["recall@1"] == 0.0
-    assert results["ndcg@2"] == pytest.approx(1 / LOG2_3)

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from tiny_towers import ARCHITECTURE_CASES, make_batch, make_config, product_inputs, query_inputs
 from transformers import AutoConfig, AutoModel
 
-from modeling_mmretrieval import MultimodalRetrievalConfig, MultimodalRetrievalModel
-from modeling_mmretrieval.gap_sampled_dropout import GAP_SAMPLED_SDPA
+from modeling_mmretrieval import MultimodalRetrievalConfig, MultimodalRetrievalModel, speedups
+from modeling_mmretrieval.speedups.gap_sampled_dropout import GAP_SAMPLED_SDPA
 
 CASES = list(ARCHITECTURE_CASES)
 
@@ -20,6 +20,27 @@ CASES = list(ARCHITECTURE_CASES)
 def embeddings(model, batch):
     with torch.no_grad():
         return model.get_query_embeddings(**query_inputs(batch)), model.get_product_embeddings(**product_inputs(batch))
+
+
+@pytest.mark.parametrize("case", ["4tower-residual", "3tower-residual"])
+def test_residual_fusion_starts_as_the_text_only_model(case):
+    config = make_config(case)
+    torch.manual_seed(0)
+    model = MultimodalRetrievalModel(config).eval()
+    text_only = MultimodalRetrievalModel(make_config("text_only")).eval()
+    text_only.text_model.load_state_dict(model.text_model.state_dict())
+    batch = make_batch(config, num_pairs=5, seed=2)
+    batch["image_mask"][1] = False  # an image-less product starts on the text path too
+    for residual, text in zip(embeddings(model, batch), embeddings(text_only, batch)):
+        torch.testing.assert_close(residual, text, atol=1e-6, rtol=0)
+    # ... and the image branch is trainable from the first step: its last layer gets a gradient.
+    model.train()
+    model(**batch).loss.backward()
+    assert model.product_fusion.layers[-1].weight.grad.abs().sum() > 0
+    # A loaded checkpoint keeps its trained (non-zero) image branch.
+    with torch.no_grad():
+        model.product_fusion.layers[-1].weight.add_(0.5)
+    assert not torch.allclose(embeddings(model.eval(), batch)[1], embeddings(text_only, batch)[1], atol=1e-3)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -326,10 +347,16 @@ def test_sdpa_attention_matches_eager(tmp_path):
     batch = make_batch(config)
     sdpa = MultimodalRetrievalModel.from_pretrained(tmp_path, attn_implementation="sdpa")
     eager = MultimodalRetrievalModel.from_pretrained(tmp_path, attn_implementation="eager")
-    # sdpa reaches every tower, as its gap-sampled-dropout variant (the same function outside CPU training).
+    # sdpa reaches every tower; a loaded model runs plain transformers attention.
+    assert sdpa.text_model.config._attn_implementation == "sdpa"
+    assert sdpa.dual_encoder.config.text_config._attn_implementation == "sdpa"
+    assert eager.text_model.config._attn_implementation == "eager"
+    for a, b in zip(embeddings(sdpa, batch), embeddings(eager, batch)):
+        assert torch.allclose(a, b, atol=1e-5)
+    # The gap-sampled-dropout variant the speedups install is the same function outside CPU training.
+    speedups.apply(sdpa)
     assert sdpa.text_model.config._attn_implementation == GAP_SAMPLED_SDPA
     assert sdpa.dual_encoder.config.text_config._attn_implementation == GAP_SAMPLED_SDPA
-    assert eager.text_model.config._attn_implementation == "eager"
     for a, b in zip(embeddings(sdpa, batch), embeddings(eager, batch)):
         assert torch.allclose(a, b, atol=1e-5)
 
@@ -343,7 +370,7 @@ def test_sdpa_attention_matches_eager(tmp_path):
         (dict(architecture="4tower"), "needs `dual_encoder_config`"),
         (dict(architecture="3tower"), "needs `vision_config`"),
         (dict(architecture="4tower", dual_encoder_config={"model_type": "dinov2"}), "aligned text-image dual encoder"),
-        (dict(architecture="3tower", vision_config={"model_type": "dinov2"}, fusion="concat"), "fusion` must be 'mlp'"),
+        (dict(architecture="3tower", vision_config={"model_type": "dinov2"}, fusion="concat"), "fusion` must be one of ['mlp', 'residual']"),
         (dict(architecture="text_only", vision_config={"model_type": "dinov2"}), "takes no image tower"),
         (dict(fusion_alpha=1.5), "fusion_alpha"),
         (dict(logit_scale_init_value=0.0), "logit_scale_init_value"),

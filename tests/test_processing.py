@@ -8,7 +8,7 @@ from tiny_towers import IMAGE_SIZE, make_config
 from transformers import AutoProcessor, AutoTokenizer, BitImageProcessorPil, CLIPImageProcessorPil
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
-from modeling_mmretrieval.offline_towers import build_clip_tokenizer, get_minilm_path
+from modeling_mmretrieval.towers import build_clip_tokenizer, get_minilm_path
 from modeling_mmretrieval.processing_mmretrieval import join_product_text
 
 

@@ -1,4 +1,4 @@
-"""Tests for modeling_mmretrieval.product_ids: the compact, append-only product id table of an index."""
+"""Tests for modeling_mmretrieval.retrieval.product_ids: the compact, append-only product id table of an index."""
 
 import sys
 import threading
@@ -7,9 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from modeling_mmretrieval import product_ids
-from modeling_mmretrieval.index import DuplicateProductIdError
-from modeling_mmretrieval.product_ids import ProductIdTable
+from modeling_mmretrieval.retrieval import product_ids
+from modeling_mmretrieval.retrieval.product_ids import DuplicateProductIdError, ProductIdTable
 
 ODD_IDS = [
     "", "sku-1", "crème brûlée", "日本語-商品", "🙂" * 3, "x" * 10_000, "\ud800 lone surrogate", "1", 1, 0, -7, 10**30,

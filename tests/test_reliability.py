@@ -31,20 +31,20 @@ from tiny_towers import IMAGE_SIZE, make_config, tiny_bert, tiny_dinov2
 from transformers import AutoTokenizer, BertModel, BitImageProcessorPil, CLIPImageProcessorPil, Dinov2Model
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
-from modeling_mmretrieval.collator import RetrievalCollator
+from modeling_mmretrieval.data.collator import RetrievalCollator
 from modeling_mmretrieval.data import SAMPLE_DATA_DIR
-from modeling_mmretrieval.image_loading import ImageDecodeError, ImageProblem
-from modeling_mmretrieval.index import (
+from modeling_mmretrieval.data.images import ImageDecodeError, ImageProblem
+from modeling_mmretrieval.retrieval.index import ProductIndex
+from modeling_mmretrieval.retrieval.index_files import (
     EMBEDDINGS_FILENAME,
     IDS_FILENAME,
     META_FILENAME,
     METADATA_FILENAME,
     IndexIntegrityError,
     IndexModelMismatchError,
-    ProductIndex,
 )
-from modeling_mmretrieval.offline_towers import get_minilm_path
-from modeling_mmretrieval.search import (
+from modeling_mmretrieval.towers import get_minilm_path
+from modeling_mmretrieval.retrieval.search import (
     build_product_index,
     config_fingerprint,
     embed_queries,

@@ -1,4 +1,4 @@
-"""Float16 screening of exact search (modeling_mmretrieval.screening): same results, proven error bound."""
+"""Float16 screening of exact search (modeling_mmretrieval.speedups.float16_screening): same results, proven error bound."""
 
 import logging
 
@@ -7,10 +7,11 @@ import pytest
 import torch
 from test_index import assert_is_exact_top_k, random_unit_vectors, sku_ids
 
-from modeling_mmretrieval import index as index_module
-from modeling_mmretrieval import screening
-from modeling_mmretrieval.index import SCREENING_MAX_QUERIES, SCREENING_MIN_ROWS, ProductIndex
-from modeling_mmretrieval.screening import Float16Screen, float16_kernel_sums_in_float32
+from modeling_mmretrieval.retrieval import exact_search
+from modeling_mmretrieval.speedups import float16_screening as screening
+from modeling_mmretrieval.retrieval.exact_search import SCREENING_MAX_QUERIES, SCREENING_MIN_ROWS
+from modeling_mmretrieval.retrieval.index import ProductIndex
+from modeling_mmretrieval.speedups.float16_screening import Float16Screen, float16_kernel_sums_in_float32
 
 
 @pytest.fixture
@@ -96,12 +97,12 @@ def test_screening_follows_adds_and_can_be_switched_off():
     index.set_backend("exact", screening=True)
     query = random_unit_vectors(1, 64, seed=30)[0]
     index.search(query, k=5)
-    assert index._screen.count == 500
+    assert index._screening.copy.count == 500
     index.add(query[None], ["exact-match"])
     assert index.search(query, k=1)[1] == ["exact-match"]
-    assert index._screen.count == 501
+    assert index._screening.copy.count == 501
     index.set_backend("exact", screening=False)
-    assert index._screen is None and index.search(query, k=1)[1] == ["exact-match"]
+    assert index._screening.copy is None and index.search(query, k=1)[1] == ["exact-match"]
     with pytest.raises(ValueError, match="screening"):
         index.set_backend("exact", screening="yes")
 
@@ -123,10 +124,10 @@ def test_unrepresentable_values_fall_back_to_full_precision(caplog):
     catalogue[5, 3] = np.inf  # a damaged row that the constructor, which trusts its caller, lets through
     index = ProductIndex(catalogue, sku_ids(300)).set_backend("exact", screening=True)
     query = torch.from_numpy(catalogue[9])
-    with caplog.at_level(logging.WARNING, logger="modeling_mmretrieval.index"):
+    with caplog.at_level(logging.WARNING, logger="modeling_mmretrieval.retrieval.exact_search"):
         assert index.search(query, k=1)[1] == ["sku-000009"]
     assert "without float16 screening" in caplog.text and "rows 0 to 299" in caplog.text
-    assert index._screen is None
+    assert index._screening.copy is None
 
 
 def test_the_probe_rejects_a_kernel_that_sums_in_float16(monkeypatch):
@@ -149,7 +150,7 @@ def test_the_probe_rejects_a_kernel_that_sums_in_float16(monkeypatch):
 
 
 def test_search_does_not_screen_where_the_kernel_fails_the_probe(monkeypatch, screen_calls):
-    monkeypatch.setattr(index_module, "float16_kernel_sums_in_float32", lambda dim: False)
+    monkeypatch.setattr(exact_search, "float16_kernel_sums_in_float32", lambda dim: False)
     count = SCREENING_MIN_ROWS
     catalogue = random_unit_vectors(count, 48, seed=33)
     index = ProductIndex.from_embeddings(catalogue, sku_ids(count)).set_backend("exact", screening=True)

@@ -11,8 +11,8 @@ import torch
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
 from modeling_mmretrieval.data import SAMPLE_DATA_DIR
-from modeling_mmretrieval.index import ProductIndex
-from modeling_mmretrieval.offline_towers import get_minilm_path
+from modeling_mmretrieval.retrieval.index import ProductIndex
+from modeling_mmretrieval.towers import get_minilm_path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "build_index.py"
 

@@ -7,7 +7,7 @@ import torch
 from conftest import REPO_ROOT
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-from modeling_mmretrieval.offline_towers import MINILM, MissingOfflineTowerError, get_dinov2_small_path, get_minilm_path
+from modeling_mmretrieval.towers import MINILM, MissingOfflineTowerError, get_dinov2_small_path, get_minilm_path
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import stand_in_towers  # noqa: E402

@@ -1,11 +1,11 @@
-"""examples/train.py end to end on tiny towers and small slices of the committed sample.
+"""The train command (`mmretrieval train`, `examples/train.py`) end to end on tiny towers and small slices of the
+committed sample, and the training building blocks it runs on.
 
 The text tower is a 2-layer, 32-wide BERT with the real all-MiniLM-L6-v2 tokenizer (its vocabulary size), the
 vision tower a 1-layer DINOv2 on 28 px images. Runs that must be separate processes (SIGKILL, HF_ENDPOINT) are
-subprocesses; the rest call `main()` in-process.
+subprocesses; the rest call `commands.train.run()` in-process.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -27,28 +27,33 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel, Dinov2Config, Dinov2Model
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
-from modeling_mmretrieval.collator import RetrievalCollator
-from modeling_mmretrieval.data import SAMPLE_DATA_DIR, load_catalogue, make_training_pairs
-from modeling_mmretrieval.image_loading import load_product_image
-from modeling_mmretrieval.offline_towers import get_minilm_path
-from modeling_mmretrieval.training_utils import (
+from modeling_mmretrieval.commands import train as train_command
+from modeling_mmretrieval.data import SAMPLE_DATA_DIR, load_catalogue, make_evaluation_queries, make_training_pairs
+from modeling_mmretrieval.data.collator import RetrievalCollator
+from modeling_mmretrieval.data.images import load_product_image
+from modeling_mmretrieval.retrieval.evaluator import RetrievalEvaluator
+from modeling_mmretrieval.towers import get_minilm_path
+from modeling_mmretrieval.training.checkpoints import (
     COMPLETION_MARKER,
     TRAINER_STATE_NAME,
-    EpochSeededSampler,
-    NonFiniteLossError,
-    check_cached_image_features,
+    CheckpointMismatchError,
     checkpoint_problem,
     find_latest_checkpoint,
-    format_results_table,
     list_checkpoints,
     mark_complete,
-    parameter_groups,
-    precompute_image_features,
     resolve_checkpoint,
-    set_image_tower_frozen,
     temporary_dir_for,
+)
+from modeling_mmretrieval.training.image_feature_cache import check_cached_image_features, precompute_image_features
+from modeling_mmretrieval.training.model_builder import build_model_and_processor
+from modeling_mmretrieval.training.optimization import (
+    EpochSeededSampler,
+    NonFiniteLossError,
+    parameter_groups,
     training_length,
 )
+from modeling_mmretrieval.training.reporting import format_results_table
+from modeling_mmretrieval.training.trainer import build_loss_fn, training_step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "examples" / "train.py"
@@ -74,16 +79,6 @@ def isolated_runs():
     torch.set_num_threads(previous)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-
-
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("mmretrieval_train_example", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_example = load_train_module()
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +176,8 @@ def test_results_table_lists_metrics_and_slices():
 
 
 def test_short_run_saves_a_loadable_model_results_and_card(assets, tmp_path):
-    results = train_example.main(train_args(assets, tmp_path / "run", "--max_train_steps", 6, "--eval_steps", 3,
-                                            "--warmup_steps", 0))
+    results = train_command.run(train_args(assets, tmp_path / "run", "--max_train_steps", 6, "--eval_steps", 3,
+                                           "--warmup_steps", 0))
     final = tmp_path / "run" / "final"
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
     assert on_disk["training"]["completed_steps"] == 6 and on_disk["training"]["skipped_steps"] == 0
@@ -200,10 +195,9 @@ def test_short_run_saves_a_loadable_model_results_and_card(assets, tmp_path):
                            tiny_text["encoder.layer.0.attention.self.query.weight"])
     assert all(torch.equal(saved[f"vision_model.{name}"], tensor) for name, tensor in tiny_vision.items())
     # The reloaded model reproduces the evaluation it was saved with.
-    evaluator = train_example.RetrievalEvaluator.with_colour_slice(
+    evaluator = RetrievalEvaluator.with_colour_slice(
         load_catalogue(assets["data"], split="validation"),
-        train_example.make_evaluation_queries(load_catalogue(assets["data"], split="validation"), seed=42,
-                                              num_queries=30),
+        make_evaluation_queries(load_catalogue(assets["data"], split="validation"), seed=42, num_queries=30),
         processor, name="eval")
     reloaded = evaluator(model)
     assert reloaded["eval/ndcg@10"] == pytest.approx(on_disk["after"]["eval/ndcg@10"], abs=1e-6)
@@ -223,9 +217,9 @@ def test_dataset_queries_are_used_when_the_catalogue_has_them(assets, tmp_path):
         rows = pa.concat_tables([table.append_column("search_term", pa.array(brand_queries)),
                                  table.append_column("search_term", pa.array(colour_queries))])
         pq.write_table(rows, tmp_path / f"{split}.parquet")
-    results = train_example.main(train_args(assets, tmp_path / "run", "--architecture", "text_only",
-                                            "--dataset", tmp_path, "--query_column", "search_term",
-                                            "--max_train_steps", 2, "--max_eval_queries", 1000))
+    results = train_command.run(train_args(assets, tmp_path / "run", "--architecture", "text_only",
+                                           "--dataset", tmp_path, "--query_column", "search_term",
+                                           "--max_train_steps", 2, "--max_eval_queries", 1000))
     validation = pq.read_table(tmp_path / "validation.parquet")
     assert results["training"]["train_pairs"] == 2 * TRAIN_ROWS
     assert results["after"]["eval/num_queries"] == len(set(validation["search_term"].to_pylist()))
@@ -235,11 +229,11 @@ def test_dataset_queries_are_used_when_the_catalogue_has_them(assets, tmp_path):
 
 
 def test_fast_image_path_is_the_default_where_it_reproduces_the_image_processor(assets, tmp_path):
-    Accelerator(cpu=True)  # as in main(): the script logs through accelerate
+    Accelerator(cpu=True)  # as in a run: the trainer logs through accelerate
 
     def processor_for(*extra, vision=assets["vision"]):
-        args = train_example.parse_args(train_args(assets, tmp_path, "--vision_model", vision, *extra))
-        return train_example.build_model_and_processor(args).processor
+        args = train_command.parse_args(train_args(assets, tmp_path, "--vision_model", vision, *extra))
+        return build_model_and_processor(args).processor
 
     fast, reference = processor_for(), processor_for("--no_fast_image_processing")
     assert fast.fast_image_processing and not reference.fast_image_processing
@@ -280,7 +274,7 @@ def test_cached_image_features_give_the_same_loss_as_recomputing(assets):
     recomputed = model.get_image_features(recomputed_batch["pixel_values"], recomputed_batch["image_mask"])
     assert torch.allclose(recomputed, cached_batch["image_features"], atol=1e-5)
 
-    set_image_tower_frozen(model, False)
+    model.lock_image_tower(False)
     with pytest.raises(ValueError, match="frozen image tower"):
         precompute_image_features(model, processor, catalogue, show_progress=False)
 
@@ -300,6 +294,47 @@ def test_cached_image_features_are_checked_against_a_recomputation(assets):
     with pytest.raises(ValueError, match="differ from recomputed"):
         check_cached_image_features(model, processor, sample, stale)
     assert check_cached_image_features(model, processor, sample, stale, tolerance=0.1) == pytest.approx(0.05, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One training step: the same path with or without GradCache, under the run's autocast
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mini_batch_size", [None, 4])
+def test_bf16_training_step_runs_the_towers_in_bf16_with_and_without_grad_cache(assets, mini_batch_size):
+    """`--mixed_precision bf16` on the CPU: the text tower computes in bf16 in every pass of a step, GradCache's
+    no-grad first pass and its replay during `accelerator.backward` included (the issue's bug: they ran in fp32)."""
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    model = MultimodalRetrievalModel.from_towers_pretrained(str(assets["text"]), str(assets["vision"]))
+    processor = MultimodalRetrievalProcessor.from_towers_pretrained(str(assets["text"]), str(assets["vision"]),
+                                                                    config=model.config)
+    pairs = make_training_pairs(load_catalogue(assets["data"], split="train").select(range(BATCH_SIZE)), seed=0)
+    batch = RetrievalCollator(processor)(pairs.to_list())
+    model = accelerator.prepare(model.train())
+    passes = []
+    query_layer = model.text_model.encoder.layer[0].attention.self.query
+    query_layer.register_forward_hook(
+        lambda module, inputs, output: passes.append((torch.is_grad_enabled(), output.dtype))
+    )
+
+    loss = training_step(accelerator, model, build_loss_fn(mini_batch_size), batch)
+
+    assert torch.isfinite(loss) and not loss.requires_grad
+    assert {dtype for _, dtype in passes} == {torch.bfloat16}
+    with_grad = [grad_enabled for grad_enabled, _ in passes]
+    if mini_batch_size:  # first pass without autograd, replay with it: one call per chunk and side each
+        chunks = 2 * (BATCH_SIZE // mini_batch_size)
+        assert with_grad == [False] * chunks + [True] * chunks
+    else:
+        assert with_grad == [True, True]  # queries, products
+    assert query_layer.weight.grad is not None and torch.isfinite(query_layer.weight.grad).all()
+
+
+def test_grad_cache_run_with_mixed_precision_trains(assets, tmp_path):
+    results = train_command.run(train_args(assets, tmp_path, "--max_train_steps", 2, "--eval_split", "none",
+                                           "--mini_batch_size", 4, "--mixed_precision", "bf16"))
+    assert results["training"]["completed_steps"] == 2 and results["training"]["skipped_steps"] == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,7 +381,7 @@ def test_latest_never_takes_a_half_written_checkpoint(tmp_path):
 def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(assets, tmp_path):
     common = ("--max_train_steps", 40, "--checkpointing_steps", 3, "--eval_split", "none", "--warmup_steps", 4)
     reference = tmp_path / "reference"
-    train_example.main(train_args(assets, reference, *common))
+    train_command.run(train_args(assets, reference, *common))
 
     interrupted = tmp_path / "interrupted"
     checkpoints = interrupted / "checkpoints"
@@ -372,7 +407,7 @@ def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(asset
     survivor = find_latest_checkpoint(checkpoints)
     assert survivor is not None and 3 <= int(survivor.name.removeprefix("checkpoint-")) < 40
 
-    results = train_example.main(train_args(assets, interrupted, *common, "--resume_from_checkpoint", "latest"))
+    results = train_command.run(train_args(assets, interrupted, *common, "--resume_from_checkpoint", "latest"))
     assert results["training"]["resumed_from"] == str(survivor)
     expected, resumed = weights(reference / "final"), weights(interrupted / "final")
     assert expected.keys() == resumed.keys()
@@ -380,12 +415,19 @@ def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_run(asset
     assert different == []  # bit-identical: same data order, optimizer, schedule and dropout RNG
 
 
-def test_resume_refuses_a_checkpoint_of_other_settings(assets, tmp_path):
-    train_example.main(train_args(assets, tmp_path, "--max_train_steps", 2, "--checkpointing_steps", 2,
-                                  "--eval_split", "none"))
-    with pytest.raises(train_example.CheckpointMismatchError, match="per_device_train_batch_size"):
-        train_example.main(train_args(assets, tmp_path, "--max_train_steps", 2, "--eval_split", "none",
-                                      "--per_device_train_batch_size", 8, "--resume_from_checkpoint", "latest"))
+def test_resume_refuses_a_checkpoint_of_other_settings(assets, tmp_path, capsys):
+    train_command.run(train_args(assets, tmp_path, "--max_train_steps", 2, "--checkpointing_steps", 2,
+                                 "--eval_split", "none"))
+    mismatched = train_args(assets, tmp_path, "--max_train_steps", 2, "--eval_split", "none",
+                            "--per_device_train_batch_size", 8, "--resume_from_checkpoint", "latest")
+    with pytest.raises(CheckpointMismatchError, match="per_device_train_batch_size"):
+        train_command.run(mismatched)
+    # The command line: one error line and exit status 1, no traceback.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert train_command.main(mismatched) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "per_device_train_batch_size" in errors[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -428,7 +470,7 @@ def test_nan_loss_stops_the_run_without_a_poisoned_checkpoint(assets, poisoned_m
     args = train_args(assets, tmp_path, "--model_name_or_path", directory, "--max_train_steps", 6,
                       "--checkpointing_steps", 1, "--eval_split", "none", towers=False)
     with pytest.raises(NonFiniteLossError, match=f"optimizer step {poisoned_step}, epoch 0"):
-        train_example.main(args)
+        train_command.run(args)
     saved = [step for step, _ in list_checkpoints(tmp_path / "checkpoints")]
     assert saved == list(range(poisoned_step - 1, 0, -1))
     latest = find_latest_checkpoint(tmp_path / "checkpoints")
@@ -438,8 +480,8 @@ def test_nan_loss_stops_the_run_without_a_poisoned_checkpoint(assets, poisoned_m
 
 def test_nan_policy_skip_skips_only_the_poisoned_step(assets, poisoned_model, tmp_path):
     directory, token, _ = poisoned_model
-    results = train_example.main(train_args(assets, tmp_path, "--model_name_or_path", directory, "--max_train_steps", 6,
-                                            "--eval_split", "none", "--nan_policy", "skip", towers=False))
+    results = train_command.run(train_args(assets, tmp_path, "--model_name_or_path", directory, "--max_train_steps", 6,
+                                           "--eval_split", "none", "--nan_policy", "skip", towers=False))
     assert results["training"]["skipped_steps"] == 1 and results["training"]["completed_steps"] == 6
     trained, initial = weights(tmp_path / "final"), weights(directory)
     embedding = "text_model.embeddings.word_embeddings.weight"
@@ -460,7 +502,7 @@ LOAD_FROM_HUB = textwrap.dedent("""
     from huggingface_hub import HfApi
     from transformers import AutoModel
     from modeling_mmretrieval import MultimodalRetrievalProcessor
-    from modeling_mmretrieval.collator import RetrievalCollator
+    from modeling_mmretrieval.data.collator import RetrievalCollator
     from modeling_mmretrieval.data import load_catalogue
 
     repo_id, local_dir, data_dir = sys.argv[1:4]

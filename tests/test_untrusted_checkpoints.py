@@ -24,7 +24,7 @@ from transformers import AutoModel, AutoTokenizer, CLIPImageProcessorPil
 
 import modeling_mmretrieval
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
-from modeling_mmretrieval.offline_towers import get_minilm_path
+from modeling_mmretrieval.towers import get_minilm_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Code that ships or that users copy: the library, the example scripts and the benchmarks.

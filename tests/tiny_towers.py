@@ -52,6 +52,8 @@ ARCHITECTURE_CASES = {
     "4tower-mlp": dict(architecture="4tower", fusion="mlp", fusion_hidden_size=40, dual_encoder=tiny_clip),
     "3tower-dinov2": dict(architecture="3tower", fusion="mlp", fusion_hidden_size=40, vision=tiny_dinov2),
     "3tower-clip-vision": dict(architecture="3tower", fusion="mlp", projection_dim=16, vision=tiny_clip_vision),
+    "4tower-residual": dict(architecture="4tower", fusion="residual", fusion_hidden_size=40, dual_encoder=tiny_clip),
+    "3tower-residual": dict(architecture="3tower", fusion="residual", fusion_hidden_size=40, vision=tiny_dinov2),
 }
 
 

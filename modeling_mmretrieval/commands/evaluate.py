@@ -1,0 +1,338 @@
+"""Evaluate a retriever on a product catalogue: Recall, nDCG, MRR and MAP at k, overall and on the queries
+whose colour no relevant title mentions, printed as a table and written as a JSON report.
+
+Queries are attribute-derived from the catalogue (`--num_queries`, `--seed`) or read from `--queries_file`.
+`--compare_to` evaluates a second (text-only) checkpoint on the same queries and adds the exclusive-match
+analysis: which products each model retrieves in its top k that the other misses, and how many are relevant.
+See docs/search.md for the report fields and the queries file format.
+
+Examples:
+```bash
+mmretrieval evaluate --model_name_or_path outputs/4tower/final --split test --num_queries 500 \
+    --output_file reports/4tower-test.json
+python examples/evaluate.py --model_name_or_path outputs/4tower/final --compare_to outputs/text/final \
+    --save_run runs/4tower-test.json --output_file reports/4tower-vs-text.json
+```
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import transformers
+
+import modeling_mmretrieval
+from modeling_mmretrieval.data import CatalogueColumns, EvaluationQuery, default_data_dir, make_evaluation_queries
+from modeling_mmretrieval.retrieval.evaluator import RetrievalEvaluator
+from modeling_mmretrieval.retrieval.exclusive_matches import exclusive_matches
+from modeling_mmretrieval.retrieval.search import config_fingerprint, model_identity
+
+from .common import CliError, catalogue_columns_from_args, load_catalogue_from_args, load_retriever, retriever_parser
+
+logger = logging.getLogger(__name__)
+
+REPORT_VERSION = 1
+NUM_QUERIES_KEY = "num_queries"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Queries files: a JSON list of {"query_id", "text", "relevant_ids"[, "colour_absent_from_titles"]}
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def query_record(query: EvaluationQuery) -> dict:
+    """An evaluation query in the queries-file format (what `--save_queries` writes).
+
+    Example: `query_record(query)["relevant_ids"]` is the sorted list of the query's relevant product ids.
+    """
+    return {
+        "query_id": query.query_id,
+        "text": query.text,
+        "relevant_ids": sorted(query.relevant_ids),
+        "colour_absent_from_titles": query.colour_absent_from_titles,
+        "attributes": query.attributes,
+        "source_product_id": query.source_product_id,
+        "template": query.template,
+    }
+
+
+def query_from_record(record, position: int) -> EvaluationQuery:
+    """Reads one queries-file entry; only `query_id`, `text` and `relevant_ids` are required.
+
+    Example: `query_from_record({"query_id": "q1", "text": "red shoes", "relevant_ids": ["10719"]}, 0).text`.
+    """
+    where = f"query {position}"
+    if not isinstance(record, Mapping):
+        raise CliError(f"{where} must be a JSON object, got {type(record).__name__}")
+    missing = [key for key in ("query_id", "text", "relevant_ids") if key not in record]
+    if missing:
+        raise CliError(f"{where} lacks {missing}; every query needs query_id, text and relevant_ids")
+    text, relevant_ids = record["text"], record["relevant_ids"]
+    if not isinstance(text, str) or not text.strip():
+        raise CliError(f"{where} has no text: {text!r}")
+    if not isinstance(relevant_ids, list) or not relevant_ids:
+        raise CliError(f"{where} ({text!r}) needs a non-empty list of relevant_ids, got {relevant_ids!r}")
+    return EvaluationQuery(
+        query_id=str(record["query_id"]),
+        text=text,
+        attributes=dict(record.get("attributes") or {}),
+        relevant_ids={str(product_id) for product_id in relevant_ids},
+        source_product_id=str(record.get("source_product_id") or ""),
+        colour_absent_from_titles=bool(record.get("colour_absent_from_titles", False)),
+        template=str(record.get("template") or ""),
+    )
+
+
+def read_queries_file(path: Path, catalogue_ids: set[str]) -> list[EvaluationQuery]:
+    """The queries of a `--queries_file` (a JSON list), checked; warns about relevant ids not in the catalogue.
+
+    Example: `read_queries_file(Path("queries.json"), set(catalogue["product_id"]))`.
+    """
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CliError(f"cannot read the queries file {path}: {error}") from error
+    if not isinstance(records, list) or not records:
+        raise CliError(f"{path} must hold a non-empty JSON list of queries")
+    queries = [query_from_record(record, position) for position, record in enumerate(records)]
+    query_ids = [query.query_id for query in queries]
+    if len(set(query_ids)) < len(query_ids):
+        raise CliError(f"{path} repeats query ids; each query_id must be unique")
+    unknown = sum(len(query.relevant_ids - catalogue_ids) for query in queries)
+    if unknown:
+        # Recall cannot reach 1 for such queries; usually a sign of a queries file made for another split.
+        logger.warning(f"{unknown} relevant ids of {path} are not in the evaluated catalogue")
+    return queries
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics and report formatting
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def split_metrics(results: Mapping[str, float], name: str) -> tuple[dict, dict]:
+    """`RetrievalEvaluator` output (`"<name>/recall@10"`, `"<name>/<slice>/recall@10"`) as
+    `({metric: value}, {slice: {metric: value}})`, query counts as ints.
+
+    Example: `split_metrics({"test/mrr@10": 0.5, "test/colour_not_in_title/mrr@10": 0.4}, "test")` gives
+    `({"mrr@10": 0.5}, {"colour_not_in_title": {"mrr@10": 0.4}})`.
+    """
+    overall, slices = {}, {}
+    for key, value in results.items():
+        *slice_name, metric = key.removeprefix(f"{name}/").split("/")
+        value = int(value) if metric == NUM_QUERIES_KEY else value
+        (slices.setdefault(slice_name[0], {}) if slice_name else overall)[metric] = value
+    return overall, slices
+
+
+def format_metrics_table(overall: Mapping[str, float], slices: Mapping[str, Mapping[str, float]]) -> str:
+    """Metrics as rows, "all" and each slice as columns.
+
+    Example: `print(format_metrics_table(*split_metrics(evaluator.compute(run), "test")))`.
+    """
+    columns = {"all": overall, **slices}
+    header = ["metric", *columns]
+    rows = [header]
+    for metric in overall:
+        rows.append([metric, *(_format_value(values.get(metric)) for values in columns.values())])
+    widths = [max(len(row[position]) for row in rows) for position in range(len(header))]
+    lines = ("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _format_value(value) -> str:
+    if value is None:
+        return "-"
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
+
+
+def json_safe(value):
+    """`value` with NaN and infinities replaced by None, so the report is strict JSON.
+
+    Example: `json_safe({"share": float("nan"), "k": [10]})` gives `{"share": None, "k": [10]}`.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_json(path: Path, payload) -> None:
+    """Writes `payload` as indented strict JSON (see `json_safe`), creating the parent folders.
+
+    Example: `write_json(Path("reports/run.json"), {"q1": ["10719", "12005"]})`.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False, default=str) + "\n", encoding="utf-8")
+
+
+def model_description(model) -> dict:
+    """The report fields that identify a model: id, architecture, fusion, config fingerprint and config.
+
+    Example: `model_description(model)["architecture"]` is e.g. "4tower".
+    """
+    return {
+        "model_id": model_identity(model),
+        "architecture": model.config.architecture,
+        "fusion": model.config.fusion if model.config.uses_images else None,
+        "config_hash": config_fingerprint(model.config),
+        "config": model.config.to_diff_dict(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_checkpoint(
+    name_or_path: str,
+    catalogue,
+    queries: Sequence[EvaluationQuery],
+    args: argparse.Namespace,
+    columns: CatalogueColumns,
+) -> tuple[dict, dict[str, list[str]], dict]:
+    """`(model description, run, evaluator results)` of one checkpoint on the queries; the run ranks deep enough
+    for every metric cut-off and for the exclusive-match analysis.
+
+    Example: `description, run, results = evaluate_checkpoint("outputs/run/final", catalogue, queries, args, columns)`.
+    """
+    model, processor = load_retriever(name_or_path, args.device)
+    evaluator = RetrievalEvaluator.with_colour_slice(
+        catalogue, queries, processor, columns=columns, k_values=args.k_values, name=args.split,
+        batch_size=args.batch_size, show_progress=args.progress,
+    )
+    logger.info(f"Evaluating {model_identity(model)}: {evaluator}")
+    run = evaluator.rankings(model, k=max(*args.k_values, args.exclusive_k or 0))
+    return model_description(model), run, evaluator.compute(run)
+
+
+def select_queries(args: argparse.Namespace, catalogue, columns: CatalogueColumns) -> tuple[list, dict]:
+    """The evaluation queries and a description of where they come from.
+
+    Example: `queries, source = select_queries(args, catalogue, columns)`; `source["source"]` is
+    "attribute-derived" or the queries file.
+    """
+    if args.queries_file is not None:
+        catalogue_ids = set(catalogue[columns.product_id])
+        queries = read_queries_file(args.queries_file, catalogue_ids)
+        return queries, {"source": str(args.queries_file)}
+    queries = make_evaluation_queries(catalogue, seed=args.seed, num_queries=args.num_queries, columns=columns)
+    if not queries:
+        raise CliError("no evaluation query could be derived from this catalogue; pass --queries_file")
+    return queries, {"source": "attribute-derived", "seed": args.seed, "num_requested": args.num_queries}
+
+
+def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
+    """The evaluate command's arguments; `prog` names the program in usage and error lines.
+
+    Example: `parse_args(["--model_name_or_path", "outputs/run/final"]).k_values == [10, 100]`.
+    """
+    parser = retriever_parser(__doc__.split("\n\n")[0], prog)
+    parser.add_argument("--num_queries", type=int, default=1000, help="attribute-derived queries to evaluate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the attribute-derived queries")
+    parser.add_argument("--queries_file", type=Path, default=None, help="JSON list of queries with relevant_ids")
+    parser.add_argument("--k_values", type=int, nargs="+", default=[10, 100], help="metric cut-offs")
+    parser.add_argument("--compare_to", default=None, help="text-only checkpoint for the exclusive-match analysis")
+    parser.add_argument("--exclusive_k", type=int, default=None, help="top k of that analysis (default: max k)")
+    parser.add_argument("--output_file", type=Path, default=None, help="where to write the JSON report")
+    parser.add_argument("--save_run", type=Path, default=None, help="write the rankings as JSON {query_id: [ids]}")
+    parser.add_argument("--save_queries", type=Path, default=None, help="write the queries in --queries_file format")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar while indexing")
+    args = parser.parse_args(argv)
+    if min(args.k_values) < 1 or args.num_queries < 1 or (args.exclusive_k is not None and args.exclusive_k < 1):
+        parser.error("--k_values, --num_queries and --exclusive_k must be positive")
+    return args
+
+
+def print_metrics(title: str, overall: Mapping[str, float], slices: Mapping[str, Mapping[str, float]]) -> None:
+    """Prints `title` and the metrics table (see `format_metrics_table`).
+
+    Example: `print_metrics("model on test", *split_metrics(results, "test"))`.
+    """
+    print(title)
+    print(format_metrics_table(overall, slices))
+
+
+def comparison_section(run: dict, compared: tuple, queries: Sequence[EvaluationQuery], args) -> dict:
+    """The report's `comparison`: the compared model's metrics and the exclusive matches of both top-k lists.
+
+    Example: `comparison_section(run, evaluate_checkpoint(args.compare_to, ...), queries, args)["exclusive_matches"]`.
+    """
+    description, text_run, results = compared
+    if description["architecture"] != "text_only":
+        logger.warning(f"--compare_to is meant for a text-only model; {description['model_id']} is not")
+    overall, slices = split_metrics(results, args.split)
+    print_metrics(f"\ncompared to {description['model_id']}", overall, slices)
+    qrels = {query.query_id: query.relevant_ids for query in queries}
+    matches = exclusive_matches(run, text_run, qrels, k=args.exclusive_k or max(args.k_values))
+    print(matches)
+    return {**description, "metrics": overall, "slices": slices, "exclusive_matches": matches.summary()}
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    """Runs the evaluate command; 0 on success, 2 (one line on stderr) on a user error.
+
+    Example: `main(["--model_name_or_path", "outputs/run/final", "--num_queries", "500"])`.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    prog = prog or os.path.basename(sys.argv[0])
+    args = parse_args(argv, prog)
+    started = time.perf_counter()
+    try:
+        columns = catalogue_columns_from_args(args)
+        catalogue = load_catalogue_from_args(args, columns)
+        queries, query_source = select_queries(args, catalogue, columns)
+        description, run, results = evaluate_checkpoint(args.model_name_or_path, catalogue, queries, args, columns)
+        compared = None
+        if args.compare_to is not None:
+            compared = evaluate_checkpoint(args.compare_to, catalogue, queries, args, columns)
+    except CliError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+
+    overall, slices = split_metrics(results, args.split)
+    title = f"{description['model_id']} on {args.split}: {len(catalogue)} products, {len(queries)} queries"
+    print_metrics(title, overall, slices)
+    comparison = None if compared is None else comparison_section(run, compared, queries, args)
+    if args.save_run is not None:
+        write_json(args.save_run, run)
+    if args.save_queries is not None:
+        write_json(args.save_queries, [query_record(query) for query in queries])
+    report = {
+        "report_version": REPORT_VERSION,
+        **description,
+        "dataset": {
+            "source": str(args.dataset or default_data_dir()),
+            "split": args.split,
+            "num_products": len(catalogue),
+        },
+        "queries": query_source,
+        "num_queries": len(queries),
+        "k_values": list(args.k_values),
+        "metrics": overall,
+        "slices": slices,
+        "comparison": comparison,
+        "run_file": None if args.save_run is None else str(args.save_run),
+        "wall_time_seconds": time.perf_counter() - started,
+        "versions": {
+            "modeling_mmretrieval": modeling_mmretrieval.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+    if args.output_file is not None:
+        write_json(args.output_file, report)
+        logger.info(f"Report written to {args.output_file}")
+    return 0
+

@@ -1,0 +1,201 @@
+"""The frozen image-feature cache, and the image size the image tower is fed.
+
+A frozen image tower computes the same features for a product at every step, so training runs it once per
+product (`precompute_image_features`) and hands the features to the collator (`RetrievalCollator(image_features=)`)
+and the evaluator instead of decoding and embedding every image again each epoch. `check_cached_image_features`
+verifies the cache against a fresh computation at start-up. Small catalogue photos are embedded at a smaller
+image size than the processor's default (`resize_image_processor`) where the tower supports it.
+
+Example:
+```python
+>>> resize_image_processor(processor.image_processor, 112)
+>>> cache = precompute_image_features(model, processor, catalogue)
+>>> check_cached_image_features(model, processor, catalogue.select(range(8)).to_list(), cache)  # largest difference
+3.1e-06
+>>> collator = RetrievalCollator(processor, image_features=cache)
+```
+"""
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.catalogue import CatalogueColumns
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, load_product_image
+from ..data.rows import row_batches
+
+# Image towers that interpolate their position embeddings, so they accept any (patch-multiple) image size.
+RESIZABLE_VISION_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+CACHED_FEATURE_TOLERANCE_CPU = 1e-4
+CACHED_FEATURE_TOLERANCE_ACCELERATOR = 1e-2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image size
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resize_image_processor(image_processor, image_size: int) -> None:
+    """Make `image_processor` output `image_size x image_size` pixels, keeping its resize-then-crop recipe.
+
+    Catalogue photos are small (60x80 for the fashion catalogue), so upscaling them to 224 px only multiplies
+    the image tower's cost by 4 (ViT cost grows with the number of 14x14 patches). The shortest edge is
+    resized to `image_size` and, for processors that centre-crop, the crop is `image_size` square.
+
+    Example:
+    ```python
+    >>> resize_image_processor(processor.image_processor, 112)
+    >>> processor.image_processor.crop_size
+    {'height': 112, 'width': 112}
+    ```
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    size = dict(image_processor.size)
+    if "shortest_edge" in size:
+        image_processor.size = {"shortest_edge": image_size}
+    else:
+        image_processor.size = {"height": image_size, "width": image_size}
+    if getattr(image_processor, "do_center_crop", False):
+        image_processor.crop_size = {"height": image_size, "width": image_size}
+
+
+def check_image_size_supported(image_tower, image_size: int) -> None:
+    """Raise unless `image_tower` can embed `image_size` images.
+
+    DINOv2 interpolates its position embeddings to any input; CLIP, SigLIP and ViT towers only do so when
+    called with `interpolate_pos_encoding=True`, which the retrieval model does not pass, so they must get
+    their native size.
+
+    Example:
+    ```python
+    >>> check_image_size_supported(model.image_tower, 112)  # fine for DINOv2; a CLIP tower raises ValueError
+    ```
+    """
+    config = image_tower.config
+    vision_config = getattr(config, "vision_config", None) or config
+    native = getattr(vision_config, "image_size", None)
+    if vision_config.model_type in RESIZABLE_VISION_MODEL_TYPES or image_size == native:
+        return
+    raise ValueError(
+        f"--image_size {image_size} is not supported by a {config.model_type!r} image tower (native size {native}); "
+        f"only {list(RESIZABLE_VISION_MODEL_TYPES)} towers interpolate their position embeddings. Leave --image_size "
+        "unset for this tower."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frozen image features
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _images_of(rows: Sequence[Mapping], columns: CatalogueColumns, max_image_pixels: int | None) -> list:
+    return [load_product_image(row.get(columns.image), max_pixels=max_image_pixels).image for row in rows]
+
+
+@torch.no_grad()
+def image_features_for_rows(model, processor, rows: Sequence[Mapping], columns: CatalogueColumns,
+                            max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[torch.Tensor | None]:
+    """Image-tower features (float32, CPU) of product rows, `None` for a product without a decodable image.
+
+    Example:
+    ```python
+    >>> features = image_features_for_rows(model, processor, catalogue.select(range(4)).to_list(), CatalogueColumns())
+    >>> [None if feature is None else tuple(feature.shape) for feature in features]
+    [(384,), (384,), None, (384,)]
+    ```
+    """
+    inputs = processor.encode_images(_images_of(rows, columns, max_image_pixels))
+    device = next(model.parameters()).device
+    features = model.get_image_features(inputs["pixel_values"].to(device), inputs["image_mask"].to(device))
+    features = features.float().cpu()
+    return [feature if has_image else None for feature, has_image in zip(features, inputs["image_mask"].tolist())]
+
+
+def precompute_image_features(
+    model,
+    processor,
+    catalogue,
+    *,
+    columns: CatalogueColumns | None = None,
+    batch_size: int = 64,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    show_progress: bool = True,
+) -> dict[str, torch.Tensor | None]:
+    """Image-tower features of every product of `catalogue`, by product id, for `RetrievalCollator(image_features=)`.
+
+    Only valid for a frozen image tower: it runs in eval mode without autograd, so its features are the same
+    at every step and computing them once replaces `epochs x` tower passes by one. Products whose image cannot
+    be decoded map to `None` (image-less, as the collator would have made them).
+
+    Example:
+    ```python
+    >>> cache = precompute_image_features(model, processor, catalogue)
+    >>> collator = RetrievalCollator(processor, image_features=cache)
+    ```
+    """
+    columns = columns or CatalogueColumns()
+    if model.image_tower is None:
+        raise ValueError("A text-only model has no image tower whose features could be cached.")
+    if not model.image_features_are_frozen:
+        raise ValueError(
+            "Cached image features are only valid for a frozen image tower (and, for 4tower, a frozen projection); "
+            "a trained one changes them at every step. Drop --cache_image_features or keep --freeze_image_towers."
+        )
+    cache: dict[str, torch.Tensor | None] = {}
+    batches = row_batches(catalogue, batch_size)
+    progress = tqdm(batches, total=math.ceil(len(catalogue) / batch_size), desc="Caching image features",
+                    disable=not show_progress)
+    for rows in progress:
+        features = image_features_for_rows(model, processor, rows, columns, max_image_pixels)
+        cache.update({str(row[columns.product_id]): feature for row, feature in zip(rows, features)})
+    return cache
+
+
+def check_cached_image_features(
+    model, processor, rows: Sequence[Mapping], cache: Mapping[str, torch.Tensor | None], *,
+    columns: CatalogueColumns | None = None, tolerance: float | None = None
+) -> float:
+    """Recompute the features of `rows` and compare them with `cache`; returns the largest absolute difference.
+
+    Raises `ValueError` when they disagree by more than `tolerance` (default: 1e-4 for a model on the CPU,
+    1e-2 on an accelerator, whose TF32 convolutions differ by about 1e-3 between batch sizes), e.g. because the
+    image tower runs with dropout or the processor changed after the cache was built.
+
+    Example:
+    ```python
+    >>> check_cached_image_features(model, processor, catalogue.select(range(8)).to_list(), cache) <= 1e-4
+    True
+    ```
+    """
+    columns = columns or CatalogueColumns()
+    if tolerance is None:
+        # GPUs convolve in TF32 by default and pick kernels by batch size: about 1e-3 apart between batches.
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        tolerance = CACHED_FEATURE_TOLERANCE_CPU if on_cpu else CACHED_FEATURE_TOLERANCE_ACCELERATOR
+    recomputed = image_features_for_rows(model, processor, rows, columns)
+    largest = 0.0
+    for row, fresh in zip(rows, recomputed):
+        cached = cache[str(row[columns.product_id])]
+        if (cached is None) != (fresh is None):
+            raise ValueError(f"Cached image of product {row[columns.product_id]!r} disagrees on being decodable.")
+        if fresh is not None:
+            largest = max(largest, float((cached - fresh).abs().max()))
+    if largest > tolerance:
+        raise ValueError(
+            f"Cached image features differ from recomputed ones by {largest:.2e} (> {tolerance:g}); is the image "
+            "tower really frozen and in eval mode?"
+        )
+    return largest
+
+
+__all__ = [
+    "RESIZABLE_VISION_MODEL_TYPES",
+    "check_cached_image_features",
+    "check_image_size_supported",
+    "image_features_for_rows",
+    "precompute_image_features",
+    "resize_image_processor",
+]
