@@ -34,7 +34,9 @@ setup(
         "towers": ["onnx", "onnxruntime"],
         "faiss": ["faiss-cpu"],
         "tensorboard": ["tensorboard"],
-        "test": ["pytest", "hypothesis", "onnx", "onnxruntime", "pytrec_eval-terrier"],
+        # BM25 baselines (retrieval.lexical); results are compared against it in docs/results.md.
+        "lexical": ["bm25s==0.3.16"],
+        "test": ["pytest", "hypothesis", "onnx", "onnxruntime", "pytrec_eval-terrier", "bm25s==0.3.16"],
     },
     entry_points={"console_scripts": ["mmretrieval=modeling_mmretrieval.cli:main"]},
 )

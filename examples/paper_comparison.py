@@ -86,6 +86,7 @@ def budget_flags(args, dataset: str) -> list[str]:
         "--dataset", dataset, "--train_split", "train", "--eval_split", "none", "--seed", str(args.seed),
         "--max_train_products", str(args.max_train_products), "--max_train_steps", str(args.max_train_steps),
         "--per_device_train_batch_size", str(args.per_device_train_batch_size), "--image_size", str(args.image_size),
+        "--visual_word_dropout", "0",  # the paper's training data, as this comparison was first run
     ]
 
 

@@ -169,9 +169,8 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
             processor itself only ever calls `batched_image_processor` (when set) or `image_processor`.
         pad_to_multiple_of (`int` or `None`): batches are padded to their longest text, then widened to a
             multiple of this (at most the truncation length). Few distinct widths keep the kernels torch's CPU
-            backend caches per input shape, and the heap memory each one pins, few: running MiniLM over every
-            width from 1 to 128 grows a process by about 1.2 GB, by about 0.2 GB at multiples of 8
-            (`benchmarks/shape_cache_memory.py`). `None` pads to the longest text only.
+            backend caches per input shape, and the heap memory each one pins, few (docs/performance.md,
+            `benchmarks/shape_cache_memory.py`). `None` pads to the longest text only.
 
     Images are PIL images or `None`; `None` marks an image-less product (`image_mask` False, and the image
     tower never sees the zero placeholder left in `pixel_values`). Decoding files and bytes is the caller's

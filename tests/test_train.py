@@ -28,10 +28,10 @@ from transformers import AutoTokenizer, BertConfig, BertModel, Dinov2Config, Din
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
 from modeling_mmretrieval.commands import train as train_command
-from modeling_mmretrieval.data import SAMPLE_DATA_DIR, load_catalogue, make_evaluation_queries, make_training_pairs
+from modeling_mmretrieval.data import SAMPLE_DATA_DIR, load_catalogue, make_training_pairs
 from modeling_mmretrieval.data.collator import RetrievalCollator
 from modeling_mmretrieval.data.images import load_product_image
-from modeling_mmretrieval.retrieval.evaluator import RetrievalEvaluator
+from modeling_mmretrieval.retrieval.held_out_evaluation import HeldOutEvaluator
 from modeling_mmretrieval.towers import get_minilm_path
 from modeling_mmretrieval.training.checkpoints import (
     COMPLETION_MARKER,
@@ -194,12 +194,12 @@ def test_short_run_saves_a_loadable_model_results_and_card(assets, tmp_path):
     assert not torch.equal(saved["text_model.encoder.layer.0.attention.self.query.weight"],
                            tiny_text["encoder.layer.0.attention.self.query.weight"])
     assert all(torch.equal(saved[f"vision_model.{name}"], tensor) for name, tensor in tiny_vision.items())
-    # The reloaded model reproduces the evaluation it was saved with.
-    evaluator = RetrievalEvaluator.with_colour_slice(
-        load_catalogue(assets["data"], split="validation"),
-        make_evaluation_queries(load_catalogue(assets["data"], split="validation"), seed=42, num_queries=30),
-        processor, name="eval")
+    # The reloaded model reproduces the evaluation it was saved with (held-out phrasings, text-silent slice,
+    # degraded-text variant).
+    evaluator = HeldOutEvaluator(load_catalogue(assets["data"], split="validation"), num_queries=30, seed=42,
+                                 processor=processor, name="eval")
     reloaded = evaluator(model)
+    assert reloaded["eval/degraded/num_queries"] > 0
     assert reloaded["eval/ndcg@10"] == pytest.approx(on_disk["after"]["eval/ndcg@10"], abs=1e-6)
     card = (final / "README.md").read_text()
     assert card.startswith("---\n") and "attribute-derived" in card and "| recall@10 |" in card

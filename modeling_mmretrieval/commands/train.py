@@ -20,7 +20,7 @@ import sys
 
 from ..data import SAMPLE_DATA_DIR
 from ..training.checkpoints import CheckpointMismatchError
-from ..training.model_builder import DEFAULT_DINOV2_IMAGE_SIZE
+from ..training.model_builder import DEFAULT_3TOWER_FUSION, DEFAULT_DINOV2_IMAGE_SIZE, DEFAULT_VISUAL_WORD_DROPOUT
 from ..training.optimization import SCHEDULER_TYPES, NonFiniteLossError
 from ..training.trainer import run_training
 
@@ -43,8 +43,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     model.add_argument("--vision_model", default="dinov2-small",
                        help='3tower vision tower (Hub id, folder, or "dinov2-small" offline).')
     model.add_argument("--clip_model", help="4tower aligned dual encoder (CLIP/SigLIP Hub id or folder).")
-    model.add_argument("--fusion", choices=["concat", "alpha_concat", "mlp"],
-                       help="4tower fusion (default concat); 3tower always uses mlp.")
+    model.add_argument("--fusion", choices=["concat", "alpha_concat", "mlp", "residual"],
+                       help="4tower: concat (default), alpha_concat, mlp (the paper's) or residual; 3tower: "
+                            f"{DEFAULT_3TOWER_FUSION} (default) or mlp (the paper's). residual starts as the text "
+                            "model (zero-initialised image branch) and can only add to it.")
     model.add_argument("--fusion_alpha", type=float, default=0.5)
     model.add_argument("--projection_dim", type=int, help="Linear projection after the text tower (default: none).")
     model.add_argument("--pooling", default="mean", choices=["mean", "cls"])
@@ -87,7 +89,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                       "added to each query's candidates (products without any are dropped).")
     data.add_argument("--no_mask_false_negatives", dest="mask_false_negatives", action="store_false",
                       help="Keep in-batch products that also match a query's attributes as negatives.")
-    data.add_argument("--max_eval_queries", type=int, default=500)
+    data.add_argument("--visual_word_dropout", type=float, default=DEFAULT_VISUAL_WORD_DROPOUT,
+                      help="Strip colour and pattern words from the text of this share of the training products (a "
+                           "seeded draw per product and epoch), so matching them sometimes needs the image "
+                           f"(default {DEFAULT_VISUAL_WORD_DROPOUT}: see docs/results.md for what it trades).")
+    data.add_argument("--max_eval_queries", type=int, default=500,
+                      help="Evaluation queries (attribute-derived ones use the held-out phrasing family).")
     data.add_argument("--cache_image_features", dest="cache_image_features", action="store_true", default=None,
                       help="Precompute frozen image-tower features once (default: on when the tower is frozen).")
     data.add_argument("--no_cache_image_features", dest="cache_image_features", action="store_false")
@@ -146,6 +153,10 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
         args.description_column = None
     if args.mini_batch_size is not None and args.mini_batch_size < 1:
         parser.error("--mini_batch_size must be positive")
+    if not 0.0 <= args.visual_word_dropout <= 1.0:
+        parser.error(f"--visual_word_dropout must lie in [0, 1], got {args.visual_word_dropout}")
+    if args.architecture == "3tower" and args.fusion not in (None, "mlp", "residual"):
+        parser.error(f"--fusion {args.fusion} is not a 3tower fusion; 3tower takes mlp or residual")
     if args.architecture == "4tower" and not (args.clip_model or args.model_name_or_path):
         parser.error("--architecture 4tower needs --clip_model (an aligned CLIP/SigLIP dual encoder)")
     return args

@@ -74,8 +74,9 @@ class RetrievalCollator:
         mask_false_negatives (`bool`): for attribute-derived queries (rows with a `query_attributes` column),
             emit `false_negative_mask`: in-batch products that satisfy another query's attributes are
             relevant to it too, so the loss leaves them out instead of pushing them away.
-        augment_product (`Callable[[Mapping, str], Mapping]`, *optional*): a training augmentation of each
-            product mapping (called with the product and the id column) before its text is tokenised, e.g.
+        augment_product (`Callable[[Mapping, str, str], Mapping]`, *optional*): a training augmentation of each
+            product mapping (called with the product, the id column and the query column) before its text is
+            tokenised; `set_epoch` reaches it when it has one. E.g.
             [`~data.visual_words.VisualWordDropout`]. Only for training collators: evaluation and indexing
             must see products as they are.
 
@@ -100,7 +101,7 @@ class RetrievalCollator:
         num_hard_negatives: int = 0,
         image_features: Mapping[str, torch.Tensor] | None = None,
         mask_false_negatives: bool = True,
-        augment_product: Callable[[Mapping, str], Mapping] | None = None,
+        augment_product: Callable[[Mapping, str, str], Mapping] | None = None,
     ):
         if on_image_error not in ("mask", "raise"):
             raise ValueError(f"on_image_error must be 'mask' or 'raise', got {on_image_error!r}")
@@ -112,6 +113,11 @@ class RetrievalCollator:
         self.hard_negatives, self.num_hard_negatives = hard_negatives, num_hard_negatives
         self.image_features, self.augment_product = image_features, augment_product
         self.image_problems = 0  # products made image-less so far; a number to report, never silent
+
+    def set_epoch(self, epoch: int) -> None:
+        """Passes the epoch to an augmentation whose draws depend on it (as samplers take theirs)."""
+        if hasattr(self.augment_product, "set_epoch"):
+            self.augment_product.set_epoch(epoch)
 
     def _negatives_for(self, row: Mapping) -> list[Mapping]:
         negatives = list(self.hard_negatives(row))
@@ -181,7 +187,7 @@ class RetrievalCollator:
         product_rows = rows + negatives
         products = [product_fields(row, self.columns) for row in product_rows]
         if self.augment_product is not None:
-            products = [self.augment_product(product, "product_id") for product in products]
+            products = [self.augment_product(product, "product_id", self.columns.query) for product in products]
         queries = self._queries(rows) if self.with_queries else None
         with _naming_batch_products([row.get(self.columns.product_id) for row in product_rows]):
             batch = dict(self.processor(queries=queries, products=products))

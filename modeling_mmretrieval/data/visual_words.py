@@ -100,13 +100,15 @@ def _stripped(product: Mapping, fields: Sequence[str], words: VisualWords) -> di
 class VisualWordDropout:
     """Training augmentation: strips visual words from the text fields of a seeded fraction of products.
 
-    Each call on a product draws from a generator seeded by `(seed, product id, how many times this object has
-    seen the product)`, so a run is reproducible whatever the batch order, and a product is degraded in some
-    epochs and not in others. Apply it to training products only: evaluation and indexing never see it.
+    Each call on a product draws from a generator seeded by `(seed, epoch, product id, the row's query)`, so a
+    run is reproducible whatever the batch order, a resumed run draws what the uninterrupted one did, and a
+    product is degraded in some epochs and not in others. The trainer sets the epoch (`set_epoch`, through the
+    collator). Apply it to training products only: evaluation and indexing never see it.
 
     Example:
     ```python
     >>> dropout = VisualWordDropout(probability=1.0, seed=0)
+    >>> dropout.set_epoch(3)
     >>> dropout({"product_id": "7", "title": "Red Checked Shirt"}, "product_id")["title"]
     'Shirt'
     ```
@@ -124,13 +126,14 @@ class VisualWordDropout:
         self.probability, self.seed = probability, seed
         self.words = words or VisualWords.default()
         self.fields = tuple(fields)
-        self._seen: dict[str, int] = {}
+        self.epoch = 0
 
-    def __call__(self, product: Mapping, id_column: str) -> dict:
-        key = str(product.get(id_column))
-        occurrence = self._seen.get(key, 0)
-        self._seen[key] = occurrence + 1
-        if random.Random(f"{self.seed}:{key}:{occurrence}").random() >= self.probability:
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, product: Mapping, id_column: str, query_column: str = "query") -> dict:
+        key = f"{self.seed}:{self.epoch}:{product.get(id_column)}:{product.get(query_column)}"
+        if random.Random(key).random() >= self.probability:
             return dict(product)
         return _stripped(product, self.fields, self.words)
 

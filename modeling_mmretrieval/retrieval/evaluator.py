@@ -30,7 +30,7 @@ class RetrievalEvaluator:
             e.g. the queries whose colour word is absent from relevant titles.
         batch_size (`int`): products encoded per batch.
         image_features (`Mapping[str, torch.Tensor]`, *optional*): the frozen image tower's features of the
-            catalogue's products, by product id (`training_utils.precompute_image_features`), so that
+            catalogue's products, by product id (`training.image_feature_cache.precompute_image_features`), so that
             repeated evaluations during training do not decode and embed the same images again.
 
     Example:

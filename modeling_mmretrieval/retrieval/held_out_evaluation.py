@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..data.catalogue import CatalogueColumns, product_records
+from ..data.catalogue import CatalogueColumns
 from ..data.held_out_phrasing import derive_held_out_query
 from ..data.queries import EvaluationQuery, make_evaluation_queries
 from ..data.visual_words import VisualWords, degrade_product_texts, degraded_product_ids, text_is_silent_about
@@ -68,6 +68,9 @@ class HeldOutEvaluator:
         columns ([`CatalogueColumns`]): catalogue column names.
         visual_attribute_keys (`tuple[str]`): attribute keys that a photo shows (beside the colour column).
         k_values (`tuple[int]`): metric cut-offs; runs keep the top `max(k_values)`.
+        processor, name, batch_size, image_features: for calling the evaluator with a model during training
+            (`evaluator(model)` returns `{"<name>/<metric>": ..., "<name>/text_silent/<metric>": ...}`);
+            `image_features` are the frozen image tower's features by product id, when cached.
     """
 
     def __init__(
@@ -80,7 +83,12 @@ class HeldOutEvaluator:
         columns: CatalogueColumns | None = None,
         visual_attribute_keys: Sequence[str] = DEFAULT_VISUAL_ATTRIBUTE_KEYS,
         k_values: Sequence[int] = (10, 100),
+        processor=None,
+        name: str = "heldout",
+        batch_size: int = 64,
+        image_features: Mapping | None = None,
     ):
+        self.processor, self.name, self.batch_size, self.image_features = processor, name, batch_size, image_features
         self.columns = columns or CatalogueColumns()
         self.products = list(catalogue)
         self.k_values = tuple(k_values)
@@ -88,7 +96,8 @@ class HeldOutEvaluator:
         self.queries: list[EvaluationQuery] = make_evaluation_queries(
             catalogue, seed=seed, num_queries=num_queries, columns=self.columns, phrase=derive_held_out_query
         )
-        records = {record[self.columns.product_id]: record for record in product_records(catalogue, self.columns)}
+        # Whole rows (`product_records` keeps only the attribute columns): silence is judged on title and description.
+        records = {str(product[self.columns.product_id]): product for product in self.products}
         values = {str(query.attributes[key]) for query in self.queries for key in self.visual_keys
                   if key in query.attributes}
         self.words = VisualWords.from_values(values)
@@ -119,18 +128,38 @@ class HeldOutEvaluator:
         texts = [query.text for query in self.queries]
         clean = dict(zip((q.query_id for q in self.queries), rank(self.products, texts, k)))
         visual_texts = [query.text for query in self.visual_queries]
-        degraded = dict(zip((q.query_id for q in self.visual_queries), rank(self.degraded_products, visual_texts, k)))
+        degraded = {}
+        if visual_texts:
+            degraded = dict(zip((q.query_id for q in self.visual_queries), rank(self.degraded_products, visual_texts, k)))
         silent_run = {
             qid: [pid for pid in clean[qid] if pid in silent or pid not in self.qrels[qid]]
             for qid, silent in self.silent_qrels.items()
         }
         visual_qrels = {query.query_id: self.qrels[query.query_id] for query in self.visual_queries}
         per_query = {
-            "all": evaluate_run(clean, self.qrels, k_values=self.k_values).per_query,
-            "text_silent": evaluate_run(silent_run, self.silent_qrels, k_values=self.k_values).per_query,
-            "degraded": evaluate_run(degraded, visual_qrels, k_values=self.k_values).per_query,
+            "all": self._scored(clean, self.qrels),
+            "text_silent": self._scored(silent_run, self.silent_qrels),
+            "degraded": self._scored(degraded, visual_qrels),
         }
         return HeldOutResult(per_query=per_query, runs={"all": clean, "degraded": degraded})
+
+    def _scored(self, run: Mapping, qrels: Mapping) -> dict[str, dict[str, float]]:
+        """Per-query metrics; none for a slice without queries (a small catalogue may have no silent product)."""
+        return evaluate_run(run, qrels, k_values=self.k_values).per_query if qrels else {}
+
+    def __call__(self, model) -> dict[str, float]:
+        """Flat metrics of `model` (the training loops' evaluator interface): all queries under `name/`, the
+        slices under `name/<slice>/`."""
+        if self.processor is None:
+            raise ValueError("pass `processor=` to the evaluator to call it with a model")
+        was_training = model.training
+        try:
+            ranker = model_ranker(model, self.processor, columns=self.columns, batch_size=self.batch_size,
+                                  image_features=self.image_features)
+            means = self.evaluate(ranker).means()
+        finally:
+            model.train(was_training)
+        return {f"{self.name}/{key.removeprefix('all/')}": value for key, value in means.items()}
 
     def __repr__(self) -> str:
         return (

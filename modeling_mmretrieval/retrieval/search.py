@@ -165,7 +165,7 @@ def build_product_index(
         dtype: run the towers under `torch.autocast` in this dtype (`torch.bfloat16` on GPUs and CPUs
             with native bf16); the index still stores float32.
         image_features: the frozen image tower's features of every product, keyed by `str(product_id)` (as
-            `training_utils.precompute_image_features` returns them): images are then neither decoded nor
+            `training.image_feature_cache.precompute_image_features` returns them): images are then neither decoded nor
             run through the tower. Only valid while the image tower stays frozen; a product missing from
             it raises `KeyError`.
 

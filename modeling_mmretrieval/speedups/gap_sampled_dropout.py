@@ -1,8 +1,8 @@
 """Dropout for CPU training with masks drawn as gaps between dropped positions.
 
 A dropout mask is a run of independent Bernoulli trials. torch draws one random number per element, which
-on a CPU costs more than the rest of dropout together: on a batch of 32 product texts of 128 tokens,
-dropping attention probabilities took 40-60 ms a layer, against 2.5 ms for their softmax. The positions of
+on a CPU costs more than the rest of dropout together (docs/performance.md has the measurements, from
+`benchmarks/profile_training_step.py`). The positions of
 the rarer outcome (the dropped ones for p <= 0.5) are the partial sums of geometrically distributed gaps,
 so drawing only those gaps yields a mask of exactly the same distribution from about `p * n` random numbers
 instead of `n`.

@@ -28,6 +28,11 @@ OFFLINE_TOWERS = {
 }
 # The fashion photos are 60x80: 112 px (8x8 DINOv2 patches) keeps their detail at a sixteenth of 448 px's cost.
 DEFAULT_DINOV2_IMAGE_SIZE = 112
+# New 3tower models start as their text tower and add the image (docs/results.md has the comparison).
+DEFAULT_3TOWER_FUSION = "residual"
+# Share of training products whose colour and pattern words are stripped, so the image has to carry them: off,
+# since at the main job's budget it costs more on all queries than it gains on text-silent ones (docs/results.md).
+DEFAULT_VISUAL_WORD_DROPOUT = 0.0
 # Settings of a loaded retriever that the command line may override (the processor's; the weights stay).
 PROCESSOR_OVERRIDES = ("max_query_length", "max_product_length", "product_text_fields")
 
@@ -83,6 +88,8 @@ def _compose_from_towers(args) -> tuple[MultimodalRetrievalModel, MultimodalRetr
             fusion=args.fusion or "concat", fusion_alpha=args.fusion_alpha,
             train_dual_text_tower=args.train_dual_text_tower,
         )
+    elif args.architecture == "3tower":
+        settings.update(fusion=args.fusion or DEFAULT_3TOWER_FUSION)
     model = MultimodalRetrievalModel.from_towers_pretrained(
         text_path, image_path, architecture=args.architecture, **settings
     )
@@ -133,4 +140,4 @@ def build_model_and_processor(args) -> ModelSetup:
     return ModelSetup(model, processor, towers, image_size)
 
 
-__all__ = ["DEFAULT_DINOV2_IMAGE_SIZE", "OFFLINE_TOWERS", "ModelSetup", "build_model_and_processor", "resolve_tower"]
+__all__ = ["DEFAULT_3TOWER_FUSION", "DEFAULT_DINOV2_IMAGE_SIZE", "DEFAULT_VISUAL_WORD_DROPOUT", "OFFLINE_TOWERS", "ModelSetup", "build_model_and_processor", "resolve_tower"]

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .. import speedups
 from ..atomic_files import publish_directory, write_json_atomically
-from ..data import CatalogueColumns
+from ..data import CatalogueColumns, RetrievalCollator
 from ..retrieval.evaluator import RetrievalEvaluator
 from .cached_loss import CachedNTXentLoss
 from .checkpoints import (
@@ -132,6 +132,7 @@ class PreparedRun:
     evaluator: RetrievalEvaluator | None
     checkpoints_dir: Path
     max_train_steps: int
+    collator: RetrievalCollator | None = None
 
 
 def initial_state(args, accelerator, checkpoints_dir: Path, signature: dict) -> tuple[dict, Path | None]:
@@ -162,6 +163,8 @@ def train(args, run: PreparedRun, state: dict) -> None:
     model.train()
     while state["completed_steps"] < run.max_train_steps:
         run.train_dataloader.set_epoch(state["epoch"])
+        if run.collator is not None:
+            run.collator.set_epoch(state["epoch"])  # seeded augmentation draws, the same after a resume
         batches = run.train_dataloader
         if state["batches_seen_in_epoch"]:
             batches = accelerator.skip_first_batches(run.train_dataloader, state["batches_seen_in_epoch"])
@@ -359,7 +362,7 @@ def run_training(args) -> dict:
 
     train_started = time.perf_counter()
     run = PreparedRun(accelerator, model, optimizer, lr_scheduler, train_dataloader, loss_fn, evaluator,
-                      checkpoints_dir, max_train_steps)
+                      checkpoints_dir, max_train_steps, collator)
     train(args, run, state)
     train_seconds = time.perf_counter() - train_started
 

@@ -26,11 +26,12 @@ from ..data import (
     RetrievalCollator,
     find_hard_negatives,
     load_catalogue,
-    make_evaluation_queries,
     make_training_pairs,
 )
 from ..data.query_column import evaluation_queries_from_column, unique_products
+from ..data.visual_words import VisualWordDropout, VisualWords
 from ..retrieval.evaluator import RetrievalEvaluator
+from ..retrieval.held_out_evaluation import HeldOutEvaluator
 from .image_feature_cache import check_cached_image_features, precompute_image_features
 
 logger = get_logger(__name__)
@@ -45,7 +46,7 @@ class TrainingData:
     pairs: datasets.Dataset  # (query, product) rows the model trains on
     queries_are_derived: bool
     eval_products: datasets.Dataset | None = None
-    eval_queries: list | None = None
+    eval_queries: list | None = None  # from the eval split's query column; None: attribute-derived, held-out phrasing
 
 
 def seeded_subset(dataset: datasets.Dataset, size: int | None, seed: int) -> datasets.Dataset:
@@ -90,10 +91,6 @@ def load_training_data(args, columns: CatalogueColumns) -> TrainingData:
         if columns.query in held_out.column_names:
             data.eval_queries = evaluation_queries_from_column(
                 held_out, columns=columns, num_queries=args.max_eval_queries, seed=args.seed
-            )
-        else:
-            data.eval_queries = make_evaluation_queries(
-                held_out, seed=args.seed, num_queries=args.max_eval_queries, columns=columns
             )
         data.eval_products = unique_products(held_out, columns)
     return data
@@ -163,12 +160,30 @@ def build_collator(args, accelerator, model, processor, data: TrainingData, colu
     return RetrievalCollator(
         processor, columns, uses_images=model.config.uses_images, hard_negatives=hard_negatives,
         num_hard_negatives=args.num_hard_negatives, image_features=image_features,
-        mask_false_negatives=args.mask_false_negatives,
+        mask_false_negatives=args.mask_false_negatives, augment_product=visual_word_dropout(args, data, columns),
     )
 
 
+def visual_word_dropout(args, data: TrainingData, columns: CatalogueColumns) -> VisualWordDropout | None:
+    """The `--visual_word_dropout` augmentation of training product texts (colour and pattern words, including
+    the catalogue's own colour values), or None when it is off.
+
+    Example:
+    ```python
+    >>> visual_word_dropout(parse_args(["--visual_word_dropout", "0.5"]), data, columns)
+    VisualWordDropout(probability=0.5, seed=42)
+    ```
+    """
+    if not args.visual_word_dropout:
+        return None
+    colours = []
+    if columns.base_colour and columns.base_colour in data.products.column_names:
+        colours = [value for value in data.products.unique(columns.base_colour) if isinstance(value, str)]
+    return VisualWordDropout(args.visual_word_dropout, seed=args.seed, words=VisualWords.from_values(colours))
+
+
 def build_evaluator(args, accelerator, model, processor, data: TrainingData, columns: CatalogueColumns,
-                    cache_image_features: bool) -> RetrievalEvaluator | None:
+                    cache_image_features: bool) -> RetrievalEvaluator | HeldOutEvaluator | None:
     """The evaluation-split evaluator (main process only evaluates). When training caches the frozen image
     features, the evaluation products' features are cached once too, instead of at every evaluation.
 
@@ -179,11 +194,19 @@ def build_evaluator(args, accelerator, model, processor, data: TrainingData, col
     0.0229
     ```
     """
-    if not data.eval_queries:
+    if data.eval_products is None or (data.eval_queries is not None and not data.eval_queries):
         return None
     image_features = None
     if cache_image_features and accelerator.is_main_process:
         image_features = image_feature_cache(args, accelerator, model, processor, data.eval_products, columns)
+    if data.eval_queries is None:
+        # Attribute-derived queries, phrased by the family training never uses, with the text-silent slice and
+        # the degraded-text variant: the evaluation that shows whether the image pays.
+        return HeldOutEvaluator(
+            data.eval_products, num_queries=args.max_eval_queries, seed=args.seed, columns=columns,
+            processor=processor, name="eval", batch_size=args.per_device_eval_batch_size,
+            image_features=image_features,
+        )
     return RetrievalEvaluator.with_colour_slice(
         data.eval_products, data.eval_queries, processor, columns=columns, name="eval",
         batch_size=args.per_device_eval_batch_size, image_features=image_features,

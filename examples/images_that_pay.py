@@ -1,0 +1,262 @@
+#!/usr/bin/env python
+"""Do images pay on unseen products? Every row trained with one budget, several seeds, one held-out evaluation.
+
+Each trained row runs `examples/train.py` (same data, steps and schedule; only the row's flags differ) once per
+seed, then is evaluated by the same `retrieval.HeldOutEvaluator` on the test split: attribute-derived queries
+phrased by the held-out family (never used in training), the text-silent slice and the degraded-text variant.
+Every multimodal row is compared with the text-only row by a paired bootstrap over queries (per-query values
+averaged over seeds first). BM25 and the zero-shot text tower are untrained reference rows. The markdown report
+(the budget, seeds, intervals, exclusive matches) is written to `--markdown`; per-run JSON files make the
+command resumable (a finished run is not redone).
+
+```bash
+python examples/images_that_pay.py --output_dir outputs/images_that_pay --markdown docs/results.md
+```
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, speedups
+from modeling_mmretrieval.data import default_data_dir, load_catalogue
+from modeling_mmretrieval.retrieval.exclusive_matches import exclusive_matches
+from modeling_mmretrieval.retrieval.held_out_evaluation import HeldOutEvaluator, model_ranker
+from modeling_mmretrieval.retrieval.lexical import bm25_ranker
+from modeling_mmretrieval.retrieval.paired_bootstrap import mean_over_seeds, paired_bootstrap
+from modeling_mmretrieval.towers import get_minilm_path
+from modeling_mmretrieval.training.image_feature_cache import precompute_image_features
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+BASELINE = "text-only"
+DEFAULT_ROW = "3tMM residual, no dropout"  # what `examples/train.py` trains without flags
+# Issue 14's targets for the best multimodal row against text-only: an absolute gain on all queries (with the
+# interval above 0), and relative gains on the text-silent slice and the degraded-text variant.
+TARGETS = {"all/ndcg@10": ("absolute", 0.02), "text_silent/ndcg@10": ("relative", 0.25),
+           "text_silent/recall@100": ("relative", 0.25), "degraded/ndcg@10": ("relative", 0.25),
+           "degraded/recall@100": ("relative", 0.25)}
+# (row name, train.py flags); every row also gets the budget flags of `budget_flags`.
+# What each row tries, for the report.
+ROW_NOTES = {
+    "BM25 (title, brand, description)": "lexical baseline (`retrieval.lexical`, bm25s), untrained, deterministic",
+    "MiniLM zero-shot": "the pretrained text tower alone, untrained, deterministic",
+    "text-only": "the text tower fine-tuned on the queries: the baseline every interval is taken against",
+    "3tMM residual + visual-word dropout 0.5": "residual fusion, and colour/pattern words stripped from half of the "
+    "training product texts so that matching them needs the image",
+    "3tMM residual, no dropout": "residual fusion: the text vector plus an MLP of [text ; image] that starts at zero",
+    "3tMM mlp (paper)": "the paper's MLP fusion of [text ; image], randomly initialised",
+}
+ROWS = {
+    "text-only": ["--architecture", "text_only"],
+    "3tMM residual + visual-word dropout 0.5": ["--architecture", "3tower", "--fusion", "residual",
+                                                "--visual_word_dropout", "0.5"],
+    "3tMM residual, no dropout": ["--architecture", "3tower", "--fusion", "residual", "--visual_word_dropout", "0"],
+    "3tMM mlp (paper)": ["--architecture", "3tower", "--fusion", "mlp", "--visual_word_dropout", "0"],
+}
+REPORTED = (("all", "ndcg@10"), ("all", "recall@100"), ("text_silent", "ndcg@10"), ("text_silent", "recall@100"),
+            ("degraded", "ndcg@10"), ("degraded", "recall@100"))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default="outputs/images_that_pay")
+    parser.add_argument("--markdown", help="Write the report here (e.g. docs/results.md).")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--dataset", default=None, help="Training catalogue (default: the committed sample).")
+    parser.add_argument("--test_dataset", default=None, help="Evaluation catalogue folder (default: ../shared if "
+                        "present, else the sample); its `test` split is used.")
+    parser.add_argument("--num_queries", type=int, default=1000)
+    parser.add_argument("--eval_seed", type=int, default=0)
+    parser.add_argument("--max_train_products", type=int)
+    parser.add_argument("--max_train_steps", type=int)
+    return parser.parse_args(argv)
+
+
+def budget_flags(args) -> list[str]:
+    flags = ["--eval_split", "none"]
+    if args.dataset:
+        flags += ["--dataset", args.dataset]
+    if args.max_train_products:
+        flags += ["--max_train_products", str(args.max_train_products)]
+    if args.max_train_steps:
+        flags += ["--max_train_steps", str(args.max_train_steps)]
+    return flags
+
+
+def train_row(args, flags: list[str], seed: int, run_dir: Path) -> Path:
+    """Trains one row and seed with `examples/train.py` (skipped when its final model exists)."""
+    final = run_dir / "final"
+    if not (final / "config.json").is_file():
+        command = [sys.executable, str(TRAIN_SCRIPT), "--output_dir", str(run_dir), "--seed", str(seed),
+                   *budget_flags(args), *flags]
+        print("+", " ".join(command), flush=True)
+        subprocess.run(command, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return final
+
+
+def evaluate_checkpoint(evaluator: HeldOutEvaluator, folder: Path, feature_cache: dict) -> dict:
+    model = MultimodalRetrievalModel.from_pretrained(folder).eval()
+    processor = MultimodalRetrievalProcessor.from_pretrained(folder)
+    speedups.apply(processor=processor)
+    image_features = None
+    if model.config.uses_images and model.image_features_are_frozen:
+        key = json.dumps(model.image_tower.config.to_dict(), sort_keys=True, default=str) + str(
+            processor.image_processor.to_dict())
+        if key not in feature_cache:  # every row with this frozen tower and image size shares the features
+            feature_cache[key] = precompute_image_features(model, processor, evaluator.products, show_progress=False)
+        image_features = feature_cache[key]
+    with torch.no_grad():
+        result = evaluator.evaluate(model_ranker(model, processor, image_features=image_features))
+    return {"per_query": result.per_query, "runs": result.runs}
+
+
+def cached_result(path: Path, compute) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    started = time.perf_counter()
+    result = compute()
+    result["seconds"] = time.perf_counter() - started
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result))
+    return result
+
+
+def summarise(results: dict[str, list[dict]]) -> dict:
+    """Per row: means of the seed-averaged per-query values, and paired intervals against the baseline."""
+    averaged = {
+        row: {(slice_name, metric): mean_over_seeds([run["per_query"][slice_name][metric] for run in runs])
+              for slice_name, metric in REPORTED}
+        for row, runs in results.items()
+    }
+    summary = {}
+    for row, values in averaged.items():
+        summary[row] = {}
+        for key, per_query in values.items():
+            mean = sum(per_query.values()) / len(per_query) if per_query else float("nan")
+            entry = {"mean": mean, "queries": len(per_query), "seeds": len(results[row])}
+            if row != BASELINE and BASELINE in averaged:
+                interval = paired_bootstrap(per_query, averaged[BASELINE][key], seed=0)
+                base = sum(averaged[BASELINE][key].values()) / len(averaged[BASELINE][key])
+                entry.update(difference=str(interval), relative=interval.relative_to(base),
+                             excludes_zero=interval.excludes_zero)
+            summary[row][f"{key[0]}/{key[1]}"] = entry
+    return summary
+
+
+def markdown(args, summary: dict, exclusive: dict, evaluator: HeldOutEvaluator, seconds: float) -> str:
+    """The report: how it was produced, the table with intervals, the targets and the exclusive matches."""
+    command = "python examples/images_that_pay.py " + " ".join(sys.argv[1:])
+    header = ["model", "seeds"] + [f"{s} {m}" for s, m in REPORTED]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, entries in summary.items():
+        cells = [row, str(entries["all/ndcg@10"]["seeds"])]
+        for slice_name, metric in REPORTED:
+            entry = entries[f"{slice_name}/{metric}"]
+            cell = f"{entry['mean']:.3f}"
+            if "difference" in entry:
+                cell += f" ({entry['difference']}; {entry['relative']:+.0%})"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    target_lines = []
+    for row, entries in summary.items():
+        if "difference" not in entries["all/ndcg@10"] or not row.startswith(("3tMM", "4tMM")):
+            continue
+        checks = []
+        for key, (kind, required) in TARGETS.items():
+            entry = entries[key]
+            gain = entry["relative"] if kind == "relative" else entry["mean"] - summary[BASELINE][key]["mean"]
+            met = gain >= required and (kind == "relative" or entry["excludes_zero"])
+            checks.append(f"{key} {gain:+.3f}{' (relative)' if kind == 'relative' else ''} "
+                          f"{'met' if met else 'not met'} (needs {required:+.2f})")
+        target_lines.append(f"- {row}: " + "; ".join(checks))
+    exclusive_lines = [
+        f"- {row}: {report['multimodal_relevant']} relevant products in its top-100 that the text-only top-100 "
+        f"lacks, against {report['text_relevant']} the other way (seed {args.seeds[0]}, {report['queries']} queries)"
+        for row, report in exclusive.items()
+    ]
+    return "\n".join([
+        "# Do images pay? Multimodal vs text-only on unseen products and phrasings", "",
+        f"Produced by one command (2 CPU cores, no GPU; {seconds / 60:.0f} min of training and evaluation, "
+        "summed over the runs, which are cached and resumed):", "", "```bash", command, "```", "",
+        "## What produced each number", "",
+        f"- **Evaluation** (the same for every row): `{evaluator!r}` on the test split of "
+        f"`{os.path.relpath(args.test_dataset or default_data_dir())}`; {args.num_queries} attribute-derived queries "
+        "phrased by the "
+        "held-out family (`data.held_out_phrasing`, never used in training); text-silent slice: visual queries "
+        "judged on the relevant products whose title and description never name the colour or pattern; degraded: "
+        "visual queries over the catalogue with visual words stripped from a seeded half of the products.",
+        f"- **Budget** (every trained row): `examples/train.py` defaults (the committed sample's training split, one "
+        f"epoch of batch 32, MiniLM text tower, frozen DINOv2-small at 112 px), plus `{' '.join(budget_flags(args))}`;"
+        f" seeds {args.seeds}.",
+        "- **Intervals**: mean difference to the text-only row, paired bootstrap over queries (2,000 resamples, "
+        "95%), per-query values averaged over the seeds first; the percentage is relative to text-only.", "",
+        "## Rows", "", *[f"- **{row}**: {ROW_NOTES[row]}." for row in summary if row in ROW_NOTES], "",
+        "## Results", "",
+        f"Mean over queries of the seed-averaged values; in brackets, the difference to text-only with its 95% paired "
+        f"bootstrap interval, then the relative change. `{DEFAULT_ROW}` is what `examples/train.py` trains by default.",
+        "", *lines, "", "## Targets (issue 14) against text-only", "", *target_lines, "",
+        "## Exclusive matches (top-100, against text-only)", "", *exclusive_lines, "",
+    ])
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    output = Path(args.output_dir)
+    test = load_catalogue(args.test_dataset, split="test")
+    evaluator = HeldOutEvaluator(test, num_queries=args.num_queries, seed=args.eval_seed)
+    print(evaluator, flush=True)
+    feature_cache: dict = {}
+    results: dict[str, list[dict]] = {}
+    references = {
+        "BM25 (title, brand, description)": lambda: bm25_ranker(),
+        "MiniLM zero-shot": zero_shot_ranker,
+    }
+    for name, make_ranker in references.items():
+        path = output / "references" / f"{name.split()[0].lower()}.json"
+        results[name] = [cached_result(path, lambda m=make_ranker: _as_dict(evaluator.evaluate(m())))]
+    for row in args.rows:
+        results[row] = []
+        for seed in args.seeds:
+            run_dir = output / row.replace(" ", "_").replace(",", "").replace("+", "plus") / f"seed{seed}"
+            final = train_row(args, ROWS[row], seed, run_dir)
+            result = cached_result(run_dir / "held_out.json",
+                                   lambda f=final: evaluate_checkpoint(evaluator, f, feature_cache))
+            training = json.loads((run_dir / "results.json").read_text())["training"]
+            result["train_seconds"] = training["wall_seconds_this_run"]
+            results[row].append(result)
+    summary = summarise(results)
+    qrels = evaluator.qrels
+    exclusive = {}
+    for row in args.rows:
+        if row == BASELINE or BASELINE not in results:
+            continue
+        report = exclusive_matches(results[row][0]["runs"]["all"], results[BASELINE][0]["runs"]["all"], qrels, k=100)
+        exclusive[row] = {"multimodal_relevant": report.multimodal_exclusive.num_relevant,
+                          "text_relevant": report.text_exclusive.num_relevant, "queries": report.num_queries}
+    (output / "summary.json").write_text(json.dumps({"summary": summary, "exclusive": exclusive}, indent=2))
+    if args.markdown:
+        seconds = sum(run.get("seconds", 0) + run.get("train_seconds", 0) for runs in results.values() for run in runs)
+        Path(args.markdown).write_text(markdown(args, summary, exclusive, evaluator, seconds))
+    return summary
+
+
+def zero_shot_ranker():
+    """The pretrained MiniLM as a text-only retriever, with the trained rows' text lengths."""
+    model = MultimodalRetrievalModel.from_towers_pretrained(get_minilm_path(), max_query_length=24,
+                                                            max_product_length=64).eval()
+    return model_ranker(model, MultimodalRetrievalProcessor.from_towers_pretrained(get_minilm_path(), config=model.config))
+
+
+def _as_dict(result) -> dict:
+    return {"per_query": result.per_query, "runs": result.runs}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""The pieces of the "do images pay?" evaluation and training signal: the held-out phrasing family, visual-word
+stripping (training augmentation and degraded-text variant), the text-silent slice, the held-out evaluator, BM25
+and the paired bootstrap."""
+
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_towers import make_batch, make_config
+
+from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
+from modeling_mmretrieval.data import SAMPLE_DATA_DIR, RetrievalCollator, load_catalogue, make_training_pairs
+from modeling_mmretrieval.data.held_out_phrasing import HELD_OUT_MARKERS, derive_held_out_query
+from modeling_mmretrieval.data.queries import derive_query, make_evaluation_queries
+from modeling_mmretrieval.data.visual_words import (
+    VisualWordDropout,
+    VisualWords,
+    degrade_product_texts,
+    degraded_product_ids,
+    text_is_silent_about,
+)
+from modeling_mmretrieval.retrieval.held_out_evaluation import HeldOutEvaluator, model_ranker
+from modeling_mmretrieval.retrieval.paired_bootstrap import mean_over_seeds, paired_bootstrap
+from modeling_mmretrieval.towers import get_minilm_path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return load_catalogue(SAMPLE_DATA_DIR)
+
+
+def words_of(text: str) -> set[str]:
+    return set(re.findall(r"[\w']+|,", text.lower()))
+
+
+# ----- held-out phrasing ----------------------------------------------------------------------------------------------
+def test_the_held_out_family_never_appears_in_training_queries(sample):
+    training = []
+    for seed in range(3):
+        training += make_training_pairs(sample["train"], seed=seed, queries_per_product=2)["query"]
+    held_out = make_evaluation_queries(sample["test"], seed=0, num_queries=300, phrase=derive_held_out_query)
+    assert len(held_out) >= 250
+    # Every held-out query says at least one word of the family; no training query ever says one...
+    assert all(words_of(query.text) & HELD_OUT_MARKERS for query in held_out)
+    brand_words = {word for brand in sample["train"]["brand"] if brand for word in words_of(brand)}
+    offending = [text for text in training if (words_of(text) & HELD_OUT_MARKERS) - brand_words]
+    assert not offending, offending[:5]
+    # ... and no held-out text is a training text, nor a text the training phrasing gives the same product.
+    training_texts = set(training)
+    assert not [query.text for query in held_out if query.text in training_texts]
+    assert not {query.template for query in held_out} & set(
+        derive_query(row, random.Random(seed)).template for seed in range(3) for row in sample["test"].to_list()
+    )
+
+
+def test_held_out_queries_constrain_the_attributes_training_queries_would(sample):
+    for row in sample["test"].select(range(40)).to_list():
+        trained = derive_query(row, random.Random(7))
+        held_out = derive_held_out_query(row, random.Random(7))
+        assert held_out.attributes == trained.attributes
+        assert held_out.text.startswith(trained.text.split()[0]) or "," in held_out.text
+
+
+# ----- visual words ---------------------------------------------------------------------------------------------------
+def test_visual_words_are_stripped_whole_and_the_rest_kept():
+    words = VisualWords.from_values(["Sea Green", "Navy Blue"])
+    assert words.strip("Puma Men Navy Blue Striped Polo T-shirt") == "Puma Men Polo T-shirt"
+    assert words.strip("Sea Green kurta with blue-green piping, black/white print") == "kurta with piping,"
+    assert words.strip("Bluestone ring") == "Bluestone ring"  # a brand that contains a colour stays
+    assert text_is_silent_about({"title": "Puma polo", "description": "A sporty fit"}, ["Red"], words)
+    assert not text_is_silent_about({"title": "Puma polo", "description": "in bright red"}, ["Red"], words)
+
+
+def test_visual_word_dropout_is_seeded_and_varies_between_epochs():
+    product = {"product_id": "7", "title": "Red Checked Shirt", "description": "A red shirt"}
+
+    def draws(seed: int) -> list[str]:
+        dropout = VisualWordDropout(probability=0.5, seed=seed)
+        titles = []
+        for epoch in range(40):
+            dropout.set_epoch(epoch)
+            titles.append(dropout(product, "product_id")["title"])
+            assert dropout(product, "product_id")["title"] == titles[-1]  # one draw per epoch (and resume)
+        return titles
+
+    first = draws(0)
+    assert first == draws(0)  # the same seed strips the same epochs
+    assert first != draws(1)
+    assert set(first) == {"Red Checked Shirt", "Shirt"}  # some epochs keep the words, others strip them
+    assert 10 < first.count("Shirt") < 30
+    with pytest.raises(ValueError, match="probability"):
+        VisualWordDropout(probability=1.5, seed=0)
+
+
+def test_the_augmentation_changes_training_batches_only(sample):
+    tokenizer_dir = get_minilm_path()
+    processor = MultimodalRetrievalProcessor.from_towers_pretrained(tokenizer_dir)
+    rows = make_training_pairs(sample["train"].select(range(16)), seed=0).to_list()
+    plain = RetrievalCollator(processor, uses_images=False)(rows)
+    augmented = RetrievalCollator(processor, uses_images=False,
+                                  augment_product=VisualWordDropout(probability=1.0, seed=0))(rows)
+    assert torch.equal(plain["query_input_ids"], augmented["query_input_ids"])
+    texts = processor.tokenizer.batch_decode(augmented["product_input_ids"], skip_special_tokens=True)
+    colours = {row["base_colour"].lower() for row in rows if row["base_colour"]}
+    assert not any(colour in words_of(text) for text in texts for colour in colours)
+    plain_texts = processor.tokenizer.batch_decode(plain["product_input_ids"], skip_special_tokens=True)
+    assert any(colour in words_of(text) for text in plain_texts for colour in colours)
+    # Indexing and evaluation collators are built without it: the evaluator embeds products as they are.
+    assert RetrievalCollator(processor, with_queries=False, uses_images=False).augment_product is None
+
+
+def test_degraded_variant_strips_a_seeded_share():
+    products = [{"product_id": str(i), "title": f"Red shirt {i}"} for i in range(10)]
+    chosen = degraded_product_ids([p["product_id"] for p in products], share=0.5, seed=3)
+    assert len(chosen) == 5 and chosen == degraded_product_ids([p["product_id"] for p in products], 0.5, 3)
+    degraded = degrade_product_texts(products, chosen, VisualWords.default(), "product_id")
+    assert [p["title"].startswith("Red") for p in degraded] == [p["product_id"] not in chosen for p in products]
+
+
+# ----- held-out evaluator ---------------------------------------------------------------------------------------------
+def test_held_out_evaluator_slices_and_an_oracle_ranker(sample):
+    evaluator = HeldOutEvaluator(sample["test"], num_queries=150, seed=0)
+    assert len(evaluator.queries) == 150 and 0 < len(evaluator.silent_qrels) <= len(evaluator.visual_queries)
+    products = {product["product_id"]: product for product in evaluator.products}
+    for query_id, silent in evaluator.silent_qrels.items():
+        query = next(q for q in evaluator.queries if q.query_id == query_id)
+        colour = query.attributes.get("base_colour")
+        assert silent <= query.relevant_ids
+        if colour:
+            assert all(not VisualWords.default().mentions(f"{products[pid]['title']} {products[pid]['description']}",
+                                                          colour) for pid in silent)
+    assert abs(len(evaluator.degraded_ids) - len(products) / 2) <= 1
+
+    def oracle(catalogue, texts, k):
+        by_text = {query.text: query for query in evaluator.queries}
+        return [sorted(by_text[text].relevant_ids)[:k] for text in texts]
+
+    means = evaluator.evaluate(oracle).means()
+    assert means["all/ndcg@10"] == pytest.approx(1.0) and means["text_silent/recall@100"] == pytest.approx(1.0)
+    assert means["degraded/num_queries"] == len(evaluator.visual_queries)
+
+
+def test_a_text_only_model_cannot_find_text_silent_products_by_their_colour(sample):
+    """BM25 reads only text: on the text-silent slice it finds the products by other words at best, while on all
+    queries it does much better. The slice is what only an image can answer."""
+    pytest.importorskip("bm25s")
+    from modeling_mmretrieval.retrieval.lexical import bm25_ranker
+
+    evaluator = HeldOutEvaluator(sample["test"], num_queries=200, seed=1)
+    means = evaluator.evaluate(bm25_ranker()).means()
+    assert means["all/recall@100"] > 0.3
+    assert means["text_silent/ndcg@10"] < means["all/ndcg@10"]
+
+
+def test_held_out_evaluator_is_a_training_evaluator(sample):
+    config = make_config("text_only")
+    processor = MultimodalRetrievalProcessor.from_towers_pretrained(get_minilm_path())
+    config.text_config.vocab_size = processor.tokenizer.vocab_size
+    config.text_config.max_position_embeddings = 128
+    model = MultimodalRetrievalModel(config).train()
+    evaluator = HeldOutEvaluator(sample["validation"], num_queries=60, seed=0,
+                                 processor=processor, name="eval")
+    metrics = evaluator(model)
+    assert model.training  # restored
+    assert {"eval/ndcg@10", "eval/recall@100", "eval/text_silent/ndcg@10", "eval/degraded/recall@100"} <= set(metrics)
+    ranker = model_ranker(model.eval(), processor)
+    assert len(ranker(evaluator.products, ["red shirt"], 5)[0]) == 5
+
+
+# ----- paired bootstrap -----------------------------------------------------------------------------------------------
+def test_paired_bootstrap_intervals():
+    rng = random.Random(0)
+    base = {f"q{i}": rng.random() for i in range(300)}
+    better = {query: value + 0.05 + rng.gauss(0, 0.05) for query, value in base.items()}
+    interval = paired_bootstrap(better, base, seed=1)
+    assert interval.low < 0.05 < interval.high and interval.excludes_zero
+    same = paired_bootstrap(base, base)
+    assert same.mean_difference == same.low == same.high == 0 and not same.excludes_zero
+    assert mean_over_seeds([{"q": 1.0, "r": 0.0}, {"q": 0.0}]) == {"q": 0.5}
+    with pytest.raises(ValueError, match="share no query"):
+        paired_bootstrap({"a": 1.0}, {"b": 1.0})
+
+
+# ----- train command --------------------------------------------------------------------------------------------------
+def test_train_command_defaults_and_refusals():
+    from modeling_mmretrieval.commands.train import parse_args
+
+    assert parse_args([]).visual_word_dropout == 0.0
+    assert parse_args(["--visual_word_dropout", "0.3"]).visual_word_dropout == 0.3
+    for flags, message in ((["--visual_word_dropout", "1.5"], "--visual_word_dropout must lie in"),
+                           (["--architecture", "3tower", "--fusion", "concat"], "is not a 3tower fusion")):
+        result = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "train.py"), *flags],
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_residual_fusion_batch_runs_through_forward():
+    config = make_config("3tower-residual")
+    model = MultimodalRetrievalModel(config)
+    assert torch.isfinite(model(**make_batch(config)).loss)
+
+
+# ----- the comparison report ------------------------------------------------------------------------------------------
+def test_the_comparison_report_pairs_rows_with_text_only_and_checks_the_targets(sample):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("images_that_pay", REPO_ROOT / "examples" / "images_that_pay.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    rng = random.Random(0)
+    queries = [f"q{i}" for i in range(200)]
+
+    def run(shift: float) -> dict:
+        per_query = {slice_name: {metric: {q: min(1.0, rng.random() * 0.5 + shift) for q in queries}
+                                  for metric in ("ndcg@10", "recall@100")}
+                     for slice_name in ("all", "text_silent", "degraded")}
+        return {"per_query": per_query, "runs": {"all": {q: ["p1", "p2"] for q in queries}}}
+
+    results = {report.BASELINE: [run(0.3) for _ in range(3)], report.DEFAULT_ROW: [run(0.45) for _ in range(3)]}
+    summary = report.summarise(results)
+    entry = summary[report.DEFAULT_ROW]["all/ndcg@10"]
+    assert entry["seeds"] == 3 and entry["excludes_zero"] and entry["relative"] > 0.25
+    args = report.parse_args(["--seeds", "0", "1", "2"])
+    evaluator = HeldOutEvaluator(sample["test"], num_queries=20, seed=0)
+    text = report.markdown(args, summary, {}, evaluator, seconds=60.0)
+    assert f"| {report.DEFAULT_ROW} | 3 |" in text and "all/ndcg@10 +0." in text and " met (needs +0.02)" in text
