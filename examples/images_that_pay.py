@@ -35,6 +35,8 @@ from modeling_mmretrieval.training.image_feature_cache import precompute_image_f
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 BASELINE = "text-only"
+# Bumped whenever the evaluator's definition changes, so cached evaluations are redone.
+EVALUATION_VERSION = 2
 DEFAULT_ROW = "3tMM residual, no dropout"  # what `examples/train.py` trains without flags
 # Issue 14's targets for the best multimodal row against text-only: an absolute gain on all queries (with the
 # interval above 0), and relative gains on the text-silent slice and the degraded-text variant.
@@ -93,11 +95,14 @@ def budget_flags(args) -> list[str]:
 def train_row(args, flags: list[str], seed: int, run_dir: Path) -> Path:
     """Trains one row and seed with `examples/train.py` (skipped when its final model exists)."""
     final = run_dir / "final"
-    if not (final / "config.json").is_file():
+    command_file = run_dir / "train_flags.json"
+    wanted = json.dumps([seed, *budget_flags(args), *flags])
+    if not (final / "config.json").is_file() or not command_file.is_file() or command_file.read_text() != wanted:
         command = [sys.executable, str(TRAIN_SCRIPT), "--output_dir", str(run_dir), "--seed", str(seed),
                    *budget_flags(args), *flags]
         print("+", " ".join(command), flush=True)
         subprocess.run(command, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        command_file.write_text(wanted)
     return final
 
 
@@ -117,12 +122,16 @@ def evaluate_checkpoint(evaluator: HeldOutEvaluator, folder: Path, feature_cache
     return {"per_query": result.per_query, "runs": result.runs}
 
 
-def cached_result(path: Path, compute) -> dict:
+def cached_result(path: Path, compute, fingerprint: str) -> dict:
+    """`compute()`'s result, stored at `path` and reused while `fingerprint` (what produced it) is unchanged."""
     if path.is_file():
-        return json.loads(path.read_text())
+        stored = json.loads(path.read_text())
+        if stored.get("fingerprint") == fingerprint:
+            return stored
     started = time.perf_counter()
     result = compute()
     result["seconds"] = time.perf_counter() - started
+    result["fingerprint"] = fingerprint
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result))
     return result
@@ -131,7 +140,8 @@ def cached_result(path: Path, compute) -> dict:
 def summarise(results: dict[str, list[dict]]) -> dict:
     """Per row: means of the seed-averaged per-query values, and paired intervals against the baseline."""
     averaged = {
-        row: {(slice_name, metric): mean_over_seeds([run["per_query"][slice_name][metric] for run in runs])
+        row: {(slice_name, metric): mean_over_seeds([run["per_query"].get(slice_name, {}).get(metric, {})
+                                                     for run in runs])
               for slice_name, metric in REPORTED}
         for row, runs in results.items()
     }
@@ -141,7 +151,7 @@ def summarise(results: dict[str, list[dict]]) -> dict:
         for key, per_query in values.items():
             mean = sum(per_query.values()) / len(per_query) if per_query else float("nan")
             entry = {"mean": mean, "queries": len(per_query), "seeds": len(results[row])}
-            if row != BASELINE and BASELINE in averaged:
+            if row != BASELINE and BASELINE in averaged and per_query and averaged[BASELINE][key]:
                 interval = paired_bootstrap(per_query, averaged[BASELINE][key], seed=0)
                 base = sum(averaged[BASELINE][key].values()) / len(averaged[BASELINE][key])
                 entry.update(difference=str(interval), relative=interval.relative_to(base),
@@ -212,6 +222,9 @@ def main(argv=None) -> dict:
     test = load_catalogue(args.test_dataset, split="test")
     evaluator = HeldOutEvaluator(test, num_queries=args.num_queries, seed=args.eval_seed)
     print(evaluator, flush=True)
+    # What every cached evaluation depends on besides the trained model: a change re-evaluates.
+    evaluation = json.dumps([EVALUATION_VERSION, repr(evaluator), args.num_queries, args.eval_seed,
+                             os.path.relpath(args.test_dataset or default_data_dir())])
     feature_cache: dict = {}
     results: dict[str, list[dict]] = {}
     references = {
@@ -220,14 +233,15 @@ def main(argv=None) -> dict:
     }
     for name, make_ranker in references.items():
         path = output / "references" / f"{name.split()[0].lower()}.json"
-        results[name] = [cached_result(path, lambda m=make_ranker: _as_dict(evaluator.evaluate(m())))]
+        results[name] = [cached_result(path, lambda m=make_ranker: _as_dict(evaluator.evaluate(m())), evaluation)]
     for row in args.rows:
         results[row] = []
         for seed in args.seeds:
             run_dir = output / row.replace(" ", "_").replace(",", "").replace("+", "plus") / f"seed{seed}"
             final = train_row(args, ROWS[row], seed, run_dir)
             result = cached_result(run_dir / "held_out.json",
-                                   lambda f=final: evaluate_checkpoint(evaluator, f, feature_cache))
+                                   lambda f=final: evaluate_checkpoint(evaluator, f, feature_cache),
+                                   evaluation + (run_dir / "train_flags.json").read_text())
             training = json.loads((run_dir / "results.json").read_text())["training"]
             result["train_seconds"] = training["wall_seconds_this_run"]
             results[row].append(result)

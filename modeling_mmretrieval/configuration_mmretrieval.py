@@ -70,8 +70,8 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
         fusion_num_layers (`int`, defaults to 2):
             Number of linear layers in the fusion MLP (GELU between them).
         fusion_output_dim (`int`, *optional*):
-            Output size of the 4tower fusion MLP (defaults to the text embedding size). 3tower always maps
-            products into the query space.
+            Output size of the 4tower `"mlp"` fusion (defaults to the text embedding size). 3tower always maps
+            products into the query space, and `"residual"` always outputs the text embedding size.
         fusion_dropout (`float`, defaults to 0.0):
             Dropout inside the fusion MLP.
         logit_scale_init_value (`float`, defaults to 20.0):
@@ -219,6 +219,11 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}` must be a positive integer or None, got {value}.")
+        if self.fusion == "residual" and self.fusion_output_dim is not None:
+            raise ValueError(
+                "`fusion='residual'` adds the fusion MLP's output to the text vector, so its size is the text "
+                f"embedding's; leave `fusion_output_dim` unset (got {self.fusion_output_dim})."
+            )
         if not 0.0 <= self.fusion_dropout < 1.0:
             raise ValueError(f"`fusion_dropout` must lie in [0, 1), got {self.fusion_dropout}.")
         if not self.product_text_fields or not all(isinstance(f, str) and f for f in self.product_text_fields):

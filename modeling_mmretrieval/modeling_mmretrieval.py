@@ -355,6 +355,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             return
         self.config.freeze_image_towers = locked
         self.image_tower.requires_grad_(True)
+        self.image_tower.train(self.training)  # an unlocked tower follows the model's mode again
         self._apply_image_tower_lock()
 
     def _apply_image_tower_lock(self) -> None:

@@ -331,6 +331,9 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
         """Model-ready training/scoring inputs: `query_*`, `query_dual_*`, `product_*`, `pixel_values`, `image_mask`."""
         if queries is None and products is None:
             raise ValueError("Pass `queries`, `products` or both.")
+        if images is not None and products is None:
+            raise ValueError("`images` are product images: pass them with `products` (for query images use "
+                             "`encode_images`).")
         query_inputs = self.encode_queries(queries) if queries is not None else None
         product_inputs = self.encode_products(products, images) if products is not None else None
         return BatchFeature(pair_model_inputs(query_inputs, product_inputs), tensor_type=return_tensors)

@@ -230,3 +230,29 @@ def test_the_comparison_report_pairs_rows_with_text_only_and_checks_the_targets(
     evaluator = HeldOutEvaluator(sample["test"], num_queries=20, seed=0)
     text = report.markdown(args, summary, {}, evaluator, seconds=60.0)
     assert f"| {report.DEFAULT_ROW} | 3 |" in text and "all/ndcg@10 +0." in text and " met (needs +0.02)" in text
+
+
+def test_visual_words_keep_unrelated_joiners_and_agree_with_silence():
+    words = VisualWords.from_values(["Off White"])
+    assert words.strip("Reid & Taylor Black Suit") == "Reid & Taylor Suit"
+    assert words.strip("Off-White shirt") == "shirt" and words.mentions("Off-White shirt", "Off White")
+    assert not text_is_silent_about({"title": "Off-White shirt"}, ["Off White"], words)
+
+
+def test_text_silent_recall_ranks_past_the_other_relevant_products(sample):
+    """The slice leaves the other relevant products out of the ranking: silent products ranked below them must
+    move up into the top k rather than be cut off with them."""
+    evaluator = HeldOutEvaluator(sample["test"], num_queries=150, seed=0, k_values=(10,))
+    by_text = {query.text: query for query in evaluator.queries}
+
+    def others_first(catalogue, texts, k):
+        ranked = []
+        for text in texts:
+            query = by_text[text]
+            silent = evaluator.silent_qrels.get(query.query_id, set())
+            ranked.append((sorted(query.relevant_ids - silent) + sorted(silent))[:k])
+        return ranked
+
+    means = evaluator.evaluate(others_first).means()
+    assert means["text_silent/recall@10"] == pytest.approx(
+        sum(min(1.0, 10 / len(s)) for s in evaluator.silent_qrels.values()) / len(evaluator.silent_qrels))

@@ -23,7 +23,7 @@ def embeddings(model, batch):
 
 
 @pytest.mark.parametrize("case", ["4tower-residual", "3tower-residual"])
-def test_residual_fusion_starts_as_the_text_only_model(case):
+def test_residual_fusion_starts_as_the_text_only_model(case, tmp_path):
     config = make_config(case)
     torch.manual_seed(0)
     model = MultimodalRetrievalModel(config).eval()
@@ -37,10 +37,15 @@ def test_residual_fusion_starts_as_the_text_only_model(case):
     model.train()
     model(**batch).loss.backward()
     assert model.product_fusion.layers[-1].weight.grad.abs().sum() > 0
-    # A loaded checkpoint keeps its trained (non-zero) image branch.
+    # A trained (non-zero) image branch changes the products, and a saved checkpoint keeps it: loading does not
+    # re-run the zero initialisation.
     with torch.no_grad():
         model.product_fusion.layers[-1].weight.add_(0.5)
-    assert not torch.allclose(embeddings(model.eval(), batch)[1], embeddings(text_only, batch)[1], atol=1e-3)
+    trained = embeddings(model.eval(), batch)
+    assert not torch.allclose(trained[1], embeddings(text_only, batch)[1], atol=1e-3)
+    model.save_pretrained(tmp_path)
+    for loaded, saved in zip(embeddings(MultimodalRetrievalModel.from_pretrained(tmp_path), batch), trained):
+        torch.testing.assert_close(loaded, saved, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -425,3 +430,13 @@ def test_false_negatives_leave_the_softmax():
     expected = (F.cross_entropy(query_logits, torch.arange(4)) + F.cross_entropy(product_logits, torch.arange(4))) / 2
     assert output.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert output.loss.item() < model(**batch).loss.item() + 1e-6
+
+
+def test_lock_image_tower_switches_gradients_mode_and_config():
+    model = MultimodalRetrievalModel(make_config("3tower-dinov2")).train()
+    assert not model.vision_model.training and not any(p.requires_grad for p in model.vision_model.parameters())
+    model.lock_image_tower(False)
+    assert model.vision_model.training and all(p.requires_grad for p in model.vision_model.parameters())
+    assert model.config.freeze_image_towers is False and not model.image_features_are_frozen
+    model.lock_image_tower()
+    assert not model.vision_model.training and model.image_features_are_frozen

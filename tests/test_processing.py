@@ -163,3 +163,11 @@ def test_pad_to_multiple_of_round_trips(minilm_tokenizer, tmp_path):
     del settings["pad_to_multiple_of"]  # a processor saved before the option existed
     (tmp_path / "processor_config.json").write_text(json.dumps(settings))
     assert MultimodalRetrievalProcessor.from_pretrained(tmp_path).pad_to_multiple_of == 8
+
+
+def test_product_images_without_products_are_refused():
+    from modeling_mmretrieval.towers import get_minilm_path
+
+    processor = MultimodalRetrievalProcessor.from_towers_pretrained(get_minilm_path())
+    with pytest.raises(ValueError, match="pass them with `products`"):
+        processor(queries=["red shirt"], images=[None])

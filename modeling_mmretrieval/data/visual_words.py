@@ -37,8 +37,10 @@ PATTERN_WORDS = (
     "dotted camouflage camo embroidered colourblocked colorblocked self-design paisley geometric abstract"
 ).split()
 _SEPARATORS = re.compile(r"\s+")
-# Joiners left alone once the words they joined are gone ("blue-green" -> "-", "black/white" -> "/").
-_ORPHAN_JOINERS = re.compile(r"(?<!\w)[-/&+]+(?!\w)")
+# A stripped phrase leaves this mark, so that the joiners next to it ("blue-green", "black/white") go too, and
+# only those ("Reid & Taylor" keeps its "&").
+_MARK = "\x00"
+_JOINERS_AT_MARKS = re.compile(rf"{_MARK}\s*[-/&+]+\s*(?={_MARK})|[-/&+]+(?={_MARK})|(?<={_MARK})[-/&+]+")
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,13 @@ class VisualWords:
         return _compiled(self.phrases)
 
     def mentions(self, text: str, phrase: str) -> bool:
-        """Whether `text` names `phrase` as whole words."""
-        return re.search(rf"(?<!\w){re.escape(phrase.lower())}(?!\w)", text.lower()) is not None
+        """Whether `text` names `phrase` as whole words (words separated as `strip` separates them)."""
+        return _compiled((" ".join(phrase.lower().split()),)).search(text) is not None
 
     def strip(self, text: str) -> str:
         """`text` without any visual phrase (whole words, case-insensitive), whitespace collapsed."""
-        return _SEPARATORS.sub(" ", _ORPHAN_JOINERS.sub(" ", self.pattern.sub(" ", text))).strip()
+        marked = self.pattern.sub(_MARK, text)
+        return _SEPARATORS.sub(" ", _JOINERS_AT_MARKS.sub("", marked).replace(_MARK, " ")).strip()
 
 
 _COMPILED: dict[tuple[str, ...], re.Pattern] = {}
@@ -84,7 +87,8 @@ _COMPILED: dict[tuple[str, ...], re.Pattern] = {}
 
 def _compiled(phrases: tuple[str, ...]) -> re.Pattern:
     if phrases not in _COMPILED:
-        alternatives = "|".join(re.escape(phrase).replace(r"\ ", r"\s+") for phrase in phrases)
+        # Words of a phrase may be separated by spaces or hyphens ("off white", "off-white").
+        alternatives = "|".join(r"[\s-]+".join(map(re.escape, phrase.replace("-", " ").split())) for phrase in phrases)
         _COMPILED[phrases] = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
     return _COMPILED[phrases]
 

@@ -126,13 +126,18 @@ class HeldOutEvaluator:
         """Runs `rank` on the clean and the degraded catalogue and scores every slice per query."""
         k = max(self.k_values)
         texts = [query.text for query in self.queries]
-        clean = dict(zip((q.query_id for q in self.queries), rank(self.products, texts, k)))
+        # The text-silent run drops a query's other relevant products, so it ranks deeper first: the silent
+        # products just below them must get the places they leave.
+        depth = min(len(self.products), k + max(
+            (len(self.qrels[qid] - silent) for qid, silent in self.silent_qrels.items()), default=0))
+        deep = dict(zip((q.query_id for q in self.queries), rank(self.products, texts, depth)))
+        clean = {qid: ranked[:k] for qid, ranked in deep.items()}
         visual_texts = [query.text for query in self.visual_queries]
         degraded = {}
         if visual_texts:
             degraded = dict(zip((q.query_id for q in self.visual_queries), rank(self.degraded_products, visual_texts, k)))
         silent_run = {
-            qid: [pid for pid in clean[qid] if pid in silent or pid not in self.qrels[qid]]
+            qid: [pid for pid in deep[qid] if pid in silent or pid not in self.qrels[qid]][:k]
             for qid, silent in self.silent_qrels.items()
         }
         visual_qrels = {query.query_id: self.qrels[query.query_id] for query in self.visual_queries}
@@ -174,7 +179,8 @@ def model_ranker(model, processor, *, columns: CatalogueColumns | None = None, b
     """A `Ranker` that indexes the products with `model` (exact cosine search) and embeds the queries.
 
     Products whose text is the same in a second call (the untouched part of a degraded catalogue) are not
-    embedded again. `image_features` are the frozen image tower's features by product id, when cached.
+    embedded again, so a ranker belongs to the model's current weights: make a new one after training it.
+    `image_features` are the frozen image tower's features by product id, when cached.
     """
     columns = columns or CatalogueColumns()
     embedded: dict[str, tuple[str, np.ndarray]] = {}  # product id -> (text key, embedding)
