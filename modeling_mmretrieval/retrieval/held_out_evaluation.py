@@ -34,7 +34,6 @@ from .search import build_product_index, embed_queries
 
 # A ranker: (products, query texts, k) -> the top-k product ids of each query.
 Ranker = Callable[[Sequence[Mapping], Sequence[str], int], list[list[str]]]
-SLICES = ("all", "text_silent", "degraded")
 DEFAULT_VISUAL_ATTRIBUTE_KEYS = ("Pattern",)
 
 
@@ -203,4 +202,4 @@ def model_ranker(model, processor, *, columns: CatalogueColumns | None = None, b
     return rank
 
 
-__all__ = ["HeldOutEvaluator", "HeldOutResult", "Ranker", "SLICES", "model_ranker"]
+__all__ = ["HeldOutEvaluator", "HeldOutResult", "Ranker", "model_ranker"]
