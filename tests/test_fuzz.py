@@ -370,8 +370,8 @@ def test_encode_images_handles_every_pil_mode_and_size(retriever, images):
 # ----- collator and index building from catalogue rows ----------------------------------------------------------------
 def catalogue_row_problems(rows, image_outcomes, fields) -> list[tuple[type, str]]:
     problems = [
-        (ValueError, rf"Product {position} has no text.*'{row['product_id']}'")
-        for position, row in enumerate(rows)
+        (ValueError, rf"product {re.escape(repr(row['product_id']))}, column 'title': blank text")
+        for row in rows
         if not has_text(row, fields)
     ]
     problems += [
@@ -416,10 +416,13 @@ def test_collator_names_the_product_of_a_bad_training_row(retriever, queries, ti
         {"product_id": f"sku-{position}", "query": queries[position], "title": titles[position], "image": REAL_JPEGS[0]}
         for position in range(count)
     ]
-    product_ids = re.escape(repr([row["product_id"] for row in rows]))
-    problems = [(error, rf"{pattern}.*hold products {product_ids}") for error, pattern in query_problems(queries)]
+    # Each bad row is named by its product and column, not by its position in the batch.
+    problems = [
+        (error, rf"product 'sku-{position}', column 'query': {'query is a' if error is TypeError else 'blank query'}")
+        for position, (error, _) in ((p, query_problem(p, q)) for p, q in enumerate(queries) if query_problem(p, q))
+    ]
     problems += [
-        (ValueError, rf"Product {position} has no text.*hold products {product_ids}")
+        (ValueError, rf"product 'sku-{position}', column 'title': blank text")
         for position, row in enumerate(rows)
         if not has_text(row, processor.product_text_fields)
     ]

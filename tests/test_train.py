@@ -552,3 +552,23 @@ def test_push_to_hub_uploads_a_model_that_loads_back_with_the_same_embeddings(as
     assert stored["model.safetensors"].lfs and not stored["config.json"].lfs  # binary via LFS, text inline
     assert stored["model.safetensors"].content == (tmp_path / "run" / "final" / "model.safetensors").read_bytes()
     assert report["rows"] == 8 and report["max_difference"] == 0.0
+
+
+def test_an_adapter_aligned_pair_trains_a_4tower_model_with_restoration(assets, tmp_path):
+    from modeling_mmretrieval.commands import align_pair
+
+    pair_dir = tmp_path / "pair"
+    assert align_pair.main(["--output_dir", str(pair_dir), "--text_model", str(assets["text"]), "--vision_model",
+                            str(assets["vision"]), "--dataset", str(assets["data"]), "--image_size", str(IMAGE_SIZE),
+                            "--epochs", "5", "--batch_size", "16"]) == 0
+    report = json.loads((pair_dir / "alignment.json").read_text())
+    assert report["training_pairs"] + report["held_out_pairs"] + report["products_without_image"] == TRAIN_ROWS
+    assert 0.0 <= report["held_out_image_to_title_recall_at_10"] <= 1.0
+    results = train_command.run(train_args(
+        assets, tmp_path / "run", "--architecture", "4tower", "--clip_model", str(pair_dir), "--fusion", "residual",
+        "--max_train_steps", 2, towers=False) + ["--text_model", str(assets["text"])])
+    assert results["training"]["completed_steps"] == 2
+    card = (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "visual-word dropout / restoration weight | `0.0 / 1.0`" in card
+    model = MultimodalRetrievalModel.from_pretrained(tmp_path / "run" / "final")
+    assert model.config.architecture == "4tower" and model.config.fusion == "residual"

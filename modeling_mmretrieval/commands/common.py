@@ -1,34 +1,52 @@
-"""What the `mmretrieval` commands share: the model and catalogue arguments, loading a retriever, `CliError`.
+"""What the `mmretrieval` commands share: the model, catalogue and image arguments, the up-front checks of a
+catalogue and of the flags (before any model is loaded), loading a retriever, and `CliError`.
+
+Every check here fails with a `CliError`: one line on stderr naming the product id, the column and the flag,
+exit status 2, no traceback.
 
 Example:
 
 ```python
 >>> parser = retriever_parser("Search a catalogue.")
->>> args = parser.parse_args(["--model_name_or_path", "outputs/run/final", "--split", "test"])
->>> columns = catalogue_columns_from_args(args)
->>> catalogue = load_catalogue_from_args(args, columns)
+>>> args = parser.parse_args(["--model_name_or_path", "outputs/run/final", "--dataset", "shop.csv",
+...                           "--product_id_column", "sku", "--title_column", "name"])
+>>> catalogue, columns = load_catalogue_from_args(args, needs_queries=False)  # split "train": a single file
+>>> catalogue = checked_products(catalogue, columns, args)  # bad products: an error, or left out (--skip_bad_rows)
 >>> model, processor = load_retriever(args.model_name_or_path, args.device)
 ```
 """
 
 import argparse
 import dataclasses
+import json
 import logging
+import math
+import re
+import sys
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from datasets.exceptions import DatasetGenerationError
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, speedups
-from modeling_mmretrieval.data import CatalogueColumns, load_catalogue
+from modeling_mmretrieval.data import CatalogueColumnError, CatalogueColumns, load_catalogue
+from modeling_mmretrieval.data.images import ImageFailureError, ImageReport
+from modeling_mmretrieval.data.product_checks import BadProduct, find_bad_products
 
 logger = logging.getLogger(__name__)
 
 # Columns a catalogue may lack entirely: `--<name>_column none` turns them off.
 _NONE_VALUES = ("", "none", "null")
-_COLUMN_FIELDS = tuple(
-    field for field in dataclasses.fields(CatalogueColumns) if field.name not in ("query", "attribute_keys")
-)
+_COLUMN_FIELDS = tuple(field for field in dataclasses.fields(CatalogueColumns) if field.name != "attribute_keys")
+# The columns attribute-derived queries read; only the article type is indispensable to them.
+QUERY_DERIVATION_FIELDS = ("article_type", "gender", "base_colour", "usage", "brand", "attributes")
+# The split a verb reads by default; a single data file is split "train", which the verbs then read instead.
+DEFAULT_SPLIT = "test"
+BAD_ROWS_FILENAME = "bad_rows.jsonl"
+IMAGE_REPORT_FILENAME = "image_report.json"
+DEFAULT_MAX_IMAGE_FAILURE_SHARE = 0.5
 
 
 def _is_optional(field: dataclasses.Field) -> bool:
@@ -45,6 +63,23 @@ class CliError(Exception):
     ```
     """
 
+    def __str__(self) -> str:
+        # One line, whatever the message it wraps (a library error may span several).
+        return " ".join(str(self.args[0]).split()) if self.args else ""
+
+
+def run_cli(function, args, prog: str | None) -> int:
+    """Runs `function(args)`: 0, or 2 with `<prog>: error: <one line>` on stderr for a `CliError`.
+
+    Example: `return run_cli(build_index, parse_args(argv, prog), prog)`.
+    """
+    try:
+        function(args)
+    except CliError as error:
+        print(f"{prog or Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """`--model_name_or_path`, `--device` and `--batch_size`.
@@ -58,6 +93,40 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=64, help="products encoded per batch")
 
 
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--fetch_images`, `--on_image_error`, `--strict_images` and `--max_image_failure_share`.
+
+    Example: `add_image_arguments(parser); report_images(report, parser.parse_args(["--strict_images"]))` raises
+    `CliError` as soon as one image failed.
+    """
+    group = parser.add_argument_group("images")
+    group.add_argument(
+        "--fetch_images", action="store_true",
+        help="download http(s) image URLs (10 s timeout, size cap); without it an image URL is refused, with a reason",
+    )
+    group.add_argument(
+        "--on_image_error", choices=("mask", "raise"), default="mask",
+        help="mask: a missing or broken image makes its product text-only (counted and reported); raise: stop there",
+    )
+    group.add_argument("--strict_images", action="store_true", help="any missing or broken image is an error")
+    group.add_argument(
+        "--max_image_failure_share", type=float, default=DEFAULT_MAX_IMAGE_FAILURE_SHARE,
+        help="warn loudly when more than this share of the images fail (default %(default)s)",
+    )
+
+
+def add_bad_rows_argument(parser: argparse.ArgumentParser) -> None:
+    """`--skip_bad_rows`: leave bad products out (listed in `bad_rows.jsonl`) instead of stopping.
+
+    Example: `add_bad_rows_argument(parser); checked_products(catalogue, columns, args, report_dir=Path("out"))`.
+    """
+    parser.add_argument(
+        "--skip_bad_rows", action="store_true",
+        help=f"leave out products with a blank, repeated or malformed id or text, listed in {BAD_ROWS_FILENAME} in "
+             "the output folder (default: stop at the first one)",
+    )
+
+
 def add_catalogue_arguments(parser: argparse.ArgumentParser) -> None:
     """`--dataset`, `--split`, `--max_products`, one `--<name>_column` per catalogue column, `--attribute_keys`.
 
@@ -69,20 +138,34 @@ def add_catalogue_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="directory, data file(s) or Hub dataset name (default: the shared catalogue, else the committed sample)",
     )
-    group.add_argument("--split", default="test")
+    group.add_argument(
+        "--split", default=None,
+        help=f"default {DEFAULT_SPLIT!r}, or 'train' for a single data file (which becomes split 'train')",
+    )
     group.add_argument("--max_products", type=int, default=None, help="keep only the first N products")
-    for field in _COLUMN_FIELDS:
-        group.add_argument(
-            f"--{field.name}_column",
-            default=field.default,
-            help=f"default {field.default!r}" + ("; 'none' if the catalogue lacks it" if _is_optional(field) else ""),
-        )
+    add_column_arguments(group)
     group.add_argument(
         "--attribute_keys",
         nargs="*",
         default=list(CatalogueColumns.attribute_keys),
         help="keys of the attributes JSON that derived queries may use",
     )
+
+
+def add_column_arguments(group) -> None:
+    """One `--<name>_column` flag per `CatalogueColumns` field. An optional column left at its default name is
+    dropped when the catalogue lacks it; one named by its flag must exist; `none` turns one off.
+
+    Example: `add_column_arguments(parser)`; then `--title_column name --base_colour_column colour --brand_column none`.
+    """
+    for field in _COLUMN_FIELDS:
+        optional = _is_optional(field)
+        group.add_argument(
+            f"--{field.name}_column",
+            default=None,
+            help=f"default {field.default!r}"
+                 + ("; left out when the catalogue lacks it; 'none' turns it off" if optional else ""),
+        )
 
 
 def retriever_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
@@ -96,37 +179,264 @@ def retriever_parser(description: str, prog: str | None = None) -> argparse.Argu
     return parser
 
 
+def explicit_columns(args: argparse.Namespace) -> set[str]:
+    """The `CatalogueColumns` fields whose `--<name>_column` flag was given (parsers default them to None).
+
+    Example: `explicit_columns(parser.parse_args(["--title_column", "name"]))` gives `{"title"}`.
+    """
+    return {field.name for field in _COLUMN_FIELDS if getattr(args, f"{field.name}_column", None) is not None}
+
+
 def catalogue_columns_from_args(args: argparse.Namespace) -> CatalogueColumns:
     """The `CatalogueColumns` named by the `--<name>_column` arguments (`none` for an absent optional column).
 
-    Example: `catalogue_columns_from_args(parser.parse_args(["--colour_column", "none", ...])).colour is None`.
+    Example: `catalogue_columns_from_args(parser.parse_args(["--base_colour_column", "none", ...])).base_colour`
+    is None.
     """
     names = {}
     for field in _COLUMN_FIELDS:
-        value = getattr(args, f"{field.name}_column")
-        if value.strip().lower() in _NONE_VALUES:
+        value = getattr(args, f"{field.name}_column", None)
+        if value is None:
+            value = field.default
+        elif value.strip().lower() in _NONE_VALUES:
             if not _is_optional(field):
                 raise CliError(f"--{field.name}_column is required and cannot be {value!r}")
             value = None
         names[field.name] = value
-    return CatalogueColumns(**names, attribute_keys=tuple(args.attribute_keys))
+    keys = getattr(args, "attribute_keys", None) or CatalogueColumns.attribute_keys
+    return CatalogueColumns(**names, attribute_keys=tuple(keys))
 
 
-def load_catalogue_from_args(args: argparse.Namespace, columns: CatalogueColumns):
-    """The `--split` of `--dataset` (first `--max_products` rows), images kept encoded.
+def columns_for_catalogue(
+    columns: CatalogueColumns, column_names: Sequence[str], *, explicit: set[str], where: str, needs_queries: bool
+) -> CatalogueColumns:
+    """`columns` fitted to a catalogue: an optional column left at its default name that the catalogue lacks is
+    dropped, a column named by its flag must exist, and queries must be readable or derivable when `needs_queries`.
 
-    Example: `catalogue = load_catalogue_from_args(args, catalogue_columns_from_args(args))`.
+    Raises `CliError` whose one line names the column and its flag.
+
+    Example:
+    ```python
+    >>> columns_for_catalogue(CatalogueColumns(product_id="sku", title="name"), ["sku", "name", "img"],
+    ...                       explicit={"product_id", "title"}, where="split 'train'", needs_queries=False).brand
+    None
+    ```
     """
+    present = set(column_names)
+    available = f"available columns: {sorted(column_names)}"
+    fitted = {}
+    for field in _COLUMN_FIELDS:
+        name = getattr(columns, field.name)
+        if name is None or name in present:
+            fitted[field.name] = name
+        elif field.name in explicit or not _is_optional(field):
+            raise CliError(
+                f"{where} has no column {name!r} (--{field.name}_column); {available}; "
+                f"pass --{field.name}_column <column>" + (" or 'none'" if _is_optional(field) else "")
+            )
+        else:
+            fitted[field.name] = None
+    fitted = dataclasses.replace(columns, **fitted)
+    if needs_queries and fitted.query is None and fitted.article_type is None:
+        raise CliError(
+            f"{where} has neither a query column (--query_column) nor an article type column to derive queries from "
+            f"(--article_type_column); {available}"
+        )
+    return fitted
+
+
+def _cli_column_message(error: Exception) -> str:
+    """A catalogue error in command-line terms: `CatalogueColumns.title` becomes `--title_column`."""
+    text = str(error)
+    text = re.sub(r"CatalogueColumns\.(\w+)", r"--\1_column", text)
+    return re.sub(r"\s*Pass CatalogueColumns\(.*$", " Name the catalogue's own columns with those flags.", text)
+
+
+def _loading_columns(columns: CatalogueColumns) -> CatalogueColumns:
+    """The columns `load_catalogue` checks while loading: only id, title and image. The rest (text, attributes,
+    query) are fitted to the loaded columns by `columns_for_catalogue`, whose errors name the flags. (Naming the
+    title as the query column is how `load_catalogue` is told that queries need not be derivable.)"""
+    return CatalogueColumns(
+        product_id=columns.product_id, title=columns.title, description=None, image=columns.image,
+        query=columns.title, gender=None, base_colour=None, article_type=None, usage=None, brand=None,
+        attributes=None,
+    )
+
+
+def load_catalogue_splits_from_args(args: argparse.Namespace) -> dict:
+    """`{split: dataset}` of `--dataset`: only `--split` when given, else every split; images kept encoded, ids,
+    titles and images checked. Fit the other columns with `columns_for_catalogue`.
+
+    Example: `splits = load_catalogue_splits_from_args(parser.parse_args(["--dataset", "shop.csv"]))` gives
+    `{"train": Dataset(...)}`.
+    """
+    requested = catalogue_columns_from_args(args)
     try:
-        catalogue = load_catalogue(args.dataset, split=args.split, columns=columns)
-    except (KeyError, FileNotFoundError, ValueError) as error:
-        raise CliError(f"cannot load the catalogue: {error}") from error
+        if args.split is not None:
+            return {args.split: load_catalogue(args.dataset, split=args.split, columns=_loading_columns(requested))}
+        return dict(load_catalogue(args.dataset, columns=_loading_columns(requested)))
+    except CatalogueColumnError as error:
+        raise CliError(_cli_column_message(error)) from error
+    except KeyError as error:  # a missing split: KeyError's str() quotes its message
+        raise CliError(f"cannot load the catalogue: {error.args[0] if error.args else error} (--split)") from error
+    except ValueError as error:
+        if "query column" in str(error):  # with `_loading_columns`, only a missing title column leads here
+            raise CliError(f"the catalogue has no title column {requested.title!r} (--title_column)") from error
+        raise CliError(f"cannot load the catalogue: {error} (--dataset)") from error
+    except (FileNotFoundError, DatasetGenerationError) as error:  # the latter: a file that does not parse
+        raise CliError(f"cannot load the catalogue: {error} (--dataset)") from error
+
+
+def load_catalogue_from_args(
+    args: argparse.Namespace, *, needs_queries: bool, default_split: str = DEFAULT_SPLIT
+):
+    """`(catalogue, columns)`: the `--split` of `--dataset` (first `--max_products` rows, images kept encoded)
+    and the `CatalogueColumns` of the flags fitted to it (see `columns_for_catalogue`).
+
+    Without `--split`, `default_split` is read, or the only split of a catalogue that has one (a single data
+    file is split "train"), which is announced in one line. `args.split` is set to the split read.
+
+    Example: `catalogue, columns = load_catalogue_from_args(args, needs_queries=False)`.
+    """
+    splits = load_catalogue_splits_from_args(args)
+    if args.split is None:
+        args.split = _default_split(splits, default_split)
+    catalogue = splits[args.split]
+    columns = columns_for_catalogue(
+        catalogue_columns_from_args(args), catalogue.column_names, explicit=explicit_columns(args),
+        where=f"split {args.split!r}", needs_queries=needs_queries,
+    )
     if args.max_products is not None:
         if args.max_products < 1:
             raise CliError(f"--max_products must be positive, got {args.max_products}")
         catalogue = catalogue.select(range(min(args.max_products, len(catalogue))))
     logger.info(f"Catalogue: {len(catalogue)} products ({args.dataset or 'default data'}, split {args.split!r})")
-    return catalogue
+    return catalogue, columns
+
+
+def _default_split(splits, default_split: str) -> str:
+    if default_split in splits:
+        return default_split
+    if len(splits) == 1:
+        (only,) = splits
+        # Printed, not logged: the user must see which products a command reads, whatever the logging setup.
+        print(f"The catalogue has one split, {only!r} (a single data file): reading it (--split to choose)",
+              file=sys.stderr)
+        return only
+    raise CliError(f"the catalogue has no split {default_split!r}; pass --split, one of {sorted(splits)}")
+
+
+def checked_products(catalogue, columns: CatalogueColumns, args: argparse.Namespace, *, report_dir: Path | None = None):
+    """The catalogue after the cheap product checks (`find_bad_products`: ids, texts; no image decoded): a bad
+    product is a `CliError` naming it, or with `--skip_bad_rows` it is left out and listed in
+    `report_dir/bad_rows.jsonl`.
+
+    Example: `catalogue = checked_products(catalogue, columns, args, report_dir=Path(args.output_dir))`.
+    """
+    bad = find_bad_products(catalogue, columns)
+    if not bad:
+        return catalogue
+    if not getattr(args, "skip_bad_rows", False):
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        hint = "; fix the catalogue or pass --skip_bad_rows" if hasattr(args, "skip_bad_rows") else ""
+        raise CliError(f"{bad[0].line()}{more}{hint}")
+    return drop_bad_products(catalogue, bad, columns, report_dir)
+
+
+def drop_bad_products(catalogue, bad: Sequence[BadProduct], columns: CatalogueColumns, report_dir: Path | None):
+    """`catalogue` without the rows of the `bad` products (the later rows of a repeated id; every row of a
+    product with another problem), which are listed in `report_dir/bad_rows.jsonl` and counted in one log line.
+
+    Example: `drop_bad_products(catalogue, find_bad_products(catalogue, columns), columns, Path("out"))`.
+    """
+    bad_rows = {product.row for product in bad}
+    keep = [row for row in range(len(catalogue)) if row not in bad_rows]
+    where = ""
+    if report_dir is not None:
+        where = f", listed in {write_bad_rows(Path(report_dir) / BAD_ROWS_FILENAME, bad)}"
+    logger.warning(f"--skip_bad_rows: left out {len(catalogue) - len(keep)} bad products of {len(catalogue)}{where}")
+    if not keep:
+        raise CliError(f"every product is bad, so --skip_bad_rows leaves none; the first: {bad[0].line()}")
+    return catalogue.select(keep)
+
+
+def write_bad_rows(path: Path, bad: Sequence[BadProduct]) -> Path:
+    """Writes one JSON object per bad product (`product_id`, `row`, `column`, `reason`) to `path`.
+
+    Example: `write_bad_rows(Path("out/bad_rows.jsonl"), find_bad_products(catalogue, columns))`.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A lone surrogate in an id is written escaped: the report itself must stay valid UTF-8.
+    lines = (json.dumps(product.to_dict(), ensure_ascii=True, default=str) for product in bad)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def check_image_arguments(args: argparse.Namespace) -> None:
+    """`--max_image_failure_share` must lie in [0, 1].
+
+    Example: `check_image_arguments(parser.parse_args(["--max_image_failure_share", "2"]))` raises `CliError`.
+    """
+    share = args.max_image_failure_share
+    if not (math.isfinite(share) and 0.0 <= share <= 1.0):
+        raise CliError(f"--max_image_failure_share must lie in [0, 1], got {share}")
+
+
+def report_images(report: ImageReport, args: argparse.Namespace) -> None:
+    """Prints the image outcome in one line (stderr) and applies `--strict_images`, `--on_image_error raise` (any
+    failure is an error) and `--max_image_failure_share` (a loud warning above it).
+
+    Example: `report_images(image_report, args)` prints "images: 970 ok, 20 missing (e.g. 'sku-7': ...), ...".
+    """
+    print(report.summary(), file=sys.stderr, flush=True)
+    strict = args.strict_images or args.on_image_error == "raise"
+    try:
+        report.check(max_failure_share=args.max_image_failure_share, strict=strict)
+    except ImageFailureError as error:
+        flag = "--strict_images" if args.strict_images else "--on_image_error raise"
+        raise CliError(f"{error} ({flag})") from error
+
+
+def check_text_lengths(lengths: dict[str, int | None], max_positions: int | None, tower: str) -> None:
+    """Each `--max_*_length` must be positive and within the text tower's position embeddings.
+
+    Example: `check_text_lengths({"--max_product_length": 600}, 512, "all-MiniLM-L6-v2")` raises `CliError`.
+    """
+    for flag, length in lengths.items():
+        if length is None:
+            continue
+        if length < 1:
+            raise CliError(f"{flag} must be positive, got {length}")
+        if max_positions is not None and length > max_positions:
+            raise CliError(f"{flag} {length} exceeds the {max_positions} positions of the text tower {tower}")
+
+
+def text_tower_positions(name_or_path: str) -> int | None:
+    """The position embeddings of a text tower or of a retriever checkpoint's text tower, read from its config
+    only (no weights loaded); None when it cannot be told.
+
+    Example: `text_tower_positions("sentence-transformers/all-MiniLM-L6-v2")` gives 512.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError):
+        return None
+    text_config = getattr(config, "text_config", None) or config
+    positions = getattr(text_config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) else None
+
+
+def check_retriever_settings(args: argparse.Namespace) -> None:
+    """The model-side flags, checked before anything is loaded: `--device`, `--batch_size`.
+
+    Example: `check_retriever_settings(parser.parse_args([..., "--device", "cuda"]))` raises `CliError` on a
+    machine without CUDA.
+    """
+    resolve_device(args.device)
+    if args.batch_size < 1:
+        raise CliError(f"--batch_size must be positive, got {args.batch_size}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -136,7 +446,16 @@ def resolve_device(name: str) -> torch.device:
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise CliError(f"--device {name!r} is not a device ('auto', 'cpu', 'cuda', 'cuda:1', ...)") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {name}: CUDA is not available on this machine; pass --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def load_retriever(name_or_path: str, device: str = "auto"):

@@ -1,7 +1,10 @@
 """Evaluate a retriever on a product catalogue: Recall, nDCG, MRR and MAP at k, overall and on the queries
 whose colour no relevant title mentions, printed as a table and written as a JSON report.
 
-Queries are attribute-derived from the catalogue (`--num_queries`, `--seed`) or read from `--queries_file`.
+Queries are attribute-derived from the catalogue (`--num_queries`, `--seed`), read from the catalogue's query column
+(rows of query and product), or read from `--queries_file`: a JSON list of queries, or a JSONL or CSV file of
+either a query and its relevant ids per line, or (query, product id) pairs. The catalogue and the queries are
+checked before any model is loaded; the run prints how the catalogue's images fared and records it in the report.
 `--compare_to` evaluates a second (text-only) checkpoint on the same queries and adds the exclusive-match
 analysis: which products each model retrieves in its top k that the other misses, and how many are relevant.
 See docs/search.md for the report fields and the queries file format.
@@ -16,6 +19,7 @@ python examples/evaluate.py --model_name_or_path outputs/4tower/final --compare_
 """
 
 import argparse
+import csv
 import json
 import logging
 import math
@@ -30,11 +34,23 @@ import transformers
 
 import modeling_mmretrieval
 from modeling_mmretrieval.data import CatalogueColumns, EvaluationQuery, default_data_dir, make_evaluation_queries
+from modeling_mmretrieval.data.images import ImageReport
+from modeling_mmretrieval.data.query_column import evaluation_queries_from_column, unique_products
 from modeling_mmretrieval.retrieval.evaluator import RetrievalEvaluator
 from modeling_mmretrieval.retrieval.exclusive_matches import exclusive_matches
-from modeling_mmretrieval.retrieval.search import config_fingerprint, model_identity
+from modeling_mmretrieval.retrieval.search import build_product_index, config_fingerprint, embed_queries, model_identity
 
-from .common import CliError, catalogue_columns_from_args, load_catalogue_from_args, load_retriever, retriever_parser
+from .common import (
+    CliError,
+    add_image_arguments,
+    check_image_arguments,
+    check_retriever_settings,
+    checked_products,
+    load_catalogue_from_args,
+    load_retriever,
+    report_images,
+    retriever_parser,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,22 +106,117 @@ def query_from_record(record, position: int) -> EvaluationQuery:
     )
 
 
-def read_queries_file(path: Path, catalogue_ids: set[str]) -> list[EvaluationQuery]:
-    """The queries of a `--queries_file` (a JSON list), checked; warns about relevant ids not in the catalogue.
+# Keys of the line-per-query formats (JSONL, CSV): the query text, and its relevant ids or one relevant product.
+QUERY_TEXT_KEYS = ("query", "text")
+RELEVANT_IDS_KEY, PRODUCT_ID_KEY = "relevant_ids", "product_id"
+# Separator of the relevant ids in a CSV cell (a JSON list in the cell works too).
+CSV_ID_SEPARATOR = "|"
 
-    Example: `read_queries_file(Path("queries.json"), set(catalogue["product_id"]))`.
+
+def _relevant_ids(value, where: str) -> list[str]:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise CliError(f"{where}: relevant_ids {text!r} is not a JSON list ({error})") from error
+        else:
+            value = [part for part in (part.strip() for part in text.split(CSV_ID_SEPARATOR)) if part]
+    if not isinstance(value, list) or any(isinstance(item, (list, dict)) or item is None for item in value):
+        raise CliError(f"{where}: relevant_ids must be a list of product ids, got {value!r}")
+    return [str(item) for item in value]
+
+
+def queries_from_lines(records: Sequence[Mapping], source: str) -> list[EvaluationQuery]:
+    """Queries from line records (JSONL objects or CSV rows): `query` (or `text`) and `relevant_ids` (a list, or
+    ids joined by "|"), or `query` and one `product_id` per line (pairs; a query's lines are merged). An optional
+    `query_id` names a query; otherwise queries are numbered in order of first appearance.
+
+    Example:
+    ```python
+    >>> queries = queries_from_lines([{"query": "red shoes", "product_id": "7"},
+    ...                               {"query": "red shoes", "product_id": "9"}], "pairs.csv")
+    >>> sorted(queries[0].relevant_ids)
+    ['7', '9']
+    ```
+    """
+    relevant: dict[str, set[str]] = {}
+    texts: dict[str, str] = {}
+    query_ids: dict[str, str] = {}
+    for line, record in enumerate(records, start=1):
+        where = f"{source} line {line}"
+        if not isinstance(record, Mapping):
+            raise CliError(f"{where} must be a JSON object, got {type(record).__name__}")
+        text = next((record[key] for key in QUERY_TEXT_KEYS if key in record), None)
+        if not isinstance(text, str) or not text.strip():
+            raise CliError(f"{where} has no query text (a 'query' column or key): {text!r}")
+        if record.get(RELEVANT_IDS_KEY) not in (None, ""):
+            ids = _relevant_ids(record[RELEVANT_IDS_KEY], where)
+        elif record.get(PRODUCT_ID_KEY) not in (None, ""):
+            ids = [str(record[PRODUCT_ID_KEY]).strip()]
+        else:
+            raise CliError(f"{where} ({text.strip()!r}) has neither 'relevant_ids' nor 'product_id'")
+        if not ids:
+            raise CliError(f"{where} ({text.strip()!r}) lists no relevant product id")
+        key = " ".join(text.split()).casefold()
+        texts.setdefault(key, text.strip())
+        relevant.setdefault(key, set()).update(ids)
+        if record.get("query_id") not in (None, ""):
+            query_ids.setdefault(key, str(record["query_id"]))
+    return [
+        EvaluationQuery(
+            query_id=query_ids.get(key, f"q{position:05d}"), text=texts[key], attributes={}, relevant_ids=ids,
+            source_product_id="", colour_absent_from_titles=False, template="queries file",
+        )
+        for position, (key, ids) in enumerate(relevant.items())
+    ]
+
+
+def _read_query_records(path: Path):
+    """The parsed queries file: a JSON list (`.json`), or line records (`.jsonl`, `.csv`)."""
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames or not set(QUERY_TEXT_KEYS) & set(reader.fieldnames):
+            raise CliError(f"{path} needs a header with a 'query' column, then 'relevant_ids' or 'product_id'")
+        return "lines", list(reader)
+    if suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith("[")):
+        records = []
+        for line, content in enumerate(text.splitlines(), start=1):
+            if content.strip():
+                try:
+                    records.append(json.loads(content))
+                except json.JSONDecodeError as error:
+                    raise CliError(f"{path} line {line} is not JSON: {error}") from error
+        return "lines", records
+    return "list", json.loads(text)
+
+
+def read_queries_file(path: Path, catalogue_ids: set[str]) -> list[EvaluationQuery]:
+    """The queries of a `--queries_file`, checked; warns about relevant ids not in the catalogue. The file is a
+    JSON list of `{query_id, text, relevant_ids}` (what `--save_queries` writes), or a JSONL or CSV file of a query
+    and its relevant ids per line, or of (query, product id) pairs (see `queries_from_lines`).
+
+    Example: `read_queries_file(Path("queries.csv"), set(catalogue["product_id"]))`.
     """
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        kind, records = _read_query_records(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as error:
         raise CliError(f"cannot read the queries file {path}: {error}") from error
     if not isinstance(records, list) or not records:
-        raise CliError(f"{path} must hold a non-empty JSON list of queries")
-    queries = [query_from_record(record, position) for position, record in enumerate(records)]
+        raise CliError(f"{path} must hold a non-empty list of queries")
+    if kind == "lines":
+        queries = queries_from_lines(records, str(path))
+    else:
+        queries = [query_from_record(record, position) for position, record in enumerate(records)]
     query_ids = [query.query_id for query in queries]
     if len(set(query_ids)) < len(query_ids):
         raise CliError(f"{path} repeats query ids; each query_id must be unique")
     unknown = sum(len(query.relevant_ids - catalogue_ids) for query in queries)
+    if unknown == sum(len(query.relevant_ids) for query in queries):
+        raise CliError(f"none of the relevant ids of {path} is a product of the evaluated catalogue (--split)")
     if unknown:
         # Recall cannot reach 1 for such queries; usually a sign of a queries file made for another split.
         logger.warning(f"{unknown} relevant ids of {path} are not in the evaluated catalogue")
@@ -201,9 +312,10 @@ def evaluate_checkpoint(
     queries: Sequence[EvaluationQuery],
     args: argparse.Namespace,
     columns: CatalogueColumns,
+    image_report: ImageReport | None = None,
 ) -> tuple[dict, dict[str, list[str]], dict]:
     """`(model description, run, evaluator results)` of one checkpoint on the queries; the run ranks deep enough
-    for every metric cut-off and for the exclusive-match analysis.
+    for every metric cut-off and for the exclusive-match analysis. `image_report` counts the catalogue's images.
 
     Example: `description, run, results = evaluate_checkpoint("outputs/run/final", catalogue, queries, args, columns)`.
     """
@@ -213,20 +325,42 @@ def evaluate_checkpoint(
         batch_size=args.batch_size, show_progress=args.progress,
     )
     logger.info(f"Evaluating {model_identity(model)}: {evaluator}")
-    run = evaluator.rankings(model, k=max(*args.k_values, args.exclusive_k or 0))
+    # As `evaluator.rankings`, with the image options and report of this command.
+    index = build_product_index(
+        model, processor, catalogue, columns=columns, batch_size=args.batch_size, show_progress=args.progress,
+        metadata_columns=(), fetch_images=args.fetch_images, image_report=image_report,
+    )
+    _, ranked_ids = index.search(
+        embed_queries(model, processor, [query.text for query in queries]), k=max(*args.k_values, args.exclusive_k or 0)
+    )
+    run = {query.query_id: [str(product_id) for product_id in ranked] for query, ranked in zip(queries, ranked_ids)}
     return model_description(model), run, evaluator.compute(run)
 
 
 def select_queries(args: argparse.Namespace, catalogue, columns: CatalogueColumns) -> tuple[list, dict]:
-    """The evaluation queries and a description of where they come from.
+    """The evaluation queries and a description of where they come from: `--queries_file`, else the catalogue's
+    query column, else attribute-derived from its article type and other attributes.
 
     Example: `queries, source = select_queries(args, catalogue, columns)`; `source["source"]` is
-    "attribute-derived" or the queries file.
+    "attribute-derived", "query column" or the queries file.
     """
     if args.queries_file is not None:
         catalogue_ids = set(catalogue[columns.product_id])
         queries = read_queries_file(args.queries_file, catalogue_ids)
         return queries, {"source": str(args.queries_file)}
+    if columns.query is not None:
+        queries = evaluation_queries_from_column(
+            catalogue, columns=columns, num_queries=args.num_queries, seed=args.seed
+        )
+        if not queries:
+            raise CliError(f"the query column {columns.query!r} (--query_column) holds no query text")
+        return queries, {"source": f"query column {columns.query!r}", "seed": args.seed}
+    if columns.article_type is None:
+        raise CliError(
+            f"split {args.split!r} has no article type column to derive queries from (--article_type_column) and no "
+            "query column (--query_column); pass --queries_file (JSONL or CSV: a query and its relevant_ids per line, "
+            "or query and product_id pairs)"
+        )
     queries = make_evaluation_queries(catalogue, seed=args.seed, num_queries=args.num_queries, columns=columns)
     if not queries:
         raise CliError("no evaluation query could be derived from this catalogue; pass --queries_file")
@@ -241,7 +375,11 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     parser = retriever_parser(__doc__.split("\n\n")[0], prog)
     parser.add_argument("--num_queries", type=int, default=1000, help="attribute-derived queries to evaluate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the attribute-derived queries")
-    parser.add_argument("--queries_file", type=Path, default=None, help="JSON list of queries with relevant_ids")
+    parser.add_argument(
+        "--queries_file", type=Path, default=None,
+        help="queries with their relevant products: a JSON list of {query_id, text, relevant_ids}, or a JSONL or CSV "
+             "file of query and relevant_ids (ids joined by '|') or of query and product_id pairs",
+    )
     parser.add_argument("--k_values", type=int, nargs="+", default=[10, 100], help="metric cut-offs")
     parser.add_argument("--compare_to", default=None, help="text-only checkpoint for the exclusive-match analysis")
     parser.add_argument("--exclusive_k", type=int, default=None, help="top k of that analysis (default: max k)")
@@ -249,6 +387,7 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     parser.add_argument("--save_run", type=Path, default=None, help="write the rankings as JSON {query_id: [ids]}")
     parser.add_argument("--save_queries", type=Path, default=None, help="write the queries in --queries_file format")
     parser.add_argument("--progress", action="store_true", help="show a progress bar while indexing")
+    add_image_arguments(parser)
     args = parser.parse_args(argv)
     if min(args.k_values) < 1 or args.num_queries < 1 or (args.exclusive_k is not None and args.exclusive_k < 1):
         parser.error("--k_values, --num_queries and --exclusive_k must be positive")
@@ -290,10 +429,21 @@ def main(argv=None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     started = time.perf_counter()
     try:
-        columns = catalogue_columns_from_args(args)
-        catalogue = load_catalogue_from_args(args, columns)
-        queries, query_source = select_queries(args, catalogue, columns)
-        description, run, results = evaluate_checkpoint(args.model_name_or_path, catalogue, queries, args, columns)
+        # Everything that can be checked without a model is, before one is loaded.
+        check_retriever_settings(args)
+        check_image_arguments(args)
+        catalogue, columns = load_catalogue_from_args(args, needs_queries=False)
+        query_rows = catalogue
+        if columns.query is not None:
+            # Rows of (query, product): the products are the distinct ids; the rows give the relevance sets.
+            catalogue = unique_products(catalogue, columns)
+        queries, query_source = select_queries(args, query_rows, columns)
+        catalogue = checked_products(catalogue, columns, args)
+        image_report = ImageReport()
+        description, run, results = evaluate_checkpoint(
+            args.model_name_or_path, catalogue, queries, args, columns, image_report
+        )
+        report_images(image_report, args)
         compared = None
         if args.compare_to is not None:
             compared = evaluate_checkpoint(args.compare_to, catalogue, queries, args, columns)
@@ -319,6 +469,7 @@ def main(argv=None, prog: str | None = None) -> int:
         },
         "queries": query_source,
         "num_queries": len(queries),
+        "images": image_report.to_dict(),
         "k_values": list(args.k_values),
         "metrics": overall,
         "slices": slices,

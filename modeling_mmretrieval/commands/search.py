@@ -2,7 +2,9 @@
 
 The product index is built from `--dataset`/`--split` on first use and saved in `--index_dir`; later runs load
 it, after checking that it was built by the same model (model id and config fingerprint), and refuse an index
-built by another one. See docs/search.md.
+built by another one. The catalogue and the flags are checked before the model is loaded, and a run that builds
+the index prints how its images fared (ok, missing, undecodable, refused, with example product ids). See
+docs/search.md.
 
 Examples:
 ```bash
@@ -14,7 +16,6 @@ mmretrieval search --model_name_or_path outputs/run/final --index_dir indexes/te
 """
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from modeling_mmretrieval.data import CatalogueColumns, ImageDecodeError, load_product_image
+from modeling_mmretrieval.data.images import ImageReport
 from modeling_mmretrieval.retrieval.index import ProductIndex
 from modeling_mmretrieval.retrieval.index_files import META_FILENAME, IndexIntegrityError, IndexModelMismatchError
 from modeling_mmretrieval.retrieval.search import (
@@ -36,7 +38,18 @@ from modeling_mmretrieval.retrieval.search import (
     search_text,
 )
 
-from .common import CliError, catalogue_columns_from_args, load_catalogue_from_args, load_retriever, retriever_parser
+from .common import (
+    CliError,
+    add_image_arguments,
+    catalogue_columns_from_args,
+    check_image_arguments,
+    check_retriever_settings,
+    checked_products,
+    load_catalogue_from_args,
+    load_retriever,
+    report_images,
+    retriever_parser,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +63,13 @@ def open_or_build_index(
     columns: CatalogueColumns,
     rebuild: bool,
     batch_size: int,
+    fetch_images: bool = False,
+    image_report: ImageReport | None = None,
 ) -> ProductIndex:
     """The saved index of `index_dir` when there is one and `model` built it, else a new one.
 
     `load_products()` returns the catalogue; it is only called when the index has to be built. A new index is
-    saved to `index_dir` (replacing the old one when `rebuild`).
+    saved to `index_dir` (replacing the old one when `rebuild`); `image_report` then counts its images.
 
     Example: `open_or_build_index(model, processor, Path("indexes/test"), lambda: catalogue, columns=columns,
     rebuild=False, batch_size=64)`.
@@ -73,7 +88,8 @@ def open_or_build_index(
         logger.info(f"Loaded the index of {len(index)} products from {index_dir}")
         return index
     index = build_product_index(
-        model, processor, load_products(), columns=columns, batch_size=batch_size, metadata_columns=(columns.title,)
+        model, processor, load_products(), columns=columns, batch_size=batch_size, metadata_columns=(columns.title,),
+        fetch_images=fetch_images, image_report=image_report,
     )
     if index_dir is not None:
         index.save(index_dir, overwrite=rebuild)
@@ -181,6 +197,7 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     parser.add_argument("--output_format", choices=("table", "json"), default="table")
     parser.add_argument("--serve", action="store_true", help="start the web demo on 127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="port of the web demo (0: any free port)")
+    add_image_arguments(parser)
     args = parser.parse_args(argv)
     if not (args.query or args.image or args.serve):
         parser.error("give --query, --image or --serve")
@@ -198,21 +215,31 @@ def main(argv=None, prog: str | None = None) -> int:
     prog = prog or os.path.basename(sys.argv[0])
     args = parse_args(argv, prog)
     try:
-        columns = catalogue_columns_from_args(args)
+        check_retriever_settings(args)
+        check_image_arguments(args)
+        builds_index = args.rebuild_index or args.index_dir is None or not (args.index_dir / META_FILENAME).is_file()
+        catalogue = None
+        if builds_index or args.serve:
+            # Checked before the model is loaded: a bad catalogue fails in a second, not after the model.
+            catalogue, columns = load_catalogue_from_args(args, needs_queries=False)
+            catalogue = checked_products(catalogue, columns, args)
+        else:
+            columns = catalogue_columns_from_args(args)
         model, processor = load_retriever(args.model_name_or_path, args.device)
-        # Loaded at most once, and only when the index must be built or the demo shows the images.
-        load_products = functools.cache(lambda: load_catalogue_from_args(args, columns))
+        image_report = ImageReport()
         index = open_or_build_index(
-            model, processor, args.index_dir, load_products, columns=columns, rebuild=args.rebuild_index,
-            batch_size=args.batch_size,
+            model, processor, args.index_dir, lambda: catalogue, columns=columns, rebuild=args.rebuild_index,
+            batch_size=args.batch_size, fetch_images=args.fetch_images, image_report=image_report,
         )
+        if builds_index:
+            report_images(image_report, args)
         searches = run_searches(args, model, processor, index, columns)
         if searches and args.output_format == "json":
             print(json.dumps(searches, indent=2))
         elif searches:
             print("\n\n".join(format_results(f"{s['kind']} query: {s['query']}", s["results"]) for s in searches))
         if args.serve:
-            serve(model, processor, index, load_products(), columns, args.port)
+            serve(model, processor, index, catalogue, columns, args.port)
     except CliError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2

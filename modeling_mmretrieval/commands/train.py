@@ -12,17 +12,47 @@ accelerate launch --num_processes 2 examples/train.py --dataset ../shared/data/f
     --mixed_precision bf16 --checkpointing_steps 500 --resume_from_checkpoint latest --output_dir outputs/full
 ```
 
+Any catalogue with an id and some text trains: every column is named by a flag (`--<name>_column`, `none` to turn
+an optional one off); queries come from its `query` column, or are attribute-derived from its article type and
+other attributes. A catalogue without a validation split gets a seeded hold-out (`--validation_share`). The
+catalogue and the flags are checked before any model is loaded (exit status 2 and one line naming the product,
+column and flag); `--skip_bad_rows` leaves bad products out, listed in `<output_dir>/bad_rows.jsonl`.
+
 Every flag is described in docs/training.md; the run itself is `modeling_mmretrieval.training.trainer`.
 """
 
 import argparse
+import dataclasses
+import math
 import sys
+from pathlib import Path
 
 from ..data import SAMPLE_DATA_DIR
+from ..data.catalogue import known_value
+from ..data.images import ImageFailureError
+from ..data.product_checks import BadProduct, find_bad_products
 from ..training.checkpoints import CheckpointMismatchError
 from ..training.model_builder import DEFAULT_3TOWER_FUSION, DEFAULT_DINOV2_IMAGE_SIZE, DEFAULT_VISUAL_WORD_DROPOUT
+from ..training.visual_word_restoration import DEFAULT_VISUAL_WORD_RESTORATION, TRAINED_FUSIONS
 from ..training.optimization import SCHEDULER_TYPES, NonFiniteLossError
 from ..training.trainer import run_training
+from .common import (
+    BAD_ROWS_FILENAME,
+    CliError,
+    add_bad_rows_argument,
+    add_column_arguments,
+    add_image_arguments,
+    catalogue_columns_from_args,
+    check_image_arguments,
+    check_text_lengths,
+    columns_for_catalogue,
+    explicit_columns,
+    load_catalogue_splits_from_args,
+    text_tower_positions,
+    write_bad_rows,
+)
+
+DEFAULT_VALIDATION_SHARE = 0.1
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -77,12 +107,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                            "(default: the committed fashion sample).")
     data.add_argument("--train_split", default="train")
     data.add_argument("--eval_split", default="validation", help='Held-out split to evaluate on, or "none".')
-    data.add_argument("--product_id_column", default="product_id")
-    data.add_argument("--title_column", default="title")
-    data.add_argument("--description_column", default="description", help='"none" if the catalogue has none.')
-    data.add_argument("--image_column", default="image")
-    data.add_argument("--query_column", default="query",
-                      help="Queries paired with each row, used when present; otherwise queries are attribute-derived.")
+    data.add_argument("--validation_share", type=float, default=DEFAULT_VALIDATION_SHARE,
+                      help="Share of the training products held out (seeded) for evaluation when the catalogue has no "
+                           "--eval_split, e.g. a single data file (0: refuse instead).")
+    # --query_column: queries paired with each row, used when present; otherwise queries are attribute-derived.
+    add_column_arguments(data)
+    data.add_argument("--attribute_keys", nargs="+", help="Keys of the attributes JSON that derived queries may use.")
     data.add_argument("--max_train_products", type=int, help="Train on a seeded random subset of this many rows.")
     data.add_argument("--queries_per_product", type=int, default=1, help="Attribute-derived queries per product.")
     data.add_argument("--num_hard_negatives", type=int, default=0, help="Same-type, other-colour/gender products "
@@ -93,12 +123,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                       help="Strip colour and pattern words from the text of this share of the training products (a "
                            "seeded draw per product and epoch), so matching them sometimes needs the image "
                            f"(default {DEFAULT_VISUAL_WORD_DROPOUT}: see docs/results.md for what it trades).")
+    data.add_argument("--visual_word_restoration", type=float,
+                      help="Weight of a second loss in which the image fusion alone learns to restore the colour and "
+                           "pattern words stripped from every training product's text; the text towers are left "
+                           f"alone (default {DEFAULT_VISUAL_WORD_RESTORATION} for 3tower and 4tower models with a "
+                           "residual or mlp fusion, 0 otherwise; 0 turns it off; docs/training.md).")
     data.add_argument("--max_eval_queries", type=int, default=500,
                       help="Evaluation queries (attribute-derived ones use the held-out phrasing family).")
     data.add_argument("--cache_image_features", dest="cache_image_features", action="store_true", default=None,
                       help="Precompute frozen image-tower features once (default: on when the tower is frozen).")
     data.add_argument("--no_cache_image_features", dest="cache_image_features", action="store_false")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
+    add_bad_rows_argument(data)
+    add_image_arguments(parser)
 
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", default="outputs/mmretrieval")
@@ -149,12 +186,22 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.eval_split.lower() == "none":
         args.eval_split = None
-    if args.description_column.lower() == "none":
-        args.description_column = None
+    # The column flags as names (None: turned off); `check_catalogue` fits them to the catalogue.
+    args.explicit_columns = explicit_columns(args)
+    args.catalogue_columns = catalogue_columns_from_args(args)
+    _set_column_args(args, args.catalogue_columns)
     if args.mini_batch_size is not None and args.mini_batch_size < 1:
         parser.error("--mini_batch_size must be positive")
     if not 0.0 <= args.visual_word_dropout <= 1.0:
         parser.error(f"--visual_word_dropout must lie in [0, 1], got {args.visual_word_dropout}")
+    if args.visual_word_restoration is not None and not args.visual_word_restoration >= 0:
+        parser.error(f"--visual_word_restoration must be >= 0, got {args.visual_word_restoration}")
+    fusion = args.fusion or ("concat" if args.architecture == "4tower" else DEFAULT_3TOWER_FUSION)
+    if args.visual_word_restoration and not args.model_name_or_path and (
+            args.architecture == "text_only" or fusion not in TRAINED_FUSIONS):
+        parser.error(f"--visual_word_restoration trains the image fusion: it needs --architecture 3tower or 4tower "
+                     f"with --fusion residual or mlp (got {args.architecture}"
+                     f"{'' if args.architecture == 'text_only' else ' with ' + fusion})")
     if args.architecture == "3tower" and args.fusion not in (None, "mlp", "residual"):
         parser.error(f"--fusion {args.fusion} is not a 3tower fusion; 3tower takes mlp or residual")
     if args.architecture == "4tower" and not (args.clip_model or args.model_name_or_path):
@@ -162,8 +209,143 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     return args
 
 
+def _set_column_args(args: argparse.Namespace, columns) -> None:
+    """Writes the resolved column names back to `args.<name>_column`, where the trainer reads them."""
+    for field in dataclasses.fields(columns):
+        if field.name != "attribute_keys":
+            setattr(args, f"{field.name}_column", getattr(columns, field.name))
+
+
+# Flags that must be positive when given, and those that must be >= 0.
+_POSITIVE_FLAGS = (
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps",
+    "eval_steps", "checkpointing_steps", "checkpoints_total_limit", "max_train_steps", "max_train_products",
+    "queries_per_product", "max_eval_queries", "projection_dim", "image_size",
+)
+_NON_NEGATIVE_FLAGS = (
+    "num_hard_negatives", "dataloader_num_workers", "warmup_steps", "tower_learning_rate", "head_learning_rate",
+    "weight_decay", "max_grad_norm",
+)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The numeric flags, checked before anything runs: step counts and sizes positive, rates and weights finite
+    and non-negative, shares within [0, 1].
+
+    Example: `check_flags(parse_args(["--logging_steps", "0"]))` raises `CliError("--logging_steps must be a
+    positive integer, got 0")`.
+    """
+    for name in _POSITIVE_FLAGS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CliError(f"--{name} must be a positive integer, got {value}")
+    for name in _NON_NEGATIVE_FLAGS:
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise CliError(f"--{name} must be a finite number >= 0, got {value}")
+    if not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
+        raise CliError(f"--num_train_epochs must be positive, got {args.num_train_epochs}")
+    for name in ("warmup_ratio", "fusion_alpha"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise CliError(f"--{name} must lie in [0, 1], got {value}")
+    if not (math.isfinite(args.validation_share) and 0.0 <= args.validation_share < 1.0):
+        raise CliError(f"--validation_share must lie in [0, 1), got {args.validation_share}")
+    check_image_arguments(args)
+
+
+def check_text_tower(args: argparse.Namespace) -> None:
+    """`--max_query_length` and `--max_product_length` within the text tower's position embeddings, read from its
+    config alone (no weights are loaded).
+
+    Example: `check_text_tower(parse_args(["--max_product_length", "600"]))` raises `CliError`: MiniLM has 512.
+    """
+    from ..towers import MissingOfflineTowerError
+    from ..training.model_builder import resolve_tower
+
+    try:
+        tower = args.model_name_or_path or resolve_tower(args.text_model)[0]
+    except MissingOfflineTowerError as error:
+        raise CliError(f"--text_model {args.text_model}: {error}") from error
+    lengths = {"--max_query_length": args.max_query_length, "--max_product_length": args.max_product_length}
+    check_text_lengths(lengths, text_tower_positions(tower), tower)
+
+
+def _derivation_problems(dataset, columns) -> list[BadProduct]:
+    """Products from which no query can be derived: they lack an article type."""
+    return [
+        BadProduct(str(product_id), columns.article_type, "no article type, so no query can be derived", row)
+        for row, (product_id, article_type) in enumerate(
+            zip(dataset[columns.product_id], dataset[columns.article_type], strict=True)
+        )
+        if known_value(article_type) is None
+    ]
+
+
+def _bad_products(dataset, columns, trained_on: bool) -> list[BadProduct]:
+    """The bad products of a split: ids and texts; queries when it has a query column (where a product may be
+    in several rows), else, for the training split, whether a query can be derived."""
+    if columns.query is not None and columns.query in dataset.column_names:
+        return [
+            bad for bad in find_bad_products(dataset, columns, check_queries=True)
+            # (query, product) rows repeat products on purpose.
+            if not (bad.column == columns.product_id and bad.reason.startswith("duplicate id"))
+        ]
+    derivation = _derivation_problems(dataset, columns) if trained_on else []
+    return sorted(find_bad_products(dataset, columns) + derivation, key=lambda bad: bad.row)
+
+
+def check_catalogue(args: argparse.Namespace) -> None:
+    """The catalogue of `args`, checked before any model is loaded: its splits, its columns (fitted to the
+    `--<name>_column` flags and written back to `args`), and its products. A bad product is a `CliError`, or
+    with `--skip_bad_rows` it is listed in `<output_dir>/bad_rows.jsonl` and its rows are recorded in
+    `args.bad_rows` (`{split: rows}`) for `load_training_data` to leave out.
+
+    Example: `check_catalogue(parse_args(["--dataset", "shop.csv", "--title_column", "name"]))`.
+    """
+    splits = load_catalogue_splits_from_args(argparse.Namespace(**vars(args), split=None, max_products=None))
+    available = f"it has {sorted(splits)}"
+    if args.train_split not in splits:
+        raise CliError(f"the catalogue has no split {args.train_split!r} (--train_split); {available}")
+    if args.eval_split is not None and args.eval_split not in splits and not args.validation_share:
+        raise CliError(f"the catalogue has no split {args.eval_split!r} (--eval_split); {available}; pass "
+                       "--eval_split none, or --validation_share to hold out part of the training split")
+    train = splits[args.train_split]
+    columns = columns_for_catalogue(
+        args.catalogue_columns, train.column_names, explicit=args.explicit_columns,
+        where=f"split {args.train_split!r}", needs_queries=True,
+    )
+    if columns.query is None:
+        # No queries to read: derived ones are written to this column of the training pairs.
+        derived = args.catalogue_columns.query or "query"
+        columns = dataclasses.replace(columns, query=derived if derived not in train.column_names else "derived_query")
+    args.catalogue_columns = columns
+    _set_column_args(args, columns)
+    checked = [args.train_split] + ([args.eval_split] if args.eval_split in splits else [])
+    bad = {name: _bad_products(splits[name], columns, trained_on=name == args.train_split) for name in checked}
+    all_bad = [product for name in checked for product in bad[name]]
+    if all_bad and not args.skip_bad_rows:
+        more = f" (and {len(all_bad) - 1} more)" if len(all_bad) > 1 else ""
+        raise CliError(f"{all_bad[0].line()}{more}; fix the catalogue or pass --skip_bad_rows")
+    args.bad_rows = {name: sorted({product.row for product in bad[name]}) for name in checked if bad[name]}
+    if all_bad:
+        path = write_bad_rows(Path(args.output_dir) / BAD_ROWS_FILENAME, all_bad)
+        print(f"--skip_bad_rows: leaving out {len(all_bad)} bad products, listed in {path}", file=sys.stderr)
+    pairs = (len(train) - len(args.bad_rows.get(args.train_split, ())))
+    if columns.query not in train.column_names:
+        pairs *= args.queries_per_product
+    if args.eval_split is not None and args.eval_split not in splits:
+        pairs -= math.ceil(args.validation_share * pairs)  # about what the hold-out takes
+    if args.max_train_products is not None:
+        pairs = min(pairs, args.max_train_products * args.queries_per_product)
+    if pairs < args.per_device_train_batch_size:
+        raise CliError(f"--per_device_train_batch_size {args.per_device_train_batch_size} is more than the about "
+                       f"{max(pairs, 0)} training pairs of split {args.train_split!r}; lower it")
+
+
 def run(argv=None, prog: str | None = None) -> dict:
-    """Train with `argv` (default: the command line); returns what `results.json` holds, raises on failure.
+    """Train with `argv` (default: the command line); returns what `results.json` holds, raises on failure
+    (`CliError` for bad flags or a bad catalogue, before any model is loaded).
 
     Example:
     ```python
@@ -172,12 +354,17 @@ def run(argv=None, prog: str | None = None) -> dict:
     10
     ```
     """
-    return run_training(parse_args(argv, prog))
+    args = parse_args(argv, prog)
+    check_flags(args)
+    check_text_tower(args)
+    check_catalogue(args)
+    return run_training(args)
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    """The `mmretrieval train` command: trains with `argv` and returns the exit status (0, or 1 with an error line
-    on stderr for a non-finite loss or a checkpoint of other settings).
+    """The `mmretrieval train` command: trains with `argv` and returns the exit status (0; 2 with one error line on
+    stderr for bad flags or a bad catalogue, found before any model is loaded; 1 for a non-finite loss or a
+    checkpoint of other settings).
 
     Example:
     ```python
@@ -187,6 +374,10 @@ def main(argv=None, prog: str | None = None) -> int:
     """
     try:
         run(argv, prog)
+    except (CliError, ImageFailureError) as error:
+        # ImageFailureError: --strict_images (or too many failed images) found while caching or training.
+        print(f"{prog or Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        return 2
     except (NonFiniteLossError, CheckpointMismatchError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -3,7 +3,8 @@
 - `catalogue`: `CatalogueColumns`, `load_catalogue` (split discovery, images kept encoded), `default_data_dir`;
 - `queries`: attribute-derived queries (`derive_query`), training pairs and evaluation queries;
 - `relevance`: the relevance rule (`product_matches`), whole-catalogue relevance sets and hard negatives;
-- `images`: robust decoding of one product image (`load_product_image`);
+- `images`: robust decoding of one product image (`load_product_image`), and the run's `ImageReport`;
+- `product_checks`: up-front checks of ids and texts (`find_bad_products`), no image decoded;
 - `collator`: dataset rows -> model inputs, one batch of images decoded at a time;
 - `stats`: catalogue statistics and the `data-stats` command;
 - `query_column`: catalogues that carry their own queries (distinct products, evaluation queries);
@@ -26,10 +27,22 @@ from .catalogue import (
     default_data_dir,
     load_catalogue,
     normalise_value,
+    resolve_image_paths,
     with_lazy_images,
 )
 from .collator import RetrievalCollator
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageDecodeError, ImageLoadResult, ImageProblem, load_product_image
+from .images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageDecodeError,
+    ImageFailureError,
+    ImageLoadResult,
+    ImageProblem,
+    ImageReport,
+    ImageStatus,
+    is_image_url,
+    load_product_image,
+)
+from .product_checks import BadProduct, find_bad_products
 from .queries import (
     QUERY_ATTRIBUTES_COLUMN,
     DerivedQuery,
@@ -44,6 +57,7 @@ from .relevance import colour_absent_from_titles, find_hard_negatives, product_f
 from .stats import SplitStats, catalogue_stats, count_image_problems, format_stats_table, run_data_stats
 
 __all__ = [
+    "BadProduct",
     "DATA_DIR_ENV",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "QUERY_ATTRIBUTES_COLUMN",
@@ -53,8 +67,11 @@ __all__ = [
     "DerivedQuery",
     "EvaluationQuery",
     "ImageDecodeError",
+    "ImageFailureError",
     "ImageLoadResult",
     "ImageProblem",
+    "ImageReport",
+    "ImageStatus",
     "RetrievalCollator",
     "SplitStats",
     "article_type_phrases",
@@ -63,8 +80,10 @@ __all__ = [
     "count_image_problems",
     "default_data_dir",
     "derive_query",
+    "find_bad_products",
     "find_hard_negatives",
     "format_stats_table",
+    "is_image_url",
     "load_catalogue",
     "load_product_image",
     "make_evaluation_queries",
@@ -72,6 +91,7 @@ __all__ = [
     "normalise_value",
     "product_facets",
     "product_matches",
+    "resolve_image_paths",
     "run_data_stats",
     "singular_noun",
     "with_lazy_images",

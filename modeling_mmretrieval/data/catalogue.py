@@ -2,7 +2,8 @@
 
 `load_catalogue` reads a local directory, data files or a Hub dataset into a `DatasetDict` whose splits are
 checked against `CatalogueColumns`. Images stay encoded (`datasets.Image(decode=False)`, rows carry
-`{"bytes", "path"}`) until a batch needs them; `modeling_mmretrieval.data.images.load_product_image` then decodes
+`{"bytes", "path"}`) until a batch needs them; relative image paths of local data files are made absolute against
+the folder of their data file (`resolve_image_paths`), so a run works from any working directory; `modeling_mmretrieval.data.images.load_product_image` then decodes
 them one by one. Queries derived from the products live in `queries`, relevance and hard negatives in `relevance`.
 See docs/data.md.
 """
@@ -20,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .images import is_image_url
 
 SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample"
 DATA_DIR_ENV = "MMRETRIEVAL_DATA_DIR"
@@ -213,6 +218,62 @@ def with_lazy_images(dataset: datasets.Dataset, columns: CatalogueColumns | None
     return dataset.cast_column(columns.image, datasets.Image(decode=False))
 
 
+def _is_relative_image_path(path: Any) -> bool:
+    return (
+        isinstance(path, str) and bool(path.strip()) and not is_image_url(path)
+        and not os.path.isabs(os.path.expanduser(path))
+    )
+
+
+def _file_paths_of(dataset: datasets.Dataset, image: str) -> list:
+    """The `path` of every lazy image without embedded bytes (read with Arrow: embedded bytes are never copied)."""
+    if dataset._indices is not None:  # a selection: read the column through the indices
+        return [value["path"] for value in dataset[image] if value and value.get("bytes") is None]
+    column = dataset.data.column(image)
+    paths = []
+    for chunk in column.chunks:
+        if not pa.types.is_struct(chunk.type):
+            return []
+        without_bytes = pc.is_null(pc.struct_field(chunk, "bytes"))
+        paths.extend(pc.filter(pc.struct_field(chunk, "path"), without_bytes).to_pylist())
+    return paths
+
+
+def resolve_image_paths(
+    dataset: datasets.Dataset, base_dir: str | os.PathLike, columns: CatalogueColumns | None = None
+) -> datasets.Dataset:
+    """`dataset` with its relative image paths made absolute against `base_dir` (the folder of its data file).
+
+    Only lazy images without embedded bytes are touched; URLs and absolute paths are kept. A catalogue whose
+    images are all embedded or absolute is returned as is, without a pass over its rows.
+
+    Example:
+    ```python
+    >>> products = with_lazy_images(datasets.Dataset.from_dict({"image": ["img/7.jpg", None]}))
+    >>> resolve_image_paths(products, "/data/shop")["image"]
+    [{'bytes': None, 'path': '/data/shop/img/7.jpg'}, None]
+    ```
+    """
+    columns = columns or CatalogueColumns()
+    image = columns.image
+    if image is None or image not in dataset.column_names:
+        return dataset
+    dataset = with_lazy_images(dataset, columns)
+    if not any(_is_relative_image_path(path) for path in _file_paths_of(dataset, image)):
+        return dataset
+    base = Path(base_dir).expanduser().resolve()
+
+    def absolute(value):
+        if isinstance(value, Mapping) and value.get("bytes") is None and _is_relative_image_path(value.get("path")):
+            return {**value, "path": str(base / value["path"].strip())}
+        return value
+
+    return dataset.map(
+        lambda batch: {image: [absolute(value) for value in batch[image]]}, batched=True, features=dataset.features,
+        desc="Resolving relative image paths",
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------
@@ -293,6 +354,32 @@ def _split_files(paths: Sequence[Path], source: Any) -> tuple[str, dict[str, lis
     return builders.pop(), {name: by_split[name] for name in _SPLIT_NAMES if name in by_split}
 
 
+def _local_files_by_split(data_files: Any) -> dict[str, list[Path]] | None:
+    """`{split: files}` when every data file is a local file, else `None` (Hub files, remote URLs)."""
+    if isinstance(data_files, Mapping):
+        groups = dict(data_files)
+    else:
+        groups = {"train": data_files}
+    by_split = {
+        split: [Path(name) for name in ([group] if isinstance(group, (str, os.PathLike)) else group)]
+        for split, group in groups.items()
+    }
+    if not all(path.is_file() for paths in by_split.values() for path in paths):
+        return None
+    return by_split
+
+
+def _load_split_by_folder(builder: str, files: Sequence[Path], columns: CatalogueColumns, where: str,
+                          cache_dir) -> datasets.Dataset:
+    """One split whose files lie in several folders: each file is read alone, so its relative image paths resolve
+    against its own folder, then the files are concatenated in order."""
+    parts = []
+    for path in files:
+        part = datasets.load_dataset(builder, data_files={"train": [str(path)]}, split="train", cache_dir=cache_dir)
+        parts.append(_prepare_split(part, columns, f"{where} (file {str(path)!r})", path.resolve().parent))
+    return datasets.concatenate_datasets(parts)
+
+
 def _builder_for(data_files: str | Sequence[str] | Mapping[str, str | Sequence[str]]) -> str:
     groups = data_files.values() if isinstance(data_files, Mapping) else [data_files]
     files = [name for group in groups for name in ([group] if isinstance(group, str) else group)]
@@ -320,9 +407,13 @@ def _check_columns(column_names: Sequence[str], columns: CatalogueColumns, where
         )
 
 
-def _prepare_split(dataset: datasets.Dataset, columns: CatalogueColumns, where: str) -> datasets.Dataset:
+def _prepare_split(
+    dataset: datasets.Dataset, columns: CatalogueColumns, where: str, image_base_dir: Path | None = None
+) -> datasets.Dataset:
     _check_columns(dataset.column_names, columns, where)
     dataset = with_lazy_images(dataset, columns)
+    if image_base_dir is not None:
+        dataset = resolve_image_paths(dataset, image_base_dir, columns)
     if dataset.features[columns.product_id] != datasets.Value("string"):
         dataset = dataset.cast_column(columns.product_id, datasets.Value("string"))
     return dataset
@@ -347,6 +438,8 @@ def load_catalogue(
         columns: the catalogue's column names; validated on every split.
         data_files: passed to `datasets.load_dataset` as is.
         cache_dir: the `datasets` cache directory.
+
+    Relative image paths in local data files are resolved against the folder of the file that holds them.
 
     Raises:
         CatalogueColumnError: (a `KeyError`) a configured column is missing; the message lists the available ones.
@@ -374,9 +467,25 @@ def load_catalogue(
             source, data_files = builder, split_files
     elif source is None:
         source = _builder_for(data_files)
+    # Relative image paths in local data files are relative to the file's folder, not the working directory.
+    local_files = _local_files_by_split(data_files) if data_files is not None else None
+    folders = {name: {path.resolve().parent for path in paths} for name, paths in (local_files or {}).items()}
+    if split is None and any(len(parents) > 1 for parents in folders.values()):
+        return datasets.DatasetDict({
+            name: _load_split_by_folder(os.fspath(source), local_files[name], columns, f"split {name!r}", cache_dir)
+            for name in local_files
+        })
+    if split is not None and len(folders.get(split, ())) > 1:
+        return _load_split_by_folder(os.fspath(source), local_files[split], columns, f"split {split!r}", cache_dir)
+
+    def base_dir(name: str) -> Path | None:
+        return next(iter(folders[name])) if len(folders.get(name, ())) == 1 else None
+
     loaded = datasets.load_dataset(os.fspath(source), data_files=data_files, split=split, cache_dir=cache_dir)
     if isinstance(loaded, datasets.Dataset):
-        return _prepare_split(loaded, columns, f"split {split!r}")
+        return _prepare_split(loaded, columns, f"split {split!r}", base_dir(split))
     # Listed train, validation, test whatever order the `datasets` cache recorded them in.
     names = sorted(loaded, key=lambda name: _SPLIT_NAMES.index(name) if name in _SPLIT_NAMES else len(_SPLIT_NAMES))
-    return datasets.DatasetDict({name: _prepare_split(loaded[name], columns, f"split {name!r}") for name in names})
+    return datasets.DatasetDict(
+        {name: _prepare_split(loaded[name], columns, f"split {name!r}", base_dir(name)) for name in names}
+    )

@@ -1,7 +1,9 @@
-"""Catalogue statistics and the `data-stats` command.
+"""Catalogue statistics (the `data-stats` command's, `modeling_mmretrieval.commands.data_stats`).
 
-Per split: products, article types, attribute-derived evaluation queries and their relevance-set sizes, the
-"image must matter" queries (colour absent from relevant titles) and, optionally, image decoding outcomes.
+Per split: products, article types, evaluation queries (attribute-derived, or read from a query column) and their
+relevance-set sizes, the "image must matter" queries (colour absent from relevant titles) and, optionally, image
+decoding outcomes. A catalogue without attribute columns gets its product and image counts; its queries and
+article types show as "-".
 
 Example:
 ```bash
@@ -9,23 +11,24 @@ python -m modeling_mmretrieval data-stats --split validation   # or: python -m m
 ```
 """
 
-import argparse
 import statistics
-import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import datasets
 
-from .catalogue import CatalogueColumns, default_data_dir, load_catalogue, normalise_value, with_lazy_images
-from .images import DEFAULT_MAX_IMAGE_PIXELS, load_product_image
+from .catalogue import CatalogueColumns, normalise_value, with_lazy_images
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageReport, load_product_image
 from .queries import make_evaluation_queries
+from .query_column import evaluation_queries_from_column
 
 
 @dataclass(frozen=True)
 class SplitStats:
-    """Summary of one catalogue split; image counts are `None` when images were not decoded.
+    """Summary of one catalogue split; image counts are `None` when images were not decoded, `article_types` when
+    the catalogue has no article type column, and `derived_queries` counts the queries read from a query column
+    when it has one (`query_source` says which).
 
     Example:
     ```python
@@ -36,7 +39,7 @@ class SplitStats:
     """
 
     products: int
-    article_types: int
+    article_types: int | None
     derived_queries: int
     relevant_per_query_mean: float
     relevant_per_query_median: float
@@ -44,6 +47,8 @@ class SplitStats:
     colour_absent_queries: int
     images_ok: int | None = None
     image_problems: dict[str, int] = field(default_factory=dict)
+    image_report: ImageReport | None = None
+    query_source: str = "attribute-derived"
 
 
 def count_image_problems(
@@ -52,8 +57,11 @@ def count_image_problems(
     columns: CatalogueColumns | None = None,
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     batch_size: int = 512,
+    fetch_urls: bool = False,
+    report: ImageReport | None = None,
 ) -> tuple[int, dict[str, int]]:
-    """Decode every image with `load_product_image`: (decodable count, {problem reason: count}).
+    """Decode every image with `load_product_image`: (decodable count, {problem reason: count}); `report`, when
+    given, also counts each product's outcome by id.
 
     Example:
     ```python
@@ -63,12 +71,18 @@ def count_image_problems(
     ```
     """
     columns = columns or CatalogueColumns()
-    images = with_lazy_images(dataset, columns).select_columns([columns.image])
+    with_ids = report is not None and columns.product_id in dataset.column_names
+    images = with_lazy_images(dataset, columns).select_columns(
+        [columns.image, columns.product_id] if with_ids else [columns.image]
+    )
     problems: Counter[str] = Counter()
     decodable = 0
     for batch in images.iter(batch_size=batch_size):
-        for value in batch[columns.image]:
-            result = load_product_image(value, max_pixels=max_pixels)
+        product_ids = batch[columns.product_id] if with_ids else [None] * len(batch[columns.image])
+        for value, product_id in zip(batch[columns.image], product_ids, strict=True):
+            result = load_product_image(value, max_pixels=max_pixels, fetch_urls=fetch_urls)
+            if report is not None:
+                report.add(product_id, result)
             if result.has_image:
                 decodable += 1
             else:
@@ -77,16 +91,18 @@ def count_image_problems(
 
 
 def catalogue_stats(
-    catalogue: datasets.DatasetDict | datasets.Dataset,
+    catalogue: datasets.DatasetDict | Mapping[str, datasets.Dataset] | datasets.Dataset,
     *,
     seed: int = 0,
     num_queries: int = 1000,
     columns: CatalogueColumns | None = None,
     decode_images: bool = True,
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    fetch_urls: bool = False,
 ) -> dict[str, SplitStats]:
-    """Per-split statistics: products, article types, derived evaluation queries and their relevance-set sizes,
-    "image must matter" queries (colour absent from relevant titles) and, optionally, image decoding outcomes.
+    """Per-split statistics: products, article types, evaluation queries (from the query column when the split
+    has one, else attribute-derived when it has an article type) and their relevance-set sizes, "image must
+    matter" queries (colour absent from relevant titles) and, optionally, image decoding outcomes.
 
     Example:
     ```python
@@ -96,17 +112,30 @@ def catalogue_stats(
     ```
     """
     columns = columns or CatalogueColumns()
-    splits = catalogue if isinstance(catalogue, datasets.DatasetDict) else {str(catalogue.split or "data"): catalogue}
+    splits = catalogue if isinstance(catalogue, Mapping) else {str(catalogue.split or "data"): catalogue}
     stats = {}
     for name, dataset in splits.items():
-        queries = make_evaluation_queries(dataset, seed=seed, num_queries=num_queries, columns=columns)
+        has_article_types = columns.article_type is not None and columns.article_type in dataset.column_names
+        if columns.query is not None and columns.query in dataset.column_names:
+            queries = evaluation_queries_from_column(dataset, columns=columns, num_queries=num_queries, seed=seed)
+            query_source = f"query column {columns.query!r}"
+        elif has_article_types:
+            queries = make_evaluation_queries(dataset, seed=seed, num_queries=num_queries, columns=columns)
+            query_source = "attribute-derived"
+        else:
+            queries, query_source = [], "none (no query or article type column)"
         sizes = [len(query.relevant_ids) for query in queries] or [0]
+        report = ImageReport() if decode_images else None
         images_ok, image_problems = (
-            count_image_problems(dataset, columns=columns, max_pixels=max_pixels) if decode_images else (None, {})
+            count_image_problems(dataset, columns=columns, max_pixels=max_pixels, fetch_urls=fetch_urls, report=report)
+            if decode_images else (None, {})
         )
+        article_types = None
+        if has_article_types:
+            article_types = len({normalise_value(value) for value in dataset[columns.article_type] if value})
         stats[name] = SplitStats(
             products=len(dataset),
-            article_types=len({normalise_value(value) for value in dataset[columns.article_type] if value}),
+            article_types=article_types,
             derived_queries=len(queries),
             relevant_per_query_mean=statistics.fmean(sizes),
             relevant_per_query_median=statistics.median(sizes),
@@ -114,6 +143,8 @@ def catalogue_stats(
             colour_absent_queries=sum(query.colour_absent_from_titles for query in queries),
             images_ok=images_ok,
             image_problems=image_problems,
+            image_report=report,
+            query_source=query_source,
         )
     return stats
 
@@ -147,7 +178,7 @@ def format_stats_table(stats: Mapping[str, SplitStats]) -> str:
             (
                 name,
                 str(split.products),
-                str(split.article_types),
+                "-" if split.article_types is None else str(split.article_types),
                 str(split.derived_queries),
                 f"{split.relevant_per_query_mean:.1f}",
                 f"{split.relevant_per_query_median:g}",
@@ -164,40 +195,17 @@ def format_stats_table(stats: Mapping[str, SplitStats]) -> str:
 
 
 def run_data_stats(argv: Sequence[str] | None = None) -> int:
-    """`data-stats` command: print catalogue statistics. Returns the process exit status.
+    """The `data-stats` command (`modeling_mmretrieval.commands.data_stats.main`): prints catalogue statistics and
+    returns the process exit status.
 
     Example:
     ```bash
-    python -m modeling_mmretrieval.data.stats --split validation --num-queries 200
+    python -m modeling_mmretrieval.data.stats --split validation --num_queries 200
     ```
     """
-    parser = argparse.ArgumentParser(
-        prog="data-stats", description="Statistics of a product catalogue and of its attribute-derived queries."
-    )
-    parser.add_argument(
-        "--source", default=None, help="directory, file(s) glob or Hub name (default: shared data, else the sample)"
-    )
-    parser.add_argument("--split", default=None, help="only this split")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the attribute-derived queries")
-    parser.add_argument("--num-queries", type=int, default=1000, help="evaluation queries derived per split")
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
-    parser.add_argument("--skip-images", action="store_true", help="do not decode the images")
-    args = parser.parse_args(argv)
-    try:
-        catalogue = load_catalogue(args.source, split=args.split)
-    except (KeyError, FileNotFoundError, ValueError) as error:
-        print(f"data-stats: {error}", file=sys.stderr)
-        return 2
-    stats = catalogue_stats(
-        catalogue,
-        seed=args.seed,
-        num_queries=args.num_queries,
-        decode_images=not args.skip_images,
-        max_pixels=args.max_image_pixels,
-    )
-    print(f"source: {args.source or default_data_dir()}  (queries are attribute-derived, seed {args.seed})")
-    print(format_stats_table(stats))
-    return 0
+    from ..commands.data_stats import main  # the command line lives with the other commands
+
+    return main(argv, prog="data-stats")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ The image is the only witness of a product's colour when its title and descripti
 marketplaces with poor titles. Three uses share these helpers:
 
 - training (`VisualWordDropout`): strip the visual words from a seeded fraction of the product texts a batch
-  sees, so that matching a colour query sometimes needs the image;
+  sees, so that matching a colour query sometimes needs the image; or (`StrippedTextView`) add a stripped copy
+  of every product text, from which the image branch alone learns to restore them
+  (`training.visual_word_restoration`);
 - evaluation, degraded-text variant (`degrade_product_texts`): strip them from a seeded share of the test
   products, as a catalogue with poor titles would have them;
 - evaluation, text-silent slice (`text_is_silent_about`): relevant products whose title and description
@@ -145,6 +147,32 @@ class VisualWordDropout:
         return f"{type(self).__name__}(probability={self.probability}, seed={self.seed})"
 
 
+class StrippedTextView:
+    """Training view of a product for `VisualWordRestorationLoss`: its text fields without visual words, so that
+    only the image can still tell its colour or pattern. A product whose text fields would all be left blank is
+    returned unchanged (an empty text cannot be embedded).
+
+    Example:
+    ```python
+    >>> StrippedTextView()({"product_id": "7", "title": "Red Checked Shirt", "description": "Cotton"})["title"]
+    'Shirt'
+    ```
+    """
+
+    def __init__(self, words: VisualWords | None = None, fields: Sequence[str] = ("title", "description")):
+        self.words = words or VisualWords.default()
+        self.fields = tuple(fields)
+
+    def __call__(self, product: Mapping) -> dict:
+        stripped = _stripped(product, self.fields, self.words)
+        if not any(isinstance(stripped.get(name), str) and stripped[name].strip() for name in self.fields):
+            return dict(product)
+        return stripped
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(fields={list(self.fields)}, phrases={len(self.words.phrases)})"
+
+
 def degraded_product_ids(product_ids: Iterable, share: float, seed: int) -> set[str]:
     """A seeded `share` of the products (as `str` ids): the ones the degraded-text variant strips.
 
@@ -179,6 +207,7 @@ def text_is_silent_about(product: Mapping, phrases: Iterable[str], words: Visual
 __all__ = [
     "COLOUR_WORDS",
     "PATTERN_WORDS",
+    "StrippedTextView",
     "VisualWordDropout",
     "VisualWords",
     "degrade_product_texts",

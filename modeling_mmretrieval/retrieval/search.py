@@ -21,7 +21,7 @@ from PIL import Image
 from .. import speedups
 from ..data.catalogue import CatalogueColumns
 from ..data.collator import RetrievalCollator, product_fields
-from ..data.images import load_product_image
+from ..data.images import ImageReport, load_product_image
 from ..processing_mmretrieval import join_product_text, validate_texts
 from .index import ProductIndex
 
@@ -152,6 +152,9 @@ def build_product_index(
     sort_by_length: bool = True,
     dtype: torch.dtype | None = None,
     image_features: Mapping[str, torch.Tensor | None] | None = None,
+    fetch_images: bool = False,
+    image_report: ImageReport | None = None,
+    on_image_error: str = "mask",
 ) -> ProductIndex:
     """Encodes a catalogue (a `datasets.Dataset` or iterable of rows) into a `ProductIndex`.
 
@@ -167,7 +170,15 @@ def build_product_index(
         image_features: the frozen image tower's features of every product, keyed by `str(product_id)` (as
             `training.image_feature_cache.precompute_image_features` returns them): images are then neither decoded nor
             run through the tower. Only valid while the image tower stays frozen; a product missing from
-            it raises `KeyError`.
+            it raises `KeyError`. A catalogue in which no product has an image works too.
+        fetch_images: download `http(s)://` product images (refused by default: the product is then indexed
+            text-only and counted as `refused`).
+        image_report: an `ImageReport` that counts how every product's image loaded (ok / missing / undecodable
+            / refused, with example ids); print its `summary()` so nothing is indexed silently without its image.
+        on_image_error: `"mask"` indexes a product whose image fails text-only; `"raise"` stops with an
+            `ImageDecodeError` naming the product.
+
+    A bad product (no text, text that is not valid Unicode) raises an error naming its id and column.
 
     Example:
     ```python
@@ -182,7 +193,9 @@ def build_product_index(
     if processor.fast_image_processing and processor.batched_image_processor is None:
         speedups.apply_to_processor(processor)  # the saved preference: same pixels within tolerance, faster
     collator = RetrievalCollator(
-        processor, columns, with_queries=False, uses_images=model.config.uses_images, image_features=image_features
+        processor, columns, with_queries=False, uses_images=model.config.uses_images, image_features=image_features,
+        fetch_images=fetch_images, image_feature_size=getattr(model, "image_feature_size", None),
+        image_report=image_report, on_image_error=on_image_error,
     )
     embed_batch = product_embedder(model, collator)
     if dtype is not None:

@@ -77,6 +77,8 @@ def resized_height_width(height: int, width: int, size: Mapping[str, int]) -> tu
             f"size {dict(size)} is not supported by the batched path; use 'shortest_edge' or 'height'+'width'."
         )
     short, long = sorted((height, width))
+    if short < 1:
+        raise ValueError(f"cannot resize a {width}x{height} image: it has no pixels")
     new_long = int(shortest_edge * long / short)
     return (new_long, shortest_edge) if width <= height else (shortest_edge, new_long)
 
@@ -207,6 +209,12 @@ class FastImageProcessor:
         arrays = [_rgb_array(image) for image in images]
         if not arrays:
             raise ValueError("FastImageProcessor needs at least one image.")
+        for position, array in enumerate(arrays):
+            if array.shape[0] < 1 or array.shape[1] < 1:
+                raise ValueError(
+                    f"Image {position} is {array.shape[1]}x{array.shape[0]}: an image without pixels cannot be "
+                    "processed (load_product_image reports it as a zero-size image)."
+                )
         output_sizes = {self.output_height_width(*array.shape[:2]) for array in arrays}
         if len(output_sizes) > 1:
             raise ValueError(

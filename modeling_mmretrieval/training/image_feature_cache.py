@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.catalogue import CatalogueColumns
-from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, load_product_image
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReport, load_product_image
 from ..data.rows import row_batches
 
 # Image towers that interpolate their position embeddings, so they accept any (patch-multiple) image size.
@@ -91,14 +91,54 @@ def check_image_size_supported(image_tower, image_size: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _images_of(rows: Sequence[Mapping], columns: CatalogueColumns, max_image_pixels: int | None) -> list:
-    return [load_product_image(row.get(columns.image), max_pixels=max_image_pixels).image for row in rows]
+class ImageFeatureCache(dict):
+    """Image-tower features by `str(product_id)` (`None` for an image-less product), plus what a run needs to use
+    and report them: `feature_size` (the width of a feature, known even when every image failed, so image-less
+    batches get placeholders of the right size), `image_report` (how each product's image loaded) and
+    `fetch_images` (whether image URLs were downloaded, so a check recomputes them the same way).
+
+    Example:
+    ```python
+    >>> cache = precompute_image_features(model, processor, catalogue)
+    >>> cache.feature_size, cache.image_report.summary()
+    (384, 'images: 48 ok, 0 missing, 0 undecodable, 0 refused')
+    ```
+    """
+
+    def __init__(self, *args, feature_size: int | None = None, image_report: ImageReport | None = None,
+                 fetch_images: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.feature_size = feature_size
+        self.image_report = image_report if image_report is not None else ImageReport()
+        self.fetch_images = fetch_images
+
+
+def _images_of(rows: Sequence[Mapping], columns: CatalogueColumns, max_image_pixels: int | None,
+               fetch_images: bool = False, report: ImageReport | None = None) -> list:
+    images = []
+    for row in rows:
+        result = load_product_image(row.get(columns.image), max_pixels=max_image_pixels, fetch_urls=fetch_images)
+        if report is not None:
+            report.add(row.get(columns.product_id), result)
+        images.append(result.image)
+    return images
+
+
+def _image_features(model, processor, rows: Sequence[Mapping], columns: CatalogueColumns,
+                    max_image_pixels: int | None, fetch_images: bool, report: ImageReport | None) -> torch.Tensor:
+    inputs = processor.encode_images(_images_of(rows, columns, max_image_pixels, fetch_images, report))
+    device = next(model.parameters()).device
+    features = model.get_image_features(inputs["pixel_values"].to(device), inputs["image_mask"].to(device))
+    return features.float().cpu(), inputs["image_mask"].tolist()
 
 
 @torch.no_grad()
 def image_features_for_rows(model, processor, rows: Sequence[Mapping], columns: CatalogueColumns,
-                            max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[torch.Tensor | None]:
+                            max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, *, fetch_images: bool = False,
+                            report: ImageReport | None = None) -> list[torch.Tensor | None]:
     """Image-tower features (float32, CPU) of product rows, `None` for a product without a decodable image.
+
+    `fetch_images` downloads `http(s)://` images (refused by default); `report` counts how each image loaded.
 
     Example:
     ```python
@@ -107,11 +147,8 @@ def image_features_for_rows(model, processor, rows: Sequence[Mapping], columns: 
     [(384,), (384,), None, (384,)]
     ```
     """
-    inputs = processor.encode_images(_images_of(rows, columns, max_image_pixels))
-    device = next(model.parameters()).device
-    features = model.get_image_features(inputs["pixel_values"].to(device), inputs["image_mask"].to(device))
-    features = features.float().cpu()
-    return [feature if has_image else None for feature, has_image in zip(features, inputs["image_mask"].tolist())]
+    features, has_image = _image_features(model, processor, rows, columns, max_image_pixels, fetch_images, report)
+    return [feature if present else None for feature, present in zip(features, has_image)]
 
 
 def precompute_image_features(
@@ -123,17 +160,28 @@ def precompute_image_features(
     batch_size: int = 64,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     show_progress: bool = True,
-) -> dict[str, torch.Tensor | None]:
+    fetch_images: bool = False,
+    report: ImageReport | None = None,
+) -> ImageFeatureCache:
     """Image-tower features of every product of `catalogue`, by product id, for `RetrievalCollator(image_features=)`.
 
     Only valid for a frozen image tower: it runs in eval mode without autograd, so its features are the same
     at every step and computing them once replaces `epochs x` tower passes by one. Products whose image cannot
-    be decoded map to `None` (image-less, as the collator would have made them).
+    be decoded map to `None` (image-less, as the collator would have made them); a catalogue without a single
+    image still gives a working cache, whose `feature_size` sizes the collator's placeholders.
+
+    Args:
+        fetch_images: download `http(s)://` images (refused by default, and counted as `refused`).
+        report: an `ImageReport` to count every product's image in; the cache's `image_report` is this one
+            (a new one by default).
 
     Example:
     ```python
-    >>> cache = precompute_image_features(model, processor, catalogue)
+    >>> report = ImageReport()
+    >>> cache = precompute_image_features(model, processor, catalogue, report=report)
     >>> collator = RetrievalCollator(processor, image_features=cache)
+    >>> print(report.summary())
+    images: 970 ok, 20 missing (e.g. 'sku-7': no image: there is no file at '/data/shop/img/7.jpg'), ...
     ```
     """
     columns = columns or CatalogueColumns()
@@ -144,13 +192,19 @@ def precompute_image_features(
             "Cached image features are only valid for a frozen image tower (and, for 4tower, a frozen projection); "
             "a trained one changes them at every step. Drop --cache_image_features or keep --freeze_image_towers."
         )
-    cache: dict[str, torch.Tensor | None] = {}
+    report = report if report is not None else ImageReport()
+    cache = ImageFeatureCache(feature_size=getattr(model, "image_feature_size", None), image_report=report, fetch_images=fetch_images)
     batches = row_batches(catalogue, batch_size)
     progress = tqdm(batches, total=math.ceil(len(catalogue) / batch_size), desc="Caching image features",
                     disable=not show_progress)
-    for rows in progress:
-        features = image_features_for_rows(model, processor, rows, columns, max_image_pixels)
-        cache.update({str(row[columns.product_id]): feature for row, feature in zip(rows, features)})
+    with torch.no_grad():
+        for rows in progress:
+            features, has_image = _image_features(
+                model, processor, rows, columns, max_image_pixels, fetch_images, report
+            )
+            cache.feature_size = features.shape[-1]
+            cache.update({str(row[columns.product_id]): feature if present else None
+                          for row, feature, present in zip(rows, features, has_image)})
     return cache
 
 
@@ -171,11 +225,12 @@ def check_cached_image_features(
     ```
     """
     columns = columns or CatalogueColumns()
+    fetch_images = getattr(cache, "fetch_images", False)  # recompute the images the way the cache read them
     if tolerance is None:
         # GPUs convolve in TF32 by default and pick kernels by batch size: about 1e-3 apart between batches.
         on_cpu = next(model.parameters()).device.type == "cpu"
         tolerance = CACHED_FEATURE_TOLERANCE_CPU if on_cpu else CACHED_FEATURE_TOLERANCE_ACCELERATOR
-    recomputed = image_features_for_rows(model, processor, rows, columns)
+    recomputed = image_features_for_rows(model, processor, rows, columns, fetch_images=fetch_images)
     largest = 0.0
     for row, fresh in zip(rows, recomputed):
         cached = cache[str(row[columns.product_id])]
@@ -193,6 +248,7 @@ def check_cached_image_features(
 
 __all__ = [
     "RESIZABLE_VISION_MODEL_TYPES",
+    "ImageFeatureCache",
     "check_cached_image_features",
     "check_image_size_supported",
     "image_features_for_rows",

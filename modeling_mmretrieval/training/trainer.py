@@ -55,6 +55,7 @@ from .optimization import (
 )
 from .reporting import format_results_table
 from .training_data import build_collator, build_evaluator, load_training_data
+from .visual_word_restoration import VisualWordRestorationLoss, restoration_weight
 
 logger = get_logger(__name__)
 
@@ -244,6 +245,7 @@ def training_settings(args, accelerator, max_train_steps: int, num_epochs: int, 
         "schedule": f"{args.lr_scheduler_type}, warmup {warmup}",
         "mixed precision": args.mixed_precision,
         "hard negatives per query": args.num_hard_negatives,
+        "visual-word dropout / restoration weight": f"{args.visual_word_dropout} / {args.visual_word_restoration}",
         "image size": image_size,
         "cached image features": cached_features,
         "seed": args.seed,
@@ -312,12 +314,22 @@ def run_training(args) -> dict:
     # On the accelerator before the frozen image features are cached: `accelerator.prepare` moves it only later,
     # and caching would then run the image tower on the CPU.
     model.to(accelerator.device)
-    columns = CatalogueColumns(
+    args.visual_word_restoration = restoration_weight(args.visual_word_restoration, model.config)
+    if args.visual_word_restoration:
+        loss_fn = VisualWordRestorationLoss(loss_fn, args.visual_word_restoration)
+    # The columns the train command fitted to the catalogue (every `--<name>_column` flag), else the basic flags.
+    columns = getattr(args, "catalogue_columns", None) or CatalogueColumns(
         product_id=args.product_id_column, title=args.title_column, description=args.description_column,
         image=args.image_column, query=args.query_column,
     )
     data = load_training_data(args, columns)
     collator = build_collator(args, accelerator, model, processor, data, columns)
+    image_checks = dict(max_failure_share=getattr(args, "max_image_failure_share", 0.5),
+                        strict=getattr(args, "strict_images", False))
+    cache_report = getattr(collator.image_features, "image_report", None)
+    if cache_report is not None:  # every training image was loaded once for the cache: report and check it now
+        logger.info(f"Image feature cache: {cache_report.summary()}")
+        cache_report.check(**image_checks)
     evaluator = build_evaluator(args, accelerator, model, processor, data, columns,
                                 cache_image_features=collator.image_features is not None)
     # drop_last: every step sees a full batch of in-batch negatives, and every process contributes as many rows to
@@ -388,6 +400,10 @@ def run_training(args) -> dict:
         },
         "model_dir": str(final_dir),
     }
+    image_report = collator.image_report.merge(cache_report) if cache_report is not None else collator.image_report
+    if collator.uses_images:
+        results["images"] = image_report.to_dict()
+        logger.info(f"Training products, {image_report.summary()}")
     if args.push_to_hub and accelerator.is_main_process:
         repo_id = args.hub_model_id or output_dir.resolve().name
         results["hub_commit_url"] = push_folder_to_hub(
@@ -401,6 +417,8 @@ def run_training(args) -> dict:
             accelerator.print(f"\nRetrieval on the {args.eval_split} split, before vs after training:")
             accelerator.print(format_results_table(state["before_metrics"], after_metrics))
         accelerator.print(f"\nModel and processor: {final_dir}\nResults: {output_dir / 'results.json'}")
+    if collator.uses_images:  # once the results are written: a strict failure still leaves the run's record
+        image_report.check(**image_checks)
     accelerator.end_training()
     return results
 

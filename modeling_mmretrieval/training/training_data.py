@@ -29,7 +29,7 @@ from ..data import (
     make_training_pairs,
 )
 from ..data.query_column import evaluation_queries_from_column, unique_products
-from ..data.visual_words import VisualWordDropout, VisualWords
+from ..data.visual_words import StrippedTextView, VisualWordDropout, VisualWords
 from ..retrieval.evaluator import RetrievalEvaluator
 from ..retrieval.held_out_evaluation import HeldOutEvaluator
 from .image_feature_cache import check_cached_image_features, precompute_image_features
@@ -73,7 +73,27 @@ def load_training_data(args, columns: CatalogueColumns) -> TrainingData:
     (True, 2800)
     ```
     """
-    splits = load_catalogue(args.dataset, columns=columns)
+    splits = dict(load_catalogue(args.dataset, columns=columns))
+    # Rows the train command's up-front check found bad, left out with --skip_bad_rows (listed in bad_rows.jsonl).
+    for name, rows in (getattr(args, "bad_rows", None) or {}).items():
+        skipped = set(rows)
+        splits[name] = splits[name].select([row for row in range(len(splits[name])) if row not in skipped])
+    share = getattr(args, "validation_share", 0)
+    if args.eval_split is not None and args.eval_split not in splits and args.train_split in splits and share:
+        # No held-out split (a single data file, say): hold out a seeded share of the training products, whole
+        # products, so that no (query, product) row of a held-out product is trained on.
+        train = splits[args.train_split]
+        product_ids = list(dict.fromkeys(train[columns.product_id]))
+        held = set(random.Random(f"{args.seed}:validation-holdout").sample(
+            product_ids, max(1, min(len(product_ids) - 1, round(share * len(product_ids))))
+        ))
+        is_held = [product_id in held for product_id in train[columns.product_id]]
+        splits[args.eval_split] = train.select([row for row, flag in enumerate(is_held) if flag])
+        splits[args.train_split] = train.select([row for row, flag in enumerate(is_held) if not flag])
+        logger.info(
+            f"--dataset has no {args.eval_split!r} split: holding out {len(held)} of {len(product_ids)} products of "
+            f"{args.train_split!r} for evaluation (seed {args.seed}, --validation_share {share})", main_process_only=True
+        )
     for split in (args.train_split, args.eval_split):
         if split is not None and split not in splits:
             raise KeyError(f"--dataset {args.dataset!r} has no split {split!r}; it has {sorted(splits)}.")
@@ -125,7 +145,7 @@ def image_feature_cache(args, accelerator, model, processor, products, columns: 
     started = time.perf_counter()
     image_features = precompute_image_features(
         model, processor, products, columns=columns, batch_size=args.per_device_eval_batch_size,
-        show_progress=accelerator.is_local_main_process,
+        show_progress=accelerator.is_local_main_process, fetch_images=getattr(args, "fetch_images", False),
     )
     logger.info(f"Cached image features of {len(image_features)} products in {time.perf_counter() - started:.0f} s")
     return image_features
@@ -161,7 +181,24 @@ def build_collator(args, accelerator, model, processor, data: TrainingData, colu
         processor, columns, uses_images=model.config.uses_images, hard_negatives=hard_negatives,
         num_hard_negatives=args.num_hard_negatives, image_features=image_features,
         mask_false_negatives=args.mask_false_negatives, augment_product=visual_word_dropout(args, data, columns),
+        stripped_view=StrippedTextView(catalogue_visual_words(data, columns)) if args.visual_word_restoration else None,
+        fetch_images=getattr(args, "fetch_images", False), on_image_error=getattr(args, "on_image_error", "mask"),
     )
+
+
+def catalogue_visual_words(data: TrainingData, columns: CatalogueColumns) -> VisualWords:
+    """The default colour and pattern words plus the catalogue's own colour values.
+
+    Example:
+    ```python
+    >>> "sea green" in catalogue_visual_words(data, columns).phrases
+    True
+    ```
+    """
+    colours = []
+    if columns.base_colour and columns.base_colour in data.products.column_names:
+        colours = [value for value in data.products.unique(columns.base_colour) if isinstance(value, str)]
+    return VisualWords.from_values(colours)
 
 
 def visual_word_dropout(args, data: TrainingData, columns: CatalogueColumns) -> VisualWordDropout | None:
@@ -176,10 +213,7 @@ def visual_word_dropout(args, data: TrainingData, columns: CatalogueColumns) -> 
     """
     if not args.visual_word_dropout:
         return None
-    colours = []
-    if columns.base_colour and columns.base_colour in data.products.column_names:
-        colours = [value for value in data.products.unique(columns.base_colour) if isinstance(value, str)]
-    return VisualWordDropout(args.visual_word_dropout, seed=args.seed, words=VisualWords.from_values(colours))
+    return VisualWordDropout(args.visual_word_dropout, seed=args.seed, words=catalogue_visual_words(data, columns))
 
 
 def build_evaluator(args, accelerator, model, processor, data: TrainingData, columns: CatalogueColumns,
@@ -217,6 +251,7 @@ __all__ = [
     "TrainingData",
     "build_collator",
     "build_evaluator",
+    "catalogue_visual_words",
     "hard_negative_lookup",
     "load_training_data",
     "seeded_subset",
