@@ -11,6 +11,8 @@ arXiv:2501.07365):
   space, where V is a standalone vision tower (CLIP vision, SigLIP vision, DINOv2, ViT).
 """
 
+import re
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -22,6 +24,32 @@ MLP_FUSIONS = ("mlp", "residual")
 POOLINGS = ("mean", "cls")
 # Model types whose models expose both `get_text_features` and `get_image_features` in one space.
 DUAL_ENCODER_MODEL_TYPES = ("clip", "siglip", "siglip2", "vision-text-dual-encoder", "chinese_clip", "altclip")
+# A Hub model id ("name" or "owner/name"); anything else in a `_name_or_path` is a local path.
+_HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def without_local_paths(settings):
+    """`settings` (a config dict, at any depth) with every `_name_or_path` that is a local path blanked.
+
+    The towers' sub-configs remember the folder each tower was loaded from; saved as is, config.json would carry
+    the training machine's absolute paths (cache, virtual environment, data folders) to the Hub. Hub ids are kept:
+    they say where a tower came from. Loading never reads these fields.
+
+    Example:
+    ```python
+    >>> without_local_paths({"text_config": {"_name_or_path": "/home/me/.cache/minilm", "hidden_size": 384}})
+    {'text_config': {'_name_or_path': '', 'hidden_size': 384}}
+    ```
+    """
+    if isinstance(settings, dict):
+        return {
+            key: "" if key == "_name_or_path" and isinstance(value, str) and not _HUB_MODEL_ID.match(value)
+            else without_local_paths(value)
+            for key, value in settings.items()
+        }
+    if isinstance(settings, list):
+        return [without_local_paths(value) for value in settings]
+    return settings
 
 
 @strict
@@ -233,6 +261,10 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
     @property
     def uses_images(self) -> bool:
         return self.architecture != "text_only"
+
+    def to_dict(self) -> dict:
+        # Every serialisation (config.json, the Hub) goes through here: local tower paths stay on this machine.
+        return without_local_paths(super().to_dict())
 
 
 __all__ = ["MultimodalRetrievalConfig"]

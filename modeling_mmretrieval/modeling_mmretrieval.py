@@ -8,7 +8,11 @@ ranked by its text half alone) or by a learned "missing image" vector (MLP fusio
 
 import copy
 import math
+import os
+import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -201,6 +205,84 @@ def fuse_features(
     return torch.cat([alpha * text, (1 - alpha) * other], dim=-1)
 
 
+# The package's model cards (`modeling_mmretrieval.training.model_card`) carry this tag. A model keeps such a card
+# (`model.model_card`) and writes it in `save_pretrained` and uploads it in `push_to_hub`, in place of transformers'
+# placeholder card; any other README is left alone.
+MODEL_CARD_TAG = "mmretrieval"
+MODEL_CARD_NAME = "README.md"
+# Namespace a card's usage snippet names while the repository is not known yet; pushing fills in the real one.
+PLACEHOLDER_NAMESPACE = "your-namespace"
+_PLACEHOLDER_REPO_ID = re.compile(rf"\b{PLACEHOLDER_NAMESPACE}/[\w.-]+")
+_CARD_HEADER = re.compile(r"\A---\r?\n(.*?)\r?\n---\r?\n", re.DOTALL)  # the YAML metadata block
+# `from_pretrained` keywords that say where (and how) to read a file of the checkpoint.
+_FILE_LOOKUP_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def is_package_model_card(text: str) -> bool:
+    r"""Whether a README.md is a model card written by this package (its YAML tags hold `MODEL_CARD_TAG`).
+
+    Example:
+    ```python
+    >>> is_package_model_card("---\ntags:\n- mmretrieval\n---\n# A retriever")
+    True
+    ```
+    """
+    import yaml
+
+    header = _CARD_HEADER.match(text)
+    try:
+        metadata = yaml.safe_load(header.group(1)) if header else None
+    except yaml.YAMLError:
+        return False
+    tags = metadata.get("tags") if isinstance(metadata, dict) else None
+    return isinstance(tags, list) and MODEL_CARD_TAG in tags
+
+
+def card_for_repo(card: str, repo_id: str, tags: list[str] | None = None) -> str:
+    r"""`card` as published at `repo_id`: the placeholder repository (`your-namespace/<name>`) of its usage snippet
+    becomes `repo_id`, and `tags` join its YAML tags.
+
+    Example:
+    ```python
+    >>> card_for_repo('---\ntags:\n- mmretrieval\n---\nfrom_pretrained("your-namespace/shoes")', "me/shoes")
+    '---\ntags:\n- mmretrieval\n---\nfrom_pretrained("me/shoes")'
+    ```
+    """
+    card = _PLACEHOLDER_REPO_ID.sub(repo_id, card)
+    if not tags:
+        return card
+    from huggingface_hub import ModelCard
+
+    model_card = ModelCard(card, ignore_metadata_errors=True)
+    model_card.data.tags = list(dict.fromkeys([*(model_card.data.tags or []), *tags]))
+    return str(model_card)
+
+
+def read_package_model_card(name_or_path: str | os.PathLike, lookup_kwargs: dict | None = None) -> str | None:
+    """The package's model card saved with a checkpoint (a local folder or a Hub repo), or None when it has none.
+
+    A missing or unreadable card never stops a model from loading: it only means the model carries no card.
+
+    Example:
+    ```python
+    >>> read_package_model_card("outputs/main_job/final").splitlines()[0]
+    '---'
+    ```
+    """
+    from transformers.utils import cached_file
+
+    lookup = {key: value for key, value in (lookup_kwargs or {}).items() if key in _FILE_LOOKUP_KWARGS}
+    try:
+        path = cached_file(
+            name_or_path, MODEL_CARD_NAME, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False, _raise_exceptions_for_gated_repo=False, **lookup,
+        )
+        text = Path(path).read_text(encoding="utf-8") if path else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return text if text and is_package_model_card(text) else None
+
+
 @dataclass
 class MultimodalRetrievalOutput(ModelOutput):
     """
@@ -223,6 +305,9 @@ class MultimodalRetrievalOutput(ModelOutput):
 
 
 class MultimodalRetrievalPreTrainedModel(PreTrainedModel):
+    # `model_card`: the README.md text (the package's model card) that `save_pretrained` writes and `push_to_hub`
+    # uploads; `from_pretrained` restores it from a checkpoint that has one. None: transformers' behaviour. A model
+    # whose weights change after loading still carries the old card: replace it (or set None) before saving.
     config_class = MultimodalRetrievalConfig
     config: MultimodalRetrievalConfig
     base_model_prefix = "mmretrieval"
@@ -230,6 +315,7 @@ class MultimodalRetrievalPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
+    model_card: str | None = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -242,7 +328,7 @@ class MultimodalRetrievalPreTrainedModel(PreTrainedModel):
         """
         kwargs.setdefault("use_safetensors", True)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except OSError as error:
             if kwargs["use_safetensors"] and "safetensors" in str(error):
                 raise OSError(
@@ -252,6 +338,100 @@ class MultimodalRetrievalPreTrainedModel(PreTrainedModel):
                     "weights_only=True), 'model.safetensors')`, or pass use_safetensors=False."
                 ) from error
             raise
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) on request
+        model.model_card = read_package_model_card(pretrained_model_name_or_path, kwargs)
+        return loaded
+
+    # ----- model card: saved with the weights, uploaded in place of transformers' placeholder ----------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        """Saves the model as transformers does, plus its model card (`model.model_card`) as README.md.
+
+        With `push_to_hub=True` the folder, card included, is uploaded to `repo_id` (default: the folder's name in
+        the token's namespace); `commit_message`, `commit_description`, `private`, `create_pr` and `revision` go to
+        the Hub. A model without a card saves and pushes exactly as transformers does.
+
+        Example:
+        ```python
+        >>> model.save_pretrained("retriever")  # model.safetensors, config.json, the code files, README.md
+        ```
+        """
+        if self.model_card is None:
+            return super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict,
+                                           push_to_hub=push_to_hub, **kwargs)
+        hub_options = {
+            name: kwargs.pop(name)
+            for name in ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision")
+            if name in kwargs
+        }
+        super().save_pretrained(save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
+        if not is_main_process:
+            return None
+        card = self.model_card
+        if push_to_hub:
+            from huggingface_hub import HfApi
+
+            repo_id = hub_options.pop("repo_id", Path(save_directory).name)
+            token = kwargs.get("token")
+            repo_id = HfApi(token=token).create_repo(
+                repo_id, private=hub_options.pop("private", None), exist_ok=True
+            ).repo_id
+            card = card_for_repo(card, repo_id, self.model_tags)
+        Path(save_directory, MODEL_CARD_NAME).write_text(card, encoding="utf-8")
+        if push_to_hub:
+            return self._upload_modified_files(save_directory, repo_id, files_timestamps={}, token=kwargs.get("token"),
+                                               **hub_options)
+        return None
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ):
+        """Uploads the model to the Hub as transformers' `push_to_hub` does (same arguments), with the package's
+        model card (`model.model_card`, its usage snippet naming `repo_id`) instead of the placeholder card.
+
+        A model carries a card when it was loaded from a checkpoint that has one or trained by `mmretrieval train`;
+        without one, this is transformers' `push_to_hub`.
+
+        Example:
+        ```python
+        >>> model = AutoModel.from_pretrained("outputs/main_job/final", trust_remote_code=True)
+        >>> model.push_to_hub("my-user/fashion-retriever", private=True)
+        CommitInfo(commit_url='https://huggingface.co/my-user/fashion-retriever/commit/...', ...)
+        ```
+        """
+        hub_arguments = dict(
+            commit_message=commit_message, commit_description=commit_description, private=private, token=token,
+            revision=revision, create_pr=create_pr, max_shard_size=max_shard_size, tags=tags,
+        )
+        if self.model_card is None:
+            return super().push_to_hub(repo_id, **hub_arguments)
+        from huggingface_hub import HfApi
+
+        repo_id = HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
+        tags = list(dict.fromkeys([*(self.model_tags or []), *([tags] if isinstance(tags, str) else tags or [])]))
+        with tempfile.TemporaryDirectory() as folder:
+            super().save_pretrained(folder, max_shard_size=max_shard_size)
+            Path(folder, MODEL_CARD_NAME).write_text(card_for_repo(self.model_card, repo_id, tags), encoding="utf-8")
+            return self._upload_modified_files(
+                folder, repo_id, files_timestamps={}, commit_message=commit_message, token=token,
+                create_pr=create_pr, revision=revision, commit_description=commit_description,
+            )
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -762,4 +942,8 @@ def compose_towers(
     return config, towers
 
 
-__all__ = ["MultimodalRetrievalModel", "MultimodalRetrievalOutput", "MultimodalRetrievalPreTrainedModel"]
+__all__ = [
+    "MODEL_CARD_NAME", "MODEL_CARD_TAG", "PLACEHOLDER_NAMESPACE", "MultimodalRetrievalModel",
+    "MultimodalRetrievalOutput", "MultimodalRetrievalPreTrainedModel", "card_for_repo", "is_package_model_card",
+    "read_package_model_card",
+]

@@ -363,9 +363,25 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
-        """Saves the tokenizer(s), image processor and settings; `from_pretrained` restores them."""
+        """Saves the tokenizer(s), image processor and settings; `from_pretrained` restores them.
+
+        `push_to_hub=True` then uploads the folder as transformers' processors do (`PushToHubMixin`): `repo_id`
+        (default: the folder's name in the token's namespace), `commit_message` and the `create_repo` arguments
+        (`token`, `private`, ...) in `kwargs`. `processor.push_to_hub(repo_id, ...)` is transformers' own.
+
+        Example:
+        ```python
+        >>> processor.save_pretrained("retriever", push_to_hub=True, repo_id="my-user/retriever", private=True)
+        ```
+        """
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
+        if push_to_hub:
+            from huggingface_hub import HfApi
+
+            commit_message = kwargs.pop("commit_message", None)
+            repo_id = HfApi().create_repo(kwargs.pop("repo_id", save_directory.name), exist_ok=True, **kwargs).repo_id
+            files_timestamps = self._get_files_timestamps(save_directory)
         self.tokenizer.save_pretrained(save_directory)
         if self.image_processor is not None:
             self.image_processor.save_pretrained(save_directory)
@@ -379,7 +395,9 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
         with open(save_directory / PROCESSOR_CONFIG_NAME, "w", encoding="utf-8") as handle:
             json.dump(settings, handle, indent=2, sort_keys=True)
         if push_to_hub:
-            self.push_to_hub(kwargs.pop("repo_id", save_directory.name), **kwargs)
+            self._upload_modified_files(
+                save_directory, repo_id, files_timestamps, commit_message=commit_message, token=kwargs.get("token")
+            )
         return [str(save_directory / PROCESSOR_CONFIG_NAME)]
 
     @classmethod

@@ -2,11 +2,11 @@
 embeds to NaN.
 
 Each example is a generated catalogue: 1 to 8 rows under one of several column namings (the fashion defaults, a
-shop's `sku`/`name`/`desc`/`img_path`, no description column), with ids that are strings, integers, repeated,
-colliding across types (`1` and `"1"`), missing or wrong-typed; titles and descriptions that are realistic, blank,
-numbers, random unicode, lone surrogates or lists; images that are real PNG/JPEG bytes, missing files, empty
-cells, URLs (not fetched), corrupt or empty bytes, 0x0 headers or 1-pixel strips; with or without a query column,
-with decoded or cached image features. The contract checked on every one:
+shop's `sku`/`name`/`desc`/`img_path`, no description column, no image column), with ids that are strings,
+integers, repeated, colliding across types (`1` and `"1"`), missing or wrong-typed; titles and descriptions that
+are realistic, blank, numbers, random unicode, lone surrogates or lists; images that are real PNG/JPEG bytes,
+missing files, empty cells, URLs (not fetched), corrupt or empty bytes, 0x0 headers or 1-pixel strips; with or
+without a query column, with decoded or cached image features. The contract checked on every one:
 
 - `find_bad_products` is complete for what the collator refuses: the rows it accepts always collate, and the
   model embeds them to finite, unit-length vectors; every product's image is counted once in the collator's
@@ -54,6 +54,9 @@ NAMINGS = {
     "shop": CatalogueColumns(product_id="sku", title="name", description="desc", image="img_path", query="q",
                              gender=None, base_colour=None, article_type=None, usage=None, brand=None, attributes=None),
     "no_description": CatalogueColumns(product_id="id", title="title", description=None, image="picture"),
+    # No image column at all: every product is embedded from its text and counted as missing.
+    "no_image": CatalogueColumns(product_id="sku", title="name", description="desc", image=None, query="q",
+                                 article_type=None),
 }
 TITLES = ["Nike Men White Sneakers", "Red Ceramic Mug 350 ml", "Navy Blue Slim Fit Shirt", "Lámpara de mesa",
           "水筒 500ml", "Ручка шариковая синяя"]
@@ -110,8 +113,9 @@ def catalogues(draw):
         def value(good, bad):
             return draw(st.one_of(good, bad) if odd else good)
 
-        row = {columns.product_id: value(good_ids, odd_ids), columns.title: value(good_texts, odd_texts),
-               columns.image: IMAGE_VALUES[draw(st.sampled_from(sorted(IMAGE_VALUES)))][0]}
+        row = {columns.product_id: value(good_ids, odd_ids), columns.title: value(good_texts, odd_texts)}
+        if columns.image is not None:
+            row[columns.image] = IMAGE_VALUES[draw(st.sampled_from(sorted(IMAGE_VALUES)))][0]
         if columns.description is not None:
             row[columns.description] = value(good_texts, odd_texts)
         if with_queries:
@@ -146,13 +150,18 @@ def _kind_of(value) -> str:
     return next(kind for kind, (candidate, _) in IMAGE_VALUES.items() if candidate is value)
 
 
+def _image_of(row, columns: CatalogueColumns):
+    """The row's image value; `None` (no image) in a catalogue without an image column."""
+    return row[columns.image] if columns.image is not None else None
+
+
 def _feature_cache(rows, columns, feature_of, model) -> ImageFeatureCache:
     """What `precompute_image_features` would return for these rows (built from the per-kind features)."""
     report = ImageReport()
     cache = ImageFeatureCache(feature_size=model.image_feature_size, image_report=report)
     for row in rows:
-        kind = _kind_of(row[columns.image])
-        report.add(row[columns.product_id], load_product_image(row[columns.image]))
+        kind = _kind_of(_image_of(row, columns))
+        report.add(row[columns.product_id], load_product_image(_image_of(row, columns)))
         cache[str(row[columns.product_id])] = feature_of[kind]
     return cache
 
@@ -205,11 +214,13 @@ def test_any_catalogue_shape_is_refused_clearly_or_embedded_finite(tiny_model, c
                 assert torch.isfinite(model(**batch).loss)
         expected = {}
         for row in good:
-            expected.setdefault(str(row[columns.product_id]), IMAGE_VALUES[_kind_of(row[columns.image])][1])
+            expected.setdefault(str(row[columns.product_id]), IMAGE_VALUES[_kind_of(_image_of(row, columns))][1])
         report = collator.image_report.to_dict()
         for status in ("ok", "missing", "undecodable", "refused"):
             assert report[status] == sum(value == status for value in expected.values()), (status, report)
-        assert batch["image_mask"].tolist() == [IMAGE_VALUES[_kind_of(row[columns.image])][1] == "ok" for row in good]
+        assert batch["image_mask"].tolist() == [
+            IMAGE_VALUES[_kind_of(_image_of(row, columns))][1] == "ok" for row in good
+        ]
     STATS["examples"] += 1
     STATS["seconds"] += time.perf_counter() - started
 

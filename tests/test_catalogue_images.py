@@ -6,6 +6,7 @@ Catalogues are generated per test: CSV, JSONL and Parquet files with their own c
 working directory. URLs are served by a local `http.server` on 127.0.0.1 (no internet is needed).
 """
 
+import dataclasses
 import http.server
 import io
 import json
@@ -35,7 +36,10 @@ from modeling_mmretrieval.data import (
     load_catalogue,
     load_product_image,
 )
+from modeling_mmretrieval.data import EvaluationQuery
 from modeling_mmretrieval.data import images as images_module
+from modeling_mmretrieval.retrieval.evaluator import RetrievalEvaluator
+from modeling_mmretrieval.retrieval.held_out_evaluation import model_ranker
 from modeling_mmretrieval.retrieval.search import build_product_index
 from modeling_mmretrieval.speedups.fast_image_processing import FastImageProcessor
 from modeling_mmretrieval.towers import get_minilm_path
@@ -375,6 +379,63 @@ def test_an_all_image_less_catalogue_is_indexed_with_and_without_cached_features
         assert np.isfinite(cached.embeddings).all()
         np.testing.assert_allclose(cached.embeddings, index.embeddings, atol=1e-5)
         assert cached_report.failures == 8
+
+
+@pytest.mark.parametrize("file_format", ["csv", "jsonl", "parquet"])
+def test_a_catalogue_without_an_image_column_indexes_as_if_every_image_were_missing(elsewhere, tiny_3tower,
+                                                                                    file_format):
+    model, processor = tiny_3tower
+    with_column = load_shop(write_catalogue(elsewhere, 6, no_value=set(range(6)), file_format=file_format))
+    without_column = with_column.remove_columns("img_path")
+    data_file = elsewhere / f"text-only.{file_format}"
+    if file_format == "csv":
+        without_column.to_csv(data_file, index=False)
+    elif file_format == "jsonl":
+        without_column.to_json(data_file, lines=True)
+    else:
+        without_column.to_parquet(data_file)
+    with pytest.raises(KeyError, match="'img_path' \\(CatalogueColumns.image\\)"):
+        load_catalogue(data_file, columns=SHOP_COLUMNS, split="train")
+    text_only = dataclasses.replace(SHOP_COLUMNS, image=None)
+    products = load_catalogue(data_file, columns=text_only, split="train")
+    assert products.column_names == ["sku", "name", "desc", "query"]
+    reports = ImageReport(), ImageReport()
+    indexes = [
+        build_product_index(model, processor, rows, columns=columns, batch_size=4, show_progress=False,
+                            image_report=report)
+        for rows, columns, report in ((products, text_only, reports[0]), (with_column, SHOP_COLUMNS, reports[1]))
+    ]
+    assert np.isfinite(indexes[0].embeddings).all() and list(indexes[0].ids) == list(indexes[1].ids)
+    np.testing.assert_allclose(indexes[0].embeddings, indexes[1].embeddings, atol=1e-6)
+    assert reports[0].counts["missing"] == reports[1].counts["missing"] == 6
+
+
+def test_the_evaluators_fetch_urls_on_request_and_count_each_image_once(image_server, elsewhere, tiny_3tower):
+    model, processor = tiny_3tower
+    _, serve = image_server
+    urls = {index: serve(f"/e/{index}.png", photo_bytes(index)) for index in range(3)}
+    products = load_shop(write_catalogue(elsewhere, 8, urls=urls, missing={4}, corrupt={5}))
+    queries = [
+        EvaluationQuery(query_id=f"q{position}", text=row["query"], attributes={}, relevant_ids={row["sku"]},
+                        source_product_id=row["sku"], colour_absent_from_titles=False, template="query column")
+        for position, row in enumerate(products.select(range(4)))
+    ]
+    refusing = RetrievalEvaluator(products, queries, processor, columns=SHOP_COLUMNS, k_values=(5,))
+    fetching = RetrievalEvaluator(products, queries, processor, columns=SHOP_COLUMNS, k_values=(5,),
+                                  fetch_images=True, image_report=ImageReport())
+    for _ in range(2):  # as during training: a product is counted once, however often it is evaluated
+        refusing(model)
+    fetching(model)
+    counted = {name: (evaluator.image_report.counts["ok"], evaluator.image_report.counts["missing"],
+                      evaluator.image_report.counts["undecodable"], evaluator.image_report.counts["refused"])
+               for name, evaluator in (("refusing", refusing), ("fetching", fetching))}
+    assert counted == {"refusing": (3, 1, 1, 3), "fetching": (6, 1, 1, 0)}
+    assert "--fetch_images" in refusing.image_report.summary()
+    # The held-out evaluation's ranker reports the same way.
+    report = ImageReport()
+    rank = model_ranker(model, processor, columns=SHOP_COLUMNS, image_report=report, fetch_images=True)
+    ranked = rank(products.to_list(), ["red shirt"], 5)
+    assert len(ranked[0]) == 5 and (report.counts["ok"], report.total) == (6, 8)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -182,3 +182,20 @@ def test_false_negatives_are_products_matching_another_query(catalogue, tiny_3to
             if j != i:
                 assert bool(mask[i, j]) == product_matches(product, attributes), (row["query"], product["title"])
     assert RetrievalCollator(processor, mask_false_negatives=False)(rows).get("false_negative_mask") is None
+
+
+def test_held_out_evaluation_counts_each_catalogue_image_once(catalogue, tiny_3tower):
+    from modeling_mmretrieval.data.images import ImageReport
+    from modeling_mmretrieval.retrieval.held_out_evaluation import HeldOutEvaluator
+
+    model, processor = tiny_3tower
+    rows = catalogue.to_list()
+    rows[0]["image"] = {"bytes": None, "path": "https://cdn.example/0.jpg"}  # refused without --fetch_images
+    rows[1]["image"] = None
+    report = ImageReport()
+    evaluator = HeldOutEvaluator(rows, num_queries=10, seed=0, processor=processor, image_report=report)
+    metrics = evaluator(model)
+    evaluator(model)  # the clean and the degraded catalogue, twice: still one count per product
+    assert metrics["heldout/num_queries"] > 0
+    assert (report.total, report.counts["ok"], report.counts["missing"], report.counts["refused"]) == (48, 46, 1, 1)
+    assert evaluator.image_report is report

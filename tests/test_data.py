@@ -1,6 +1,7 @@
 """Catalogue loading (catalogue), attribute-derived queries (queries), relevance sets and hard negatives (relevance)
 and the data-stats command (stats)."""
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -163,6 +164,30 @@ def test_catalogue_with_queries_needs_no_attribute_columns(tmp_path, cache_dir):
     pq.write_table(table, tmp_path / "catalogue.parquet")
     loaded = load_catalogue(tmp_path / "catalogue.parquet", cache_dir=cache_dir)
     assert list(loaded) == ["train"] and loaded["train"][0]["query"] == "a query"
+
+
+def test_products_only_load_needs_neither_queries_nor_attributes_nor_images(tmp_path, cache_dir):
+    rows = [{"sku": f"sku-{n}", "name": f"Red mug {n}", "desc": "a mug", "colour": "Red"} for n in range(4)]
+    csv_path = tmp_path / "shop.csv"
+    pa_csv.write_csv(pa.Table.from_pylist(rows), csv_path)
+    text_only = CatalogueColumns(product_id="sku", title="name", description="desc", image=None, query=None,
+                                 article_type=None, gender=None, base_colour="colour", usage=None, brand=None,
+                                 attributes=None)
+    # Queries can neither be read nor derived: refused unless only the products are wanted.
+    with pytest.raises(ValueError, match="needs_queries=False"):
+        load_catalogue(csv_path, columns=text_only, cache_dir=cache_dir)
+    loaded = load_catalogue(csv_path, split="train", columns=text_only, needs_queries=False, cache_dir=cache_dir)
+    assert loaded.column_names == ["sku", "name", "desc", "colour"] and loaded[0]["sku"] == "sku-0"
+    # An image column that is named must exist; the error says which field is missing.
+    with pytest.raises(CatalogueColumnError) as raised:
+        load_catalogue(csv_path, columns=dataclasses.replace(text_only, image="img"), needs_queries=False,
+                       cache_dir=cache_dir)
+    assert raised.value.fields == ("image",) and "'img' (CatalogueColumns.image)" in str(raised.value)
+    # needs_queries=False still checks the columns every product needs.
+    with pytest.raises(CatalogueColumnError) as raised:
+        load_catalogue(csv_path, columns=dataclasses.replace(text_only, title="title"), needs_queries=False,
+                       cache_dir=cache_dir)
+    assert raised.value.fields == ("title",)
 
 
 def test_csv_catalogue_with_its_own_column_names_and_image_paths(tmp_path, cache_dir):
@@ -441,10 +466,17 @@ def test_data_stats_command_prints_the_split_summary(capsys, monkeypatch):
     )
 
 
-def test_data_stats_command_reports_a_bad_source(capsys, tmp_path):
-    (tmp_path / "train.csv").write_text("product_id,title\n1,Red Tee\n")
-    assert run_data_stats(["--source", str(tmp_path), "--skip-images"]) == 2
-    assert "image" in capsys.readouterr().err
+def test_data_stats_command_reports_a_bad_source_and_reads_one_without_images(capsys, tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train.csv").write_text("product_id,name\n1,Red Tee\n")
+    assert run_data_stats(["--source", str(tmp_path / "bad"), "--skip-images"]) == 2
+    assert "'title' (--title_column)" in capsys.readouterr().err
+    (tmp_path / "text_only").mkdir()
+    (tmp_path / "text_only" / "train.csv").write_text("product_id,title\n1,Red Tee\n2,Blue Mug\n")
+    assert run_data_stats(["--source", str(tmp_path / "text_only")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("has no image column 'image' (--image_column)") == 1
+    assert "train: images: none (no image column" in captured.out
 
 
 def test_data_stats_runs_as_a_module():

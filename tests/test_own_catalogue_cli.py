@@ -10,10 +10,12 @@ checkpoint path that does not exist: a check that ran after loading would report
 import csv
 import io
 import json
+import math
 import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
@@ -173,7 +175,7 @@ def test_index_resolves_images_against_the_data_file_and_reports_them(tmp_path, 
     assert len(ProductIndex.load(tmp_path / "index")) == NUM_PRODUCTS
 
 
-def test_index_refuses_bad_products_up_front_and_skips_them_on_request(shop, tmp_path, capsys, towers):
+def test_index_refuses_bad_products_up_front_and_skips_them_on_request(shop, tmp_path, capsys, caplog, towers):
     rows = product_rows()
     rows[7]["name"], rows[7]["desc"] = "   ", ""
     rows[12]["sku"] = "sku-3"  # a duplicate id
@@ -186,6 +188,8 @@ def test_index_refuses_bad_products_up_front_and_skips_them_on_request(shop, tmp
     status, out, err = run_cli(capsys, "index", "--model_name_or_path", towers["checkpoint"], "--dataset", data_file,
                                *CATALOGUE_FLAGS, "--output_dir", tmp_path / "index", "--skip_bad_rows")
     assert status == 0, err
+    published = tmp_path / "index" / "bad_rows.jsonl"  # not the staging folder the file was first written to
+    assert f"left out 2 bad products of {NUM_PRODUCTS}, listed in {published}" in caplog.text
     bad = [json.loads(line) for line in (tmp_path / "index" / "bad_rows.jsonl").read_text().splitlines()]
     assert {(row["product_id"], row["column"]) for row in bad} == {("sku-7", "name"), ("sku-3", "sku")}
     index = ProductIndex.load(tmp_path / "index")
@@ -197,6 +201,10 @@ def test_strict_images_fail_the_index_and_leave_none(shop, tmp_path, capsys, tow
                    "--output_dir", tmp_path / "index", "--strict_images")
     assert "--strict_images" in line
     assert not (tmp_path / "index").exists() and not (tmp_path / "index.shards").exists()
+    line = refused(capsys, "search", "--model_name_or_path", towers["checkpoint"], "--dataset", shop, *CATALOGUE_FLAGS,
+                   "--index_dir", tmp_path / "search-index", "--query", "red mug", "--on_image_error", "raise")
+    assert "--on_image_error raise" in line and f"{expected_images()['missing']} missing" in line
+    assert not (tmp_path / "search-index").exists()  # no index is saved that a later run would reuse
 
 
 def test_image_urls_are_refused_without_the_opt_in_and_counted(tmp_path, capsys, towers, caplog):
@@ -210,6 +218,20 @@ def test_image_urls_are_refused_without_the_opt_in_and_counted(tmp_path, capsys,
     report = json.loads((tmp_path / "index" / "image_report.json").read_text())
     assert (report["refused"], report["ok"], report["failure_share"]) == (12, 0, 1.0)
     assert "--fetch_images" in err  # the reason names the opt-in
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_an_image_column_without_a_single_value_is_indexed_loudly_text_only(tmp_path, capsys, caplog, towers, fmt):
+    rows = product_rows(12)
+    for row in rows:
+        row["img_path"] = None  # an empty CSV cell, a JSON null: read as a column of null numbers
+    data_file = write_shop(tmp_path / "shop", rows, fmt=fmt)
+    status, _, err = run_cli(capsys, "index", "--model_name_or_path", towers["checkpoint"], "--dataset", data_file,
+                             *CATALOGUE_FLAGS, "--output_dir", tmp_path / "index")
+    assert status == 0, err
+    report = json.loads((tmp_path / "index" / "image_report.json").read_text())
+    assert (report["ok"], report["missing"]) == (0, 12)
+    assert "100% of product images failed" in caplog.text  # loud: over --max_image_failure_share
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,6 +305,15 @@ def test_column_errors_name_the_flag_not_the_python_api(shop, tmp_path, capsys):
     assert "'colour' (--base_colour_column)" in line and "available columns" in line
     line = refused(capsys, "data-stats", "--dataset", shop, *CATALOGUE_FLAGS, "--split", "test")
     assert "'test'" in line and "train" in line
+
+
+def test_a_file_that_does_not_parse_is_named_with_the_parser_reason(shop, tmp_path, capsys):
+    rows = product_rows(6)
+    rows[4]["name"] = "broken \ud800 title"  # json.dumps writes the lone surrogate as an escape no parser accepts
+    data_file = write_shop(tmp_path / "other", rows, fmt="jsonl")
+    line = refused(capsys, "index", "--model_name_or_path", NO_MODEL, "--dataset", data_file, *CATALOGUE_FLAGS,
+                   "--output_dir", tmp_path / "index")
+    assert str(data_file) in line and "surrogate" in line and "row 4" in line and "(--dataset)" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
@@ -366,3 +397,78 @@ def test_the_own_catalogue_walkthrough_in_the_docs_runs(tmp_path, monkeypatch, c
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
     assert "sku-" in out  # the search printed products
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a catalogue without an image column; the evaluator's image report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def image_less_shop(tmp_path, monkeypatch) -> Path:
+    """A CSV catalogue with no image column at all (`sku,name,desc,query`), read from another directory."""
+    rows = [{key: value for key, value in row.items() if key != "img_path"} for row in product_rows()]
+    data_file = write_shop(tmp_path / "shop", rows)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    return data_file
+
+
+def test_a_catalogue_without_an_image_column_is_announced_once_and_indexed_text_only(
+    image_less_shop, tmp_path, capsys, caplog, towers
+):
+    text_flags = CATALOGUE_FLAGS[:6]  # id, title, description: no --image_column
+    status, out, err = run_cli(capsys, "index", "--model_name_or_path", towers["checkpoint"], "--dataset",
+                               image_less_shop, *text_flags, "--output_dir", tmp_path / "index")
+    assert status == 0, err
+    assert err.count("has no image column 'image' (--image_column)") == 1
+    assert "product images failed" not in caplog.text  # said once, up front, not again as a failure share
+    report = json.loads((tmp_path / "index" / "image_report.json").read_text())
+    assert (report["ok"], report["missing"], report["total"]) == (0, NUM_PRODUCTS, NUM_PRODUCTS)
+    index = ProductIndex.load(tmp_path / "index")
+    assert len(index) == NUM_PRODUCTS and np.isfinite(index.embeddings).all()
+
+    status, out, err = run_cli(capsys, "search", "--model_name_or_path", towers["checkpoint"], "--dataset",
+                               image_less_shop, *text_flags, "--index_dir", tmp_path / "fresh-index",
+                               "--query", "red mug", "--top_k", 3, "--output_format", "json")
+    assert status == 0, err
+    assert [result["product_id"] for result in json.loads(out)[0]["results"]][0].startswith("sku-")
+
+    # Naming an image column the catalogue lacks, or asking for strict images, fails before any model.
+    line = refused(capsys, "index", "--model_name_or_path", NO_MODEL, "--dataset", image_less_shop,
+                   *CATALOGUE_FLAGS, "--output_dir", tmp_path / "i")
+    assert "'img_path' (--image_column)" in line
+    for strict in (["--strict_images"], ["--on_image_error", "raise"]):
+        line = refused(capsys, "index", "--model_name_or_path", NO_MODEL, "--dataset", image_less_shop, *text_flags,
+                       "--output_dir", tmp_path / "i", *strict)
+        assert "no image column" in line and strict[0] in line and NO_MODEL not in line
+
+
+def test_a_catalogue_without_an_image_column_trains_and_counts_text_stats(image_less_shop, tmp_path, capsys, towers):
+    text_flags = CATALOGUE_FLAGS[:6]
+    status, out, err = run_cli(capsys, "data-stats", "--dataset", image_less_shop, *text_flags)
+    assert status == 0, err
+    assert "train: images: none (no image column" in out
+    status, _, err = run_cli(
+        capsys, "train", "--dataset", image_less_shop, *text_flags, "--text_model", towers["text"],
+        "--vision_model", towers["vision"], "--image_size", IMAGE_SIZE, "--per_device_train_batch_size", 8,
+        "--max_train_steps", 2, "--max_eval_queries", 10, "--output_dir", tmp_path / "run",
+    )
+    assert status == 0, err
+    assert err.count("has no image column") == 1
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["training"]["completed_steps"] == 2
+    assert results["images"]["ok"] == 0 and results["images"]["missing"] > 0
+    assert all(math.isfinite(value) for value in results["after"].values())
+
+
+def test_evaluate_reports_the_images_of_both_compared_models(shop, tmp_path, capsys, towers):
+    status, _, err = run_cli(capsys, "evaluate", "--model_name_or_path", towers["checkpoint"], "--dataset", shop,
+                             *CATALOGUE_FLAGS, "--k_values", 5, "--compare_to", towers["checkpoint"],
+                             "--output_file", tmp_path / "report.json")
+    assert status == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    expected = expected_images()
+    for images in (report["images"], report["comparison"]["images"]):
+        assert {status: images[status] for status in expected} == expected
+    assert sum(line.split(": ", 1)[-1].startswith("images: ") for line in err.splitlines()) == 2

@@ -75,7 +75,7 @@ def build_index(args: argparse.Namespace) -> None:
     # Without a GPU, processes started by `accelerate launch` still form one CPU (gloo) group.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     report_dir = shards_root if accelerator.is_main_process else None
-    catalogue = checked_products(catalogue, columns, args, report_dir=report_dir)
+    catalogue = checked_products(catalogue, columns, args, report_dir=report_dir, published_dir=output_dir)
     model, processor = load_retriever(args.model_name_or_path, device=str(accelerator.device))
     rank, world_size = accelerator.process_index, accelerator.num_processes
     image_report = ImageReport()
@@ -91,7 +91,7 @@ def build_index(args: argparse.Namespace) -> None:
         for other in reports[1:]:
             image_report.merge(other)
         try:
-            report_images(image_report, args)  # before the index is published: a strict failure leaves none
+            report_images(image_report, args, columns)  # before the index is published: a strict failure leaves none
         except CliError:
             shutil.rmtree(shards_root, ignore_errors=True)
             raise

@@ -212,6 +212,8 @@ def columns_for_catalogue(
 ) -> CatalogueColumns:
     """`columns` fitted to a catalogue: an optional column left at its default name that the catalogue lacks is
     dropped, a column named by its flag must exist, and queries must be readable or derivable when `needs_queries`.
+    A catalogue without an image column is announced in one line on stderr: every product is then embedded from its
+    text alone.
 
     Raises `CliError` whose one line names the column and its flag.
 
@@ -237,6 +239,12 @@ def columns_for_catalogue(
         else:
             fitted[field.name] = None
     fitted = dataclasses.replace(columns, **fitted)
+    if columns.image is not None and fitted.image is None:
+        # Printed, not logged: a run that silently ignores every image is the failure this line prevents.
+        print(f"WARNING: {where} has no image column {columns.image!r} (--image_column): every product is embedded "
+              "from its text alone", file=sys.stderr, flush=True)
+    elif columns.image is None:
+        logger.info(f"--image_column none: every product of {where} is embedded from its text alone")
     if needs_queries and fitted.query is None and fitted.article_type is None:
         raise CliError(
             f"{where} has neither a query column (--query_column) nor an article type column to derive queries from "
@@ -252,15 +260,33 @@ def _cli_column_message(error: Exception) -> str:
     return re.sub(r"\s*Pass CatalogueColumns\(.*$", " Name the catalogue's own columns with those flags.", text)
 
 
-def _loading_columns(columns: CatalogueColumns) -> CatalogueColumns:
-    """The columns `load_catalogue` checks while loading: only id, title and image. The rest (text, attributes,
-    query) are fitted to the loaded columns by `columns_for_catalogue`, whose errors name the flags. (Naming the
-    title as the query column is how `load_catalogue` is told that queries need not be derivable.)"""
+def _loading_columns(columns: CatalogueColumns, *, image: bool = True) -> CatalogueColumns:
+    """The columns `load_catalogue` checks while loading: only id, title and (unless `image` is False) the image.
+    The rest (text, attributes, query) are fitted to the loaded columns by `columns_for_catalogue`, whose errors
+    name the flags."""
     return CatalogueColumns(
-        product_id=columns.product_id, title=columns.title, description=None, image=columns.image,
-        query=columns.title, gender=None, base_colour=None, article_type=None, usage=None, brand=None,
-        attributes=None,
+        product_id=columns.product_id, title=columns.title, description=None, image=columns.image if image else None,
+        query=None, gender=None, base_colour=None, article_type=None, usage=None, brand=None, attributes=None,
     )
+
+
+def _load_splits(dataset, split: str | None, requested: CatalogueColumns, image_is_explicit: bool):
+    """`{split: dataset}` with the products only (`needs_queries=False`). An image column left at its default name
+    that the catalogue lacks is not an error: the catalogue is read without images (`columns_for_catalogue` then
+    says so)."""
+    try:
+        loaded = load_catalogue(dataset, split=split, columns=_loading_columns(requested), needs_queries=False)
+    except CatalogueColumnError as error:
+        if requested.image is None or image_is_explicit or set(error.fields) != {"image"}:
+            raise
+        loaded = load_catalogue(
+            dataset, split=split, columns=_loading_columns(requested, image=False), needs_queries=False
+        )
+        splits = {split: loaded} if split is not None else dict(loaded)
+        if any(requested.image in products.column_names for products in splits.values()):
+            raise error from None  # some splits have images: the one without them is the catalogue's mistake
+        return splits
+    return {split: loaded} if split is not None else dict(loaded)
 
 
 def load_catalogue_splits_from_args(args: argparse.Namespace) -> dict:
@@ -272,19 +298,21 @@ def load_catalogue_splits_from_args(args: argparse.Namespace) -> dict:
     """
     requested = catalogue_columns_from_args(args)
     try:
-        if args.split is not None:
-            return {args.split: load_catalogue(args.dataset, split=args.split, columns=_loading_columns(requested))}
-        return dict(load_catalogue(args.dataset, columns=_loading_columns(requested)))
+        # `train` resolves every column flag at parsing time and records which were given in `args.explicit_columns`.
+        explicit = getattr(args, "explicit_columns", None)
+        explicit = explicit_columns(args) if explicit is None else explicit
+        return _load_splits(args.dataset, args.split, requested, "image" in explicit)
     except CatalogueColumnError as error:
         raise CliError(_cli_column_message(error)) from error
     except KeyError as error:  # a missing split: KeyError's str() quotes its message
         raise CliError(f"cannot load the catalogue: {error.args[0] if error.args else error} (--split)") from error
     except ValueError as error:
-        if "query column" in str(error):  # with `_loading_columns`, only a missing title column leads here
-            raise CliError(f"the catalogue has no title column {requested.title!r} (--title_column)") from error
         raise CliError(f"cannot load the catalogue: {error} (--dataset)") from error
-    except (FileNotFoundError, DatasetGenerationError) as error:  # the latter: a file that does not parse
+    except FileNotFoundError as error:
         raise CliError(f"cannot load the catalogue: {error} (--dataset)") from error
+    except DatasetGenerationError as error:  # a file that does not parse: the parser's own message says where
+        cause = f": {error.__cause__}" if error.__cause__ is not None else ""
+        raise CliError(f"cannot read the catalogue {args.dataset}{cause} (--dataset)") from error
 
 
 def load_catalogue_from_args(
@@ -306,6 +334,7 @@ def load_catalogue_from_args(
         catalogue_columns_from_args(args), catalogue.column_names, explicit=explicit_columns(args),
         where=f"split {args.split!r}", needs_queries=needs_queries,
     )
+    check_images_exist(columns, args, where=f"split {args.split!r}")
     if args.max_products is not None:
         if args.max_products < 1:
             raise CliError(f"--max_products must be positive, got {args.max_products}")
@@ -326,10 +355,12 @@ def _default_split(splits, default_split: str) -> str:
     raise CliError(f"the catalogue has no split {default_split!r}; pass --split, one of {sorted(splits)}")
 
 
-def checked_products(catalogue, columns: CatalogueColumns, args: argparse.Namespace, *, report_dir: Path | None = None):
+def checked_products(catalogue, columns: CatalogueColumns, args: argparse.Namespace, *, report_dir: Path | None = None,
+                     published_dir: Path | None = None):
     """The catalogue after the cheap product checks (`find_bad_products`: ids, texts; no image decoded): a bad
     product is a `CliError` naming it, or with `--skip_bad_rows` it is left out and listed in
-    `report_dir/bad_rows.jsonl`.
+    `report_dir/bad_rows.jsonl`. `published_dir` is where that file ends up when `report_dir` is a staging folder
+    (the log line names it).
 
     Example: `catalogue = checked_products(catalogue, columns, args, report_dir=Path(args.output_dir))`.
     """
@@ -340,12 +371,14 @@ def checked_products(catalogue, columns: CatalogueColumns, args: argparse.Namesp
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         hint = "; fix the catalogue or pass --skip_bad_rows" if hasattr(args, "skip_bad_rows") else ""
         raise CliError(f"{bad[0].line()}{more}{hint}")
-    return drop_bad_products(catalogue, bad, columns, report_dir)
+    return drop_bad_products(catalogue, bad, columns, report_dir, published_dir)
 
 
-def drop_bad_products(catalogue, bad: Sequence[BadProduct], columns: CatalogueColumns, report_dir: Path | None):
+def drop_bad_products(catalogue, bad: Sequence[BadProduct], columns: CatalogueColumns, report_dir: Path | None,
+                      published_dir: Path | None = None):
     """`catalogue` without the rows of the `bad` products (the later rows of a repeated id; every row of a
-    product with another problem), which are listed in `report_dir/bad_rows.jsonl` and counted in one log line.
+    product with another problem), which are listed in `report_dir/bad_rows.jsonl` and counted in one log line
+    (naming `published_dir/bad_rows.jsonl` when the file is moved there later).
 
     Example: `drop_bad_products(catalogue, find_bad_products(catalogue, columns), columns, Path("out"))`.
     """
@@ -353,7 +386,8 @@ def drop_bad_products(catalogue, bad: Sequence[BadProduct], columns: CatalogueCo
     keep = [row for row in range(len(catalogue)) if row not in bad_rows]
     where = ""
     if report_dir is not None:
-        where = f", listed in {write_bad_rows(Path(report_dir) / BAD_ROWS_FILENAME, bad)}"
+        written = write_bad_rows(Path(report_dir) / BAD_ROWS_FILENAME, bad)
+        where = f", listed in {Path(published_dir) / BAD_ROWS_FILENAME if published_dir is not None else written}"
     logger.warning(f"--skip_bad_rows: left out {len(catalogue) - len(keep)} bad products of {len(catalogue)}{where}")
     if not keep:
         raise CliError(f"every product is bad, so --skip_bad_rows leaves none; the first: {bad[0].line()}")
@@ -382,19 +416,45 @@ def check_image_arguments(args: argparse.Namespace) -> None:
         raise CliError(f"--max_image_failure_share must lie in [0, 1], got {share}")
 
 
-def report_images(report: ImageReport, args: argparse.Namespace) -> None:
-    """Prints the image outcome in one line (stderr) and applies `--strict_images`, `--on_image_error raise` (any
-    failure is an error) and `--max_image_failure_share` (a loud warning above it).
+def _strict_image_flag(args: argparse.Namespace) -> str | None:
+    """The flag that makes any failed image an error (`--strict_images`, `--on_image_error raise`), if given."""
+    if getattr(args, "strict_images", False):
+        return "--strict_images"
+    if getattr(args, "on_image_error", "mask") == "raise":
+        return "--on_image_error raise"
+    return None
 
-    Example: `report_images(image_report, args)` prints "images: 970 ok, 20 missing (e.g. 'sku-7': ...), ...".
+
+def check_images_exist(columns: CatalogueColumns, args: argparse.Namespace, *, where: str) -> None:
+    """A catalogue without an image column cannot satisfy `--strict_images` or `--on_image_error raise`: refused
+    before any model is loaded.
+
+    Example: `check_images_exist(columns, parser.parse_args([..., "--strict_images"]), where="split 'train'")`
+    raises `CliError` when `columns.image` is None.
+    """
+    flag = _strict_image_flag(args)
+    if columns.image is None and flag is not None:
+        raise CliError(f"{where} has no image column (--image_column), so no product has an image, and {flag} "
+                       "requires every product's image")
+
+
+def report_images(report: ImageReport, args: argparse.Namespace, columns: CatalogueColumns | None = None) -> None:
+    """Prints the image outcome in one line (stderr) and applies `--strict_images`, `--on_image_error raise` (any
+    failure is an error) and `--max_image_failure_share` (a loud warning above it). A catalogue without an image
+    column (`columns.image` None; announced when it was loaded) gets its line only, not the warning again.
+
+    Example: `report_images(image_report, args, columns)` prints "images: 970 ok, 20 missing (e.g. 'sku-7': ...),
+    ...".
     """
     print(report.summary(), file=sys.stderr, flush=True)
-    strict = args.strict_images or args.on_image_error == "raise"
+    if columns is not None and columns.image is None:
+        return
+    strict = _strict_image_flag(args) is not None
     try:
         report.check(max_failure_share=args.max_image_failure_share, strict=strict)
     except ImageFailureError as error:
-        flag = "--strict_images" if args.strict_images else "--on_image_error raise"
-        raise CliError(f"{error} ({flag})") from error
+        flag = _strict_image_flag(args)
+        raise CliError(str(error) if flag in str(error) else f"{error} ({flag})") from error
 
 
 def check_text_lengths(lengths: dict[str, int | None], max_positions: int | None, tower: str) -> None:

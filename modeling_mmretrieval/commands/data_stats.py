@@ -56,11 +56,13 @@ def data_stats(args: argparse.Namespace) -> None:
     """
     splits = load_catalogue_splits_from_args(args)
     requested, explicit = catalogue_columns_from_args(args), explicit_columns(args)
-    stats = {}
+    stats, image_less = {}, set()
     for name, dataset in splits.items():
         columns = columns_for_catalogue(
             requested, dataset.column_names, explicit=explicit, where=f"split {name!r}", needs_queries=False
         )
+        if columns.image is None:
+            image_less.add(name)
         if args.max_products is not None:
             if args.max_products < 1:
                 raise CliError(f"--max_products must be positive, got {args.max_products}")
@@ -75,6 +77,8 @@ def data_stats(args: argparse.Namespace) -> None:
     for name, split in stats.items():
         if split.image_report is not None:
             print(f"{name}: {split.image_report.summary()}")
+        elif name in image_less and not args.skip_images:
+            print(f"{name}: images: none (no image column, --image_column): every product is text-only")
 
 
 def main(argv=None, prog: str | None = None) -> int:

@@ -38,7 +38,7 @@ from modeling_mmretrieval.data.images import ImageReport
 from modeling_mmretrieval.data.query_column import evaluation_queries_from_column, unique_products
 from modeling_mmretrieval.retrieval.evaluator import RetrievalEvaluator
 from modeling_mmretrieval.retrieval.exclusive_matches import exclusive_matches
-from modeling_mmretrieval.retrieval.search import build_product_index, config_fingerprint, embed_queries, model_identity
+from modeling_mmretrieval.retrieval.search import config_fingerprint, model_identity
 
 from .common import (
     CliError,
@@ -312,29 +312,23 @@ def evaluate_checkpoint(
     queries: Sequence[EvaluationQuery],
     args: argparse.Namespace,
     columns: CatalogueColumns,
-    image_report: ImageReport | None = None,
-) -> tuple[dict, dict[str, list[str]], dict]:
-    """`(model description, run, evaluator results)` of one checkpoint on the queries; the run ranks deep enough
-    for every metric cut-off and for the exclusive-match analysis. `image_report` counts the catalogue's images.
+) -> tuple[dict, dict[str, list[str]], dict, ImageReport | None]:
+    """`(model description, run, evaluator results, image report)` of one checkpoint on the queries; the run ranks
+    deep enough for every metric cut-off and for the exclusive-match analysis. The report counts how the
+    catalogue's images loaded for this model; `None` for a text-only model, which reads no image.
 
-    Example: `description, run, results = evaluate_checkpoint("outputs/run/final", catalogue, queries, args, columns)`.
+    Example: `description, run, results, images = evaluate_checkpoint("outputs/run/final", catalogue, queries, args,
+    columns)`.
     """
     model, processor = load_retriever(name_or_path, args.device)
     evaluator = RetrievalEvaluator.with_colour_slice(
         catalogue, queries, processor, columns=columns, k_values=args.k_values, name=args.split,
-        batch_size=args.batch_size, show_progress=args.progress,
+        batch_size=args.batch_size, show_progress=args.progress, fetch_images=args.fetch_images,
     )
     logger.info(f"Evaluating {model_identity(model)}: {evaluator}")
-    # As `evaluator.rankings`, with the image options and report of this command.
-    index = build_product_index(
-        model, processor, catalogue, columns=columns, batch_size=args.batch_size, show_progress=args.progress,
-        metadata_columns=(), fetch_images=args.fetch_images, image_report=image_report,
-    )
-    _, ranked_ids = index.search(
-        embed_queries(model, processor, [query.text for query in queries]), k=max(*args.k_values, args.exclusive_k or 0)
-    )
-    run = {query.query_id: [str(product_id) for product_id in ranked] for query, ranked in zip(queries, ranked_ids)}
-    return model_description(model), run, evaluator.compute(run)
+    run = evaluator.rankings(model, k=max(*args.k_values, args.exclusive_k or 0))
+    image_report = evaluator.image_report if model.config.uses_images else None
+    return model_description(model), run, evaluator.compute(run), image_report
 
 
 def select_queries(args: argparse.Namespace, catalogue, columns: CatalogueColumns) -> tuple[list, dict]:
@@ -408,7 +402,7 @@ def comparison_section(run: dict, compared: tuple, queries: Sequence[EvaluationQ
 
     Example: `comparison_section(run, evaluate_checkpoint(args.compare_to, ...), queries, args)["exclusive_matches"]`.
     """
-    description, text_run, results = compared
+    description, text_run, results, image_report = compared
     if description["architecture"] != "text_only":
         logger.warning(f"--compare_to is meant for a text-only model; {description['model_id']} is not")
     overall, slices = split_metrics(results, args.split)
@@ -416,7 +410,24 @@ def comparison_section(run: dict, compared: tuple, queries: Sequence[EvaluationQ
     qrels = {query.query_id: query.relevant_ids for query in queries}
     matches = exclusive_matches(run, text_run, qrels, k=args.exclusive_k or max(args.k_values))
     print(matches)
-    return {**description, "metrics": overall, "slices": slices, "exclusive_matches": matches.summary()}
+    return {
+        **description, "metrics": overall, "slices": slices, "exclusive_matches": matches.summary(),
+        "images": None if image_report is None else image_report.to_dict(),
+    }
+
+
+def report_model_images(description: Mapping, image_report: ImageReport | None, args, columns) -> None:
+    """Prints (and checks, see `report_images`) how the catalogue's images loaded for one evaluated model; a
+    text-only model reads none, which is said instead.
+
+    Example: `report_model_images(model_description(model), evaluator.image_report, args, columns)`.
+    """
+    if image_report is None:
+        print(f"images: not read ({description['model_id']} is a text-only model)", file=sys.stderr, flush=True)
+        return
+    if args.compare_to is not None:  # two models, two lines: say whose images these are
+        print(f"{description['model_id']}:", file=sys.stderr, end=" ", flush=True)
+    report_images(image_report, args, columns)
 
 
 def main(argv=None, prog: str | None = None) -> int:
@@ -439,14 +450,14 @@ def main(argv=None, prog: str | None = None) -> int:
             catalogue = unique_products(catalogue, columns)
         queries, query_source = select_queries(args, query_rows, columns)
         catalogue = checked_products(catalogue, columns, args)
-        image_report = ImageReport()
-        description, run, results = evaluate_checkpoint(
-            args.model_name_or_path, catalogue, queries, args, columns, image_report
+        description, run, results, image_report = evaluate_checkpoint(
+            args.model_name_or_path, catalogue, queries, args, columns
         )
-        report_images(image_report, args)
+        report_model_images(description, image_report, args, columns)
         compared = None
         if args.compare_to is not None:
             compared = evaluate_checkpoint(args.compare_to, catalogue, queries, args, columns)
+            report_model_images(compared[0], compared[3], args, columns)
     except CliError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
@@ -469,7 +480,7 @@ def main(argv=None, prog: str | None = None) -> int:
         },
         "queries": query_source,
         "num_queries": len(queries),
-        "images": image_report.to_dict(),
+        "images": None if image_report is None else image_report.to_dict(),
         "k_values": list(args.k_values),
         "metrics": overall,
         "slices": slices,

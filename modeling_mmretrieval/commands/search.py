@@ -65,11 +65,13 @@ def open_or_build_index(
     batch_size: int,
     fetch_images: bool = False,
     image_report: ImageReport | None = None,
+    check_images: Callable[[], None] | None = None,
 ) -> ProductIndex:
     """The saved index of `index_dir` when there is one and `model` built it, else a new one.
 
     `load_products()` returns the catalogue; it is only called when the index has to be built. A new index is
-    saved to `index_dir` (replacing the old one when `rebuild`); `image_report` then counts its images.
+    saved to `index_dir` (replacing the old one when `rebuild`); `image_report` then counts its images, and
+    `check_images()` runs before it is saved, so an image failure it raises (`--strict_images`) leaves no index.
 
     Example: `open_or_build_index(model, processor, Path("indexes/test"), lambda: catalogue, columns=columns,
     rebuild=False, batch_size=64)`.
@@ -91,6 +93,8 @@ def open_or_build_index(
         model, processor, load_products(), columns=columns, batch_size=batch_size, metadata_columns=(columns.title,),
         fetch_images=fetch_images, image_report=image_report,
     )
+    if check_images is not None:
+        check_images()
     if index_dir is not None:
         index.save(index_dir, overwrite=rebuild)
         logger.info(f"Built an index of {len(index)} products and saved it to {index_dir}")
@@ -230,9 +234,8 @@ def main(argv=None, prog: str | None = None) -> int:
         index = open_or_build_index(
             model, processor, args.index_dir, lambda: catalogue, columns=columns, rebuild=args.rebuild_index,
             batch_size=args.batch_size, fetch_images=args.fetch_images, image_report=image_report,
+            check_images=lambda: report_images(image_report, args, columns),
         )
-        if builds_index:
-            report_images(image_report, args)
         searches = run_searches(args, model, processor, index, columns)
         if searches and args.output_format == "json":
             print(json.dumps(searches, indent=2))

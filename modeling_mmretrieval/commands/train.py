@@ -72,7 +72,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     model.add_argument("--text_model", default="minilm", help='Text tower (Hub id, folder, or "minilm" offline).')
     model.add_argument("--vision_model", default="dinov2-small",
                        help='3tower vision tower (Hub id, folder, or "dinov2-small" offline).')
-    model.add_argument("--clip_model", help="4tower aligned dual encoder (CLIP/SigLIP Hub id or folder).")
+    model.add_argument("--clip_model", help='4tower aligned dual encoder (CLIP/SigLIP Hub id or folder), or "aligned": '
+                       "align --text_model and --vision_model on the training products first (linear adapters on "
+                       "their frozen features, saved in <output_dir>/aligned_pair; `mmretrieval align-pair`).")
     model.add_argument("--fusion", choices=["concat", "alpha_concat", "mlp", "residual"],
                        help="4tower: concat (default), alpha_concat, mlp (the paper's) or residual; 3tower: "
                             f"{DEFAULT_3TOWER_FUSION} (default) or mlp (the paper's). residual starts as the text "

@@ -1,10 +1,12 @@
 """Product catalogue: its columns, loading with split discovery, and reading its products' values.
 
 `load_catalogue` reads a local directory, data files or a Hub dataset into a `DatasetDict` whose splits are
-checked against `CatalogueColumns`. Images stay encoded (`datasets.Image(decode=False)`, rows carry
-`{"bytes", "path"}`) until a batch needs them; relative image paths of local data files are made absolute against
-the folder of their data file (`resolve_image_paths`), so a run works from any working directory; `modeling_mmretrieval.data.images.load_product_image` then decodes
-them one by one. Queries derived from the products live in `queries`, relevance and hard negatives in `relevance`.
+checked against `CatalogueColumns`: an id and a title always, queries (a query column, or the attributes to derive
+them from) only when asked (`needs_queries`), an image column unless `CatalogueColumns.image` is `None` (a
+catalogue without images: every product is then embedded from its text alone). Images stay encoded
+(`datasets.Image(decode=False)`, rows carry `{"bytes", "path"}`) until a batch needs them; relative image paths of
+local data files are made absolute against the folder of their data file (`resolve_image_paths`), so a run works
+from any working directory; `modeling_mmretrieval.data.images.load_product_image` then decodes them one by one. Queries derived from the products live in `queries`, relevance and hard negatives in `relevance`.
 See docs/data.md.
 """
 
@@ -34,9 +36,13 @@ _SHARED_DATA_RELATIVE = Path("..", "shared", "data", "fashion-products")
 _BUILDERS_BY_SUFFIX = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 _SPLIT_NAME_SEPARATORS = re.compile(r"[-_.]")
 _SPLIT_NAMES = ("train", "validation", "valid", "dev", "test", "eval")  # also the order splits are listed in
-# CatalogueColumns fields every split must have, and those needed only when queries must be derived.
+# CatalogueColumns fields every split must have when they are set, and those needed only when queries must be
+# derived.
 _ALWAYS_NEEDED_FIELDS = ("product_id", "title", "description", "image")
 _QUERY_DERIVATION_FIELDS = ("article_type", "gender", "base_colour", "usage", "brand", "attributes")
+
+# Value types an image column may hold: paths and URLs, or encoded bytes.
+_IMAGE_VALUE_DTYPES = ("string", "large_string", "binary", "large_binary")
 
 # Catalogue placeholders that carry no information and must never become a query constraint.
 _MISSING_VALUES = frozenset({"", "na", "n/a", "none", "null", "nan", "other", "others", "unknown", "-"})
@@ -46,7 +52,8 @@ _MISSING_VALUES = frozenset({"", "na", "n/a", "none", "null", "nan", "other", "o
 class CatalogueColumns:
     """Names of the catalogue columns the data modules read; defaults match the fashion-products catalogue.
 
-    Set an optional column to `None` when a catalogue lacks it. `attributes` holds a JSON object (or a mapping)
+    Set an optional column to `None` when a catalogue lacks it; `image=None` is a catalogue without images, whose
+    products are all embedded from their text alone. `attributes` holds a JSON object (or a mapping)
     of free-form product attributes; `attribute_keys` are the keys of it that queries may use, in the order they
     are placed before the product noun (`usage` comes last, right before the noun: "striped slim fit casual
     shirt"). `query` is only read when a catalogue already has queries.
@@ -62,7 +69,7 @@ class CatalogueColumns:
     product_id: str = "product_id"
     title: str = "title"
     description: str | None = "description"
-    image: str = "image"
+    image: str | None = "image"
     query: str | None = "query"
     gender: str | None = "gender"
     base_colour: str | None = "base_colour"
@@ -97,6 +104,14 @@ class CatalogueColumnError(KeyError):
     split 'train' has no column 'name' (CatalogueColumns.title)
     ```
     """
+
+    def __init__(self, message: str, fields: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.fields = tuple(fields)  # the `CatalogueColumns` fields whose columns are missing
+
+    def __reduce__(self):
+        # Keeps the error picklable (multiprocessing) despite the keyword argument.
+        return type(self), (str(self), self.fields)
 
     def __str__(self) -> str:
         # KeyError.__str__ shows the repr of its argument, which would wrap this multi-part message in quotes.
@@ -198,7 +213,8 @@ def product_rng(seed: int, product_id: str, purpose: str) -> random.Random:
 def with_lazy_images(dataset: datasets.Dataset, columns: CatalogueColumns | None = None) -> datasets.Dataset:
     """`dataset` with its image column as `datasets.Image(decode=False)`: rows carry `{"bytes", "path"}`.
 
-    Accepts an image column that is a decoding `Image` feature, file paths (strings) or raw bytes.
+    Accepts an image column that is a decoding `Image` feature, file paths (strings) or raw bytes. A catalogue
+    without images (`columns.image` is `None`) is returned as is.
 
     Example:
     ```python
@@ -208,13 +224,24 @@ def with_lazy_images(dataset: datasets.Dataset, columns: CatalogueColumns | None
     ```
     """
     columns = columns or CatalogueColumns()
+    if columns.image is None:
+        return dataset
     if columns.image not in dataset.column_names:
         raise CatalogueColumnError(
-            f"no image column {columns.image!r} (CatalogueColumns.image); available columns: {dataset.column_names}"
+            f"no image column {columns.image!r} (CatalogueColumns.image); available columns: {dataset.column_names}",
+            fields=("image",),
         )
     feature = dataset.features[columns.image]
     if isinstance(feature, datasets.Image) and not feature.decode:
         return dataset
+    if isinstance(feature, datasets.Value) and feature.dtype not in _IMAGE_VALUE_DTYPES:
+        # A column with no image at all is read from CSV as empty numbers; Arrow cannot cast those to images.
+        if dataset.data.column(columns.image).null_count < dataset.data.num_rows:
+            raise ValueError(
+                f"image column {columns.image!r} (CatalogueColumns.image) holds {feature.dtype} values, not image "
+                "paths, URLs or bytes"
+            )
+        dataset = dataset.cast_column(columns.image, datasets.Value("string"))
     return dataset.cast_column(columns.image, datasets.Image(decode=False))
 
 
@@ -370,13 +397,15 @@ def _local_files_by_split(data_files: Any) -> dict[str, list[Path]] | None:
 
 
 def _load_split_by_folder(builder: str, files: Sequence[Path], columns: CatalogueColumns, where: str,
-                          cache_dir) -> datasets.Dataset:
+                          cache_dir, needs_queries: bool) -> datasets.Dataset:
     """One split whose files lie in several folders: each file is read alone, so its relative image paths resolve
     against its own folder, then the files are concatenated in order."""
     parts = []
     for path in files:
         part = datasets.load_dataset(builder, data_files={"train": [str(path)]}, split="train", cache_dir=cache_dir)
-        parts.append(_prepare_split(part, columns, f"{where} (file {str(path)!r})", path.resolve().parent))
+        parts.append(
+            _prepare_split(part, columns, f"{where} (file {str(path)!r})", path.resolve().parent, needs_queries)
+        )
     return datasets.concatenate_datasets(parts)
 
 
@@ -389,13 +418,13 @@ def _builder_for(data_files: str | Sequence[str] | Mapping[str, str | Sequence[s
     return builders.pop()
 
 
-def _check_columns(column_names: Sequence[str], columns: CatalogueColumns, where: str) -> None:
+def _check_columns(column_names: Sequence[str], columns: CatalogueColumns, where: str, needs_queries: bool) -> None:
     needed = list(_ALWAYS_NEEDED_FIELDS)
-    if columns.query is None or columns.query not in column_names:
+    if needs_queries and (columns.query is None or columns.query not in column_names):
         if columns.article_type is None:
             raise ValueError(
                 f"{where} has no query column and CatalogueColumns.article_type is None: "
-                "queries can neither be read nor derived"
+                "queries can neither be read nor derived (or pass needs_queries=False to read the products only)"
             )
         needed += _QUERY_DERIVATION_FIELDS
     missing = {name: getattr(columns, name) for name in needed if getattr(columns, name) not in (None, *column_names)}
@@ -403,14 +432,16 @@ def _check_columns(column_names: Sequence[str], columns: CatalogueColumns, where
         listed = ", ".join(f"{column!r} (CatalogueColumns.{name})" for name, column in missing.items())
         raise CatalogueColumnError(
             f"{where} has no column {listed}; available columns: {sorted(column_names)}. Pass CatalogueColumns(...) "
-            "naming the catalogue's own columns, or None for an optional column it lacks."
+            "naming the catalogue's own columns, or None for an optional column it lacks.",
+            fields=tuple(missing),
         )
 
 
 def _prepare_split(
-    dataset: datasets.Dataset, columns: CatalogueColumns, where: str, image_base_dir: Path | None = None
+    dataset: datasets.Dataset, columns: CatalogueColumns, where: str, image_base_dir: Path | None = None,
+    needs_queries: bool = True,
 ) -> datasets.Dataset:
-    _check_columns(dataset.column_names, columns, where)
+    _check_columns(dataset.column_names, columns, where, needs_queries)
     dataset = with_lazy_images(dataset, columns)
     if image_base_dir is not None:
         dataset = resolve_image_paths(dataset, image_base_dir, columns)
@@ -426,6 +457,7 @@ def load_catalogue(
     columns: CatalogueColumns | None = None,
     data_files: str | Sequence[str] | Mapping[str, str | Sequence[str]] | None = None,
     cache_dir: str | os.PathLike | None = None,
+    needs_queries: bool = True,
 ) -> datasets.DatasetDict | datasets.Dataset:
     """Load a product catalogue as a `DatasetDict` (or the `split` asked for), images kept encoded.
 
@@ -435,14 +467,21 @@ def load_catalogue(
             "json") or Hub name. `None` reads `default_data_dir()`: the shared fashion catalogue when present,
             else the committed sample.
         split: return only this split (for local files only its files are read).
-        columns: the catalogue's column names; validated on every split.
+        columns: the catalogue's column names; validated on every split. Every column it names must exist; set
+            an optional one to `None` when the catalogue lacks it (`image=None`: a catalogue without images).
         data_files: passed to `datasets.load_dataset` as is.
         cache_dir: the `datasets` cache directory.
+        needs_queries: whether queries must be readable (a `columns.query` column) or derivable (an article type
+            column and the other attribute columns named in `columns`). `False` reads the products only, as
+            indexing, searching or evaluating with a queries file do: the query and attribute columns are then
+            used where present and not required.
 
     Relative image paths in local data files are resolved against the folder of the file that holds them.
 
     Raises:
-        CatalogueColumnError: (a `KeyError`) a configured column is missing; the message lists the available ones.
+        CatalogueColumnError: (a `KeyError`) a configured column is missing; the message lists the available ones
+            and `error.fields` names the `CatalogueColumns` fields that are missing.
+        ValueError: `needs_queries` and a split has neither a query column nor `columns.article_type`.
         FileNotFoundError: a local source does not exist or holds no data files.
 
     Example:
@@ -452,6 +491,10 @@ def load_catalogue(
     ['test', 'train', 'validation']
     >>> catalogue["train"][0]["image"].keys()  # encoded: decode per batch with load_product_image
     dict_keys(['bytes', 'path'])
+    >>> shop = load_catalogue("shop.csv", columns=CatalogueColumns(product_id="sku", title="name", description=None,
+    ...                       image=None, article_type=None), needs_queries=False)  # no images, no attributes
+    >>> sorted(shop), shop["train"].column_names
+    (['train'], ['sku', 'name'])
     ```
     """
     columns = columns or CatalogueColumns()
@@ -472,20 +515,25 @@ def load_catalogue(
     folders = {name: {path.resolve().parent for path in paths} for name, paths in (local_files or {}).items()}
     if split is None and any(len(parents) > 1 for parents in folders.values()):
         return datasets.DatasetDict({
-            name: _load_split_by_folder(os.fspath(source), local_files[name], columns, f"split {name!r}", cache_dir)
+            name: _load_split_by_folder(
+                os.fspath(source), local_files[name], columns, f"split {name!r}", cache_dir, needs_queries
+            )
             for name in local_files
         })
     if split is not None and len(folders.get(split, ())) > 1:
-        return _load_split_by_folder(os.fspath(source), local_files[split], columns, f"split {split!r}", cache_dir)
+        return _load_split_by_folder(
+            os.fspath(source), local_files[split], columns, f"split {split!r}", cache_dir, needs_queries
+        )
 
     def base_dir(name: str) -> Path | None:
         return next(iter(folders[name])) if len(folders.get(name, ())) == 1 else None
 
     loaded = datasets.load_dataset(os.fspath(source), data_files=data_files, split=split, cache_dir=cache_dir)
     if isinstance(loaded, datasets.Dataset):
-        return _prepare_split(loaded, columns, f"split {split!r}", base_dir(split))
+        return _prepare_split(loaded, columns, f"split {split!r}", base_dir(split), needs_queries)
     # Listed train, validation, test whatever order the `datasets` cache recorded them in.
     names = sorted(loaded, key=lambda name: _SPLIT_NAMES.index(name) if name in _SPLIT_NAMES else len(_SPLIT_NAMES))
     return datasets.DatasetDict(
-        {name: _prepare_split(loaded[name], columns, f"split {name!r}", base_dir(name)) for name in names}
+        {name: _prepare_split(loaded[name], columns, f"split {name!r}", base_dir(name), needs_queries)
+         for name in names}
     )

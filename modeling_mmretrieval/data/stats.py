@@ -3,7 +3,7 @@
 Per split: products, article types, evaluation queries (attribute-derived, or read from a query column) and their
 relevance-set sizes, the "image must matter" queries (colour absent from relevant titles) and, optionally, image
 decoding outcomes. A catalogue without attribute columns gets its product and image counts; its queries and
-article types show as "-".
+article types show as "-"; one without an image column (`CatalogueColumns.image` None) shows its images as "-".
 
 Example:
 ```bash
@@ -102,7 +102,8 @@ def catalogue_stats(
 ) -> dict[str, SplitStats]:
     """Per-split statistics: products, article types, evaluation queries (from the query column when the split
     has one, else attribute-derived when it has an article type) and their relevance-set sizes, "image must
-    matter" queries (colour absent from relevant titles) and, optionally, image decoding outcomes.
+    matter" queries (colour absent from relevant titles) and, optionally, image decoding outcomes (not for a
+    catalogue without images, `columns.image` None).
 
     Example:
     ```python
@@ -125,10 +126,11 @@ def catalogue_stats(
         else:
             queries, query_source = [], "none (no query or article type column)"
         sizes = [len(query.relevant_ids) for query in queries] or [0]
-        report = ImageReport() if decode_images else None
+        decodes = decode_images and columns.image is not None
+        report = ImageReport() if decodes else None
         images_ok, image_problems = (
             count_image_problems(dataset, columns=columns, max_pixels=max_pixels, fetch_urls=fetch_urls, report=report)
-            if decode_images else (None, {})
+            if decodes else (None, {})
         )
         article_types = None
         if has_article_types:

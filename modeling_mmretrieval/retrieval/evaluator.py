@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..data.catalogue import CatalogueColumns
+from ..data.images import ImageReport
 from ..data.queries import EvaluationQuery
 from .metrics import compute_retrieval_metrics
 from .search import build_product_index, embed_queries
@@ -32,12 +33,19 @@ class RetrievalEvaluator:
         image_features (`Mapping[str, torch.Tensor]`, *optional*): the frozen image tower's features of the
             catalogue's products, by product id (`training.image_feature_cache.precompute_image_features`), so that
             repeated evaluations during training do not decode and embed the same images again.
+        fetch_images (`bool`): download `http(s)://` product images (refused by default: the product is then
+            embedded from its text and counted as `refused`).
+        image_report ([`ImageReport`], *optional*): counts how each product's image loaded (ok / missing /
+            undecodable / refused, with example ids), once per product however often the evaluator runs; a new one
+            when not given. Read it as `evaluator.image_report`.
 
     Example:
     ```python
     >>> queries = make_evaluation_queries(catalogue, seed=0, num_queries=200)
     >>> evaluator = RetrievalEvaluator(catalogue, queries, processor, name="validation")
     >>> evaluator(model)["validation/recall@10"]
+    >>> evaluator.image_report.summary()
+    'images: 450 ok, 0 missing, 0 undecodable, 0 refused'
     ```
     """
 
@@ -54,6 +62,8 @@ class RetrievalEvaluator:
         batch_size: int = 64,
         show_progress: bool = False,
         image_features: Mapping[str, torch.Tensor | None] | None = None,
+        fetch_images: bool = False,
+        image_report: ImageReport | None = None,
     ):
         if not queries:
             raise ValueError("RetrievalEvaluator needs at least one evaluation query.")
@@ -67,6 +77,8 @@ class RetrievalEvaluator:
         self.batch_size = batch_size
         self.show_progress = show_progress
         self.image_features = image_features
+        self.fetch_images = fetch_images
+        self.image_report = image_report if image_report is not None else ImageReport()
         self.qrels = {query.query_id: set(query.relevant_ids) for query in self.queries}
 
     @classmethod
@@ -78,11 +90,13 @@ class RetrievalEvaluator:
         return cls(catalogue, queries, processor, slices=slices, **kwargs)
 
     def rankings(self, model, k: int | None = None) -> dict[str, list[str]]:
-        """Ranked product ids per query id (top `k`, default the largest cut-off)."""
+        """Ranked product ids per query id (top `k`, default the largest cut-off); counts the catalogue's images in
+        `image_report`."""
         k = k or max(self.k_values)
         index = build_product_index(
             model, self.processor, self.catalogue, columns=self.columns, batch_size=self.batch_size,
             show_progress=self.show_progress, metadata_columns=(), image_features=self.image_features,
+            fetch_images=self.fetch_images, image_report=self.image_report,
         )
         query_embeddings = embed_queries(model, self.processor, [query.text for query in self.queries])
         _, ids = index.search(query_embeddings, k=k)

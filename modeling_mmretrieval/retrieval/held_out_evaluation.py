@@ -26,6 +26,7 @@ import numpy as np
 
 from ..data.catalogue import CatalogueColumns
 from ..data.held_out_phrasing import derive_held_out_query
+from ..data.images import ImageReport
 from ..data.queries import EvaluationQuery, make_evaluation_queries
 from ..data.visual_words import VisualWords, degrade_product_texts, degraded_product_ids, text_is_silent_about
 from .index import ProductIndex
@@ -70,6 +71,10 @@ class HeldOutEvaluator:
         processor, name, batch_size, image_features: for calling the evaluator with a model during training
             (`evaluator(model)` returns `{"<name>/<metric>": ..., "<name>/text_silent/<metric>": ...}`);
             `image_features` are the frozen image tower's features by product id, when cached.
+        fetch_images (`bool`): download `http(s)://` product images when the evaluator is called with a model
+            (refused by default: the product is then embedded from its text and counted as `refused`).
+        image_report ([`ImageReport`], *optional*): counts how each product's image loaded when the evaluator is
+            called with a model, once per product; a new one when not given (`evaluator.image_report`).
     """
 
     def __init__(
@@ -86,8 +91,12 @@ class HeldOutEvaluator:
         name: str = "heldout",
         batch_size: int = 64,
         image_features: Mapping | None = None,
+        fetch_images: bool = False,
+        image_report: ImageReport | None = None,
     ):
         self.processor, self.name, self.batch_size, self.image_features = processor, name, batch_size, image_features
+        self.fetch_images = fetch_images
+        self.image_report = image_report if image_report is not None else ImageReport()
         self.columns = columns or CatalogueColumns()
         self.products = list(catalogue)
         self.k_values = tuple(k_values)
@@ -159,7 +168,8 @@ class HeldOutEvaluator:
         was_training = model.training
         try:
             ranker = model_ranker(model, self.processor, columns=self.columns, batch_size=self.batch_size,
-                                  image_features=self.image_features)
+                                  image_features=self.image_features, fetch_images=self.fetch_images,
+                                  image_report=self.image_report)
             means = self.evaluate(ranker).means()
         finally:
             model.train(was_training)
@@ -174,12 +184,22 @@ class HeldOutEvaluator:
 
 
 def model_ranker(model, processor, *, columns: CatalogueColumns | None = None, batch_size: int = 64,
-                 image_features: Mapping | None = None) -> Ranker:
+                 image_features: Mapping | None = None, fetch_images: bool = False,
+                 image_report: ImageReport | None = None) -> Ranker:
     """A `Ranker` that indexes the products with `model` (exact cosine search) and embeds the queries.
 
     Products whose text is the same in a second call (the untouched part of a degraded catalogue) are not
     embedded again, so a ranker belongs to the model's current weights: make a new one after training it.
-    `image_features` are the frozen image tower's features by product id, when cached.
+    `image_features` are the frozen image tower's features by product id, when cached; `fetch_images` downloads
+    `http(s)://` images; `image_report` counts how each product's image loaded (as `build_product_index` does).
+
+    Example:
+    ```python
+    >>> report = ImageReport()
+    >>> rank = model_ranker(model, processor, image_report=report)
+    >>> rank(products, ["red mug"], 10)[0][:3], report.summary()
+    (['sku-3', 'sku-0', 'sku-8'], 'images: 37 ok, 2 missing (...), 1 undecodable (...), 0 refused')
+    ```
     """
     columns = columns or CatalogueColumns()
     embedded: dict[str, tuple[str, np.ndarray]] = {}  # product id -> (text key, embedding)
@@ -191,7 +211,8 @@ def model_ranker(model, processor, *, columns: CatalogueColumns | None = None, b
         stale = [p for p in products if embedded.get(str(p[columns.product_id]), (None,))[0] != text_key(p)]
         if stale:
             index = build_product_index(model, processor, stale, columns=columns, batch_size=batch_size,
-                                        show_progress=False, metadata_columns=(), image_features=image_features)
+                                        show_progress=False, metadata_columns=(), image_features=image_features,
+                                        fetch_images=fetch_images, image_report=image_report)
             for product, vector in zip(stale, index.embeddings):
                 embedded[str(product[columns.product_id])] = (text_key(product), np.array(vector))
         ids = [str(product[columns.product_id]) for product in products]

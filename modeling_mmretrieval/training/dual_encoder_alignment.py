@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..atomic_files import write_json_atomically
 from ..data.catalogue import CatalogueColumns
 from ..data.rows import row_batches
 from ..losses import contrastive_cross_entropy
@@ -40,6 +41,10 @@ from ..processing_mmretrieval import MultimodalRetrievalProcessor
 from .image_feature_cache import precompute_image_features, resize_image_processor
 from .model_builder import DEFAULT_DINOV2_IMAGE_SIZE, resolve_tower
 
+# `--clip_model` value that asks the train command to align a pair on its own training products first.
+ALIGN_ON_TRAINING_PRODUCTS = "aligned"
+ALIGNED_PAIR_FOLDER = "aligned_pair"
+ALIGNMENT_REPORT = "alignment.json"
 # CLIP's initial temperature (0.07).
 INITIAL_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = 100.0
@@ -213,6 +218,29 @@ def align_dual_encoder(
     return report
 
 
+def prepare_aligned_pair(args, products, columns: CatalogueColumns) -> str:
+    """For `--clip_model aligned`: the folder of a pair aligned on the run's training `products` (built into
+    `<output_dir>/aligned_pair`, or reused when a previous attempt of the run finished it); other values of
+    `args.clip_model` are returned as they are.
+
+    Example:
+    ```python
+    >>> args.clip_model = prepare_aligned_pair(args, data.products, columns)
+    >>> args.clip_model
+    'outputs/main_job/aligned_pair'
+    ```
+    """
+    if args.clip_model != ALIGN_ON_TRAINING_PRODUCTS:
+        return args.clip_model
+    folder = Path(args.output_dir) / ALIGNED_PAIR_FOLDER
+    if not (folder / ALIGNMENT_REPORT).is_file():
+        report = align_dual_encoder(args.text_model, args.vision_model, products, folder, columns=columns,
+                                    image_size=args.image_size or DEFAULT_DINOV2_IMAGE_SIZE, seed=args.seed)
+        # Written last: its presence marks a finished pair.
+        write_json_atomically(folder / ALIGNMENT_REPORT, report.to_dict())
+    return str(folder)
+
+
 def save_initial_dual_encoder(text_tower: str, vision_tower: str, output_dir: str | Path,
                               image_size: int = DEFAULT_DINOV2_IMAGE_SIZE) -> Path:
     """Saves an unaligned `VisionTextDualEncoderModel` of two towers (random projections), with its tokenizer and
@@ -259,4 +287,5 @@ def extract_dual_encoder(checkpoint: str | Path, output_dir: str | Path) -> Path
     return output_dir
 
 
-__all__ = ["AlignmentReport", "align_dual_encoder", "extract_dual_encoder", "save_initial_dual_encoder", "pooled_title_vectors", "recall_at_k", "train_projections"]
+__all__ = ["ALIGN_ON_TRAINING_PRODUCTS", "AlignmentReport", "align_dual_encoder", "extract_dual_encoder",
+           "prepare_aligned_pair", "save_initial_dual_encoder", "pooled_title_vectors", "recall_at_k", "train_projections"]

@@ -55,6 +55,7 @@ from .optimization import (
 )
 from .reporting import format_results_table
 from .training_data import build_collator, build_evaluator, load_training_data
+from .dual_encoder_alignment import prepare_aligned_pair
 from .visual_word_restoration import VisualWordRestorationLoss, restoration_weight
 
 logger = get_logger(__name__)
@@ -264,9 +265,10 @@ def save_final_model(accelerator, model, processor, output_dir: Path, model_card
     state_dict = accelerator.get_state_dict(model)  # a collective under DeepSpeed/FSDP: every process calls it
     if accelerator.is_main_process:
         temporary = output_dir / f"{TEMPORARY_PREFIX}final"
-        accelerator.unwrap_model(model).save_pretrained(temporary, state_dict=state_dict)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.model_card = model_card  # saved as README.md, and what `push_to_hub` uploads
+        unwrapped.save_pretrained(temporary, state_dict=state_dict)
         processor.save_pretrained(temporary)
-        (temporary / "README.md").write_text(model_card, encoding="utf-8")
         publish_directory(temporary, final_dir)
     accelerator.wait_for_everyone()
     return final_dir
@@ -310,6 +312,15 @@ def run_training(args) -> dict:
     loss_fn = build_loss_fn(args.mini_batch_size)
     set_seed(args.seed)
 
+    # The columns the train command fitted to the catalogue (every `--<name>_column` flag), else the basic flags.
+    columns = getattr(args, "catalogue_columns", None) or CatalogueColumns(
+        product_id=args.product_id_column, title=args.title_column, description=args.description_column,
+        image=args.image_column, query=args.query_column,
+    )
+    data = load_training_data(args, columns)
+    if args.architecture == "4tower" and not args.model_name_or_path:
+        with accelerator.main_process_first():  # `--clip_model aligned`: one process aligns, the others reuse it
+            args.clip_model = prepare_aligned_pair(args, data.products, columns)
     model, processor, towers, image_size = build_model_and_processor(args)
     # On the accelerator before the frozen image features are cached: `accelerator.prepare` moves it only later,
     # and caching would then run the image tower on the CPU.
@@ -317,12 +328,6 @@ def run_training(args) -> dict:
     args.visual_word_restoration = restoration_weight(args.visual_word_restoration, model.config)
     if args.visual_word_restoration:
         loss_fn = VisualWordRestorationLoss(loss_fn, args.visual_word_restoration)
-    # The columns the train command fitted to the catalogue (every `--<name>_column` flag), else the basic flags.
-    columns = getattr(args, "catalogue_columns", None) or CatalogueColumns(
-        product_id=args.product_id_column, title=args.title_column, description=args.description_column,
-        image=args.image_column, query=args.query_column,
-    )
-    data = load_training_data(args, columns)
     collator = build_collator(args, accelerator, model, processor, data, columns)
     image_checks = dict(max_failure_share=getattr(args, "max_image_failure_share", 0.5),
                         strict=getattr(args, "strict_images", False))
@@ -381,11 +386,12 @@ def run_training(args) -> dict:
     after_metrics = evaluate(accelerator, evaluator, model)
     accelerator.log(after_metrics, step=state["completed_steps"])
     card = ModelCardInfo(
-        config=accelerator.unwrap_model(model).config, towers=towers, dataset=f"`{args.dataset}`",
+        config=accelerator.unwrap_model(model).config, towers=towers, dataset=str(args.dataset),
         queries_are_derived=data.queries_are_derived, num_train_pairs=len(data.pairs), eval_split=args.eval_split,
         training_settings=training_settings(args, accelerator, max_train_steps, num_epochs, image_size,
                                             cached_features=collator.image_features is not None),
-        before=state["before_metrics"], after=after_metrics, repo_id=args.hub_model_id, image_size=image_size,
+        before=state["before_metrics"], after=after_metrics, image_size=image_size,
+        repo_id=args.hub_model_id or output_dir.resolve().name,
     )
     final_dir = save_final_model(accelerator, model, processor, output_dir, render_model_card(card))
     results = {
