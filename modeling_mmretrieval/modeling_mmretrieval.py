@@ -854,6 +854,235 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             loss=loss, logits_per_query=logits, query_embeds=query_embeds, product_embeds=product_embeds, logit_scale=scale
         )
 
+    # ----- encoding in one call (in the manner of sentence-transformers' encode_query / encode_document) ------
+    def get_processor(self, processor=None):
+        """The processor that the `encode_*` methods use: `processor` when given, else the one saved with this
+        checkpoint, loaded once from `name_or_path` (the folder or Hub id `from_pretrained` read).
+
+        Example:
+        ```python
+        >>> model = MultimodalRetrievalModel.from_pretrained("outputs/main_job/final")
+        >>> model.get_processor().max_query_length
+        32
+        ```
+        """
+        if processor is not None:
+            return processor
+        cached = self.__dict__.get("_checkpoint_processor")
+        if cached is not None:
+            return cached
+        if not self.name_or_path:
+            raise ValueError(
+                "This model was not loaded from a checkpoint, so it has no processor to find: pass "
+                "processor=MultimodalRetrievalProcessor(...) (or from_towers_pretrained) to encode_*."
+            )
+        from .processing_mmretrieval import MultimodalRetrievalProcessor
+
+        try:
+            loaded = MultimodalRetrievalProcessor.from_pretrained(self.name_or_path)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"No processor could be loaded from {self.name_or_path!r} ({error}); pass processor= to encode_*."
+            ) from error
+        self.__dict__["_checkpoint_processor"] = loaded  # not a submodule: never saved, moved or copied as weights
+        return loaded
+
+    def encode_queries(
+        self,
+        queries: str | list[str],
+        processor=None,
+        batch_size: int = 32,
+        show_progress_bar: bool = False,
+        normalize: bool = True,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        device: str | torch.device | None = None,
+    ):
+        r"""
+        Embeds text queries in batches: a `(num_queries, embedding_dim)` float32 numpy array (a tensor with
+        `convert_to_tensor=True`, a vector for a single string), equal to `get_query_embeddings` of the processor's
+        `encode_queries`. `processor` defaults to the checkpoint's ([`get_processor`]); `device` moves the model.
+
+        Example:
+        ```python
+        >>> model = AutoModel.from_pretrained("outputs/main_job/final", trust_remote_code=True)
+        >>> queries = model.encode_queries(["red running shoes", "black formal shoes"])
+        >>> products = model.encode_products([{"title": "Nike Men Red Running Shoes"}])
+        >>> model.similarity(queries, products).shape
+        torch.Size([2, 1])
+        ```
+        """
+        from .processing_mmretrieval import validate_texts
+
+        processor = self.get_processor(processor)
+        texts = validate_texts(queries, "Query")
+        return self._encode_in_batches(
+            texts, [len(text) for text in texts],
+            lambda rows: self.get_query_embeddings(**self._on_device(processor.encode_queries(rows)), normalize=normalize),
+            single=isinstance(queries, str), batch_size=batch_size, show_progress_bar=show_progress_bar,
+            convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor, device=device,
+        )
+
+    def encode_products(
+        self,
+        products,
+        images: list | None = None,
+        processor=None,
+        batch_size: int = 32,
+        show_progress_bar: bool = False,
+        normalize: bool = True,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        device: str | torch.device | None = None,
+    ):
+        r"""
+        Embeds products in batches, as [`encode_queries`] embeds queries, equal to `get_product_embeddings` of the
+        processor's `encode_products`. `products` are catalogue rows (mappings whose `product_text_fields` make the
+        product text; a `datasets.Dataset` or a pandas DataFrame works too) or product texts. `images` aligns with
+        them: PIL images, `None` for an image-less product (4tower/3tower models).
+
+        Example:
+        ```python
+        >>> embeddings = model.encode_products(
+        ...     [{"title": "Nike Men Red Running Shoes", "description": "Mesh upper"}, {"title": "Black Formal Shoes"}],
+        ...     images=[shoe_image, None])
+        >>> embeddings.shape
+        (2, 384)
+        ```
+        """
+        processor = self.get_processor(processor)
+        rows = _product_rows(products, processor.product_text_fields[0])
+        if images is not None and len(images) != len(rows):
+            raise ValueError(f"Got {len(images)} images for {len(rows)} products; pass None for missing images.")
+        lengths = [len(text) for text in processor.product_texts(rows)]  # checks every row, naming its position
+        items = list(zip(rows, images)) if images is not None else [(row, None) for row in rows]
+
+        def embed(batch):
+            batch_rows = [row for row, _ in batch]
+            batch_images = [image for _, image in batch] if images is not None else None
+            inputs = processor.encode_products(batch_rows, images=batch_images)
+            return self.get_product_embeddings(**self._on_device(inputs), normalize=normalize)
+
+        return self._encode_in_batches(
+            items, lengths, embed, single=False, batch_size=batch_size, show_progress_bar=show_progress_bar,
+            convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor, device=device,
+        )
+
+    def encode_images(
+        self,
+        images: list,
+        processor=None,
+        batch_size: int = 32,
+        show_progress_bar: bool = False,
+        normalize: bool = True,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        device: str | torch.device | None = None,
+    ):
+        r"""
+        Embeds query images (PIL) for image-to-product search, as [`get_image_query_embeddings`] does: 4tower models
+        with a concat fusion; other models raise a `ValueError` saying why.
+
+        Example:
+        ```python
+        >>> model.similarity(model.encode_images([photo]), model.encode_products(rows, images=product_images))
+        ```
+        """
+        self.check_image_queries_supported()
+        processor = self.get_processor(processor)
+        images = list(images)
+        for position, image in enumerate(images):
+            if image is None:
+                raise ValueError(f"Image {position} is None: an image query needs an image.")
+        return self._encode_in_batches(
+            images, [0] * len(images),
+            lambda batch: self.get_image_query_embeddings(
+                pixel_values=processor.encode_images(batch)["pixel_values"].to(self.device), normalize=normalize
+            ),
+            single=False, batch_size=batch_size, show_progress_bar=show_progress_bar,
+            convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor, device=device,
+        )
+
+    @staticmethod
+    def similarity(embeddings1, embeddings2) -> torch.Tensor:
+        """Cosine similarity of every row of `embeddings1` with every row of `embeddings2` (numpy arrays or
+        tensors, one vector or a matrix each), shape `(len(embeddings1), len(embeddings2))`, as sentence-transformers'
+        `similarity`.
+
+        Example:
+        ```python
+        >>> model.similarity(model.encode_queries(["red shoes"]), model.encode_products(["Red Shoes"])).shape
+        torch.Size([1, 1])
+        ```
+        """
+        first, second = (torch.atleast_2d(torch.as_tensor(value)) for value in (embeddings1, embeddings2))
+        return F.normalize(first.float(), dim=-1) @ F.normalize(second.float(), dim=-1).to(first.device).t()
+
+    def _on_device(self, inputs) -> dict:
+        return {key: value.to(self.device) for key, value in inputs.items()}
+
+    def _encode_in_batches(
+        self, items: list, lengths: list[int], embed, *, single: bool, batch_size: int, show_progress_bar: bool,
+        convert_to_numpy: bool, convert_to_tensor: bool, device,
+    ):
+        """Runs `embed` over `items` in batches of similar length (less padding), in eval mode without gradients,
+        and returns the embeddings in input order."""
+        from transformers.utils.logging import tqdm
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+        if device is not None:
+            self.to(device)
+        order = sorted(range(len(items)), key=lambda index: -lengths[index])
+        was_training = self.training
+        self.eval()
+        chunks = []
+        try:
+            with torch.inference_mode():
+                starts = range(0, len(order), batch_size)
+                for start in tqdm(starts, desc="Batches", disable=not show_progress_bar):
+                    embeddings = embed([items[index] for index in order[start : start + batch_size]])
+                    chunks.append(embeddings.float() if convert_to_tensor else embeddings.float().cpu())
+        finally:
+            self.train(was_training)
+        embeddings = torch.cat(chunks)[torch.argsort(torch.tensor(order))]
+        if single:
+            embeddings = embeddings[0]
+        if convert_to_tensor or not convert_to_numpy:
+            return embeddings
+        return embeddings.numpy()
+
+    # ----- saving: a checkpoint is also a sentence-transformers model --------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """Saves as [`MultimodalRetrievalPreTrainedModel.save_pretrained`] does, plus `modules.json`,
+        `config_sentence_transformers.json` and `custom_pipelines` in `config.json`, so that
+        `SentenceTransformer(folder, trust_remote_code=True)` and `pipeline("feature-extraction", model=folder,
+        trust_remote_code=True)` load it (through `integrations_mmretrieval.py`, copied with the code files).
+
+        Example:
+        ```python
+        >>> model.save_pretrained("retriever")
+        >>> SentenceTransformer("retriever", trust_remote_code=True).encode_query(["red shoes"]).shape
+        ```
+        """
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", args[0] if args else True):
+            self._write_integration_files(save_directory)
+        return result
+
+    def _upload_modified_files(self, working_dir: str | os.PathLike, *args, **kwargs):
+        # Every upload (`push_to_hub`, `save_pretrained(push_to_hub=True)`) passes here with the folder it saved.
+        self._write_integration_files(working_dir)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
+
+    @staticmethod
+    def _write_integration_files(save_directory: str | os.PathLike) -> None:
+        from .integrations_mmretrieval import write_integration_files
+
+        # Only beside the module file they name: a model saved without its code (no `auto_map`) gets none.
+        if Path(save_directory, f"{write_integration_files.__module__.split('.')[-1]}.py").is_file():
+            write_integration_files(save_directory)
+
     # ----- composition from pretrained towers -----------------------------------------------------------
     @classmethod
     def from_towers_pretrained(
@@ -940,6 +1169,15 @@ def compose_towers(
             config_kwargs[key] = copy.deepcopy(tower.config)
     config = MultimodalRetrievalConfig(architecture=architecture, **config_kwargs)
     return config, towers
+
+
+def _product_rows(products, text_field: str) -> list:
+    """Product rows from rows, texts (as the `text_field` of a row), a `datasets.Dataset` or a pandas DataFrame."""
+    if hasattr(products, "to_dict") and hasattr(products, "columns"):  # a pandas DataFrame
+        products = products.to_dict("records")
+    if isinstance(products, (str, dict)):
+        raise TypeError("Pass a list of products (rows or texts), not a single one.")
+    return [{text_field: product} if isinstance(product, str) else product for product in products]
 
 
 __all__ = [

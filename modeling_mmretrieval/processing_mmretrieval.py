@@ -337,10 +337,37 @@ class MultimodalRetrievalProcessor(ProcessorMixin):
         products: Sequence[Mapping] | None = None,
         images: Sequence | None = None,
         return_tensors: str = "pt",
+        text: str | Sequence[str] | None = None,
     ) -> BatchFeature:
-        """Model-ready training/scoring inputs: `query_*`, `query_dual_*`, `product_*`, `pixel_values`, `image_mask`."""
+        r"""
+        Model inputs, in two styles.
+
+        - transformers style, `text=` and/or `images=`: `text` (queries) gives the inputs of
+          `model.get_query_embeddings` (`input_ids`, `attention_mask`, and `dual_*` for 4tower); `images` (PIL,
+          `None` for a missing one) gives `pixel_values` and `image_mask`, for `model.get_image_features` or
+          `model.get_image_query_embeddings`.
+        - contrastive, `queries=`/`products=` (with the products' `images=`): the `model.forward` batch, `query_*`,
+          `query_dual_*`, `product_*`, `pixel_values`, `image_mask`.
+
+        Example:
+        ```python
+        >>> model.get_query_embeddings(**processor(text=["white sneakers"])).shape
+        torch.Size([1, 384])
+        >>> sorted(processor(images=[pil_image]))
+        ['image_mask', 'pixel_values']
+        >>> model(**processor(queries=["white sneakers"], products=[{"title": "Nike White Sneakers"}])).loss
+        ```
+        """
+        if text is not None and (queries is not None or products is not None):
+            raise ValueError("Pass either `text=`/`images=` (query inputs, image inputs) or `queries=`/`products=` "
+                             "(a contrastive batch), not both.")
+        if text is not None or (images is not None and queries is None and products is None):
+            inputs = self.encode_queries(text) if text is not None else {}
+            if images is not None:
+                inputs.update(self.encode_images([images] if isinstance(images, Image.Image) else list(images)))
+            return BatchFeature(inputs, tensor_type=return_tensors)
         if queries is None and products is None:
-            raise ValueError("Pass `queries`, `products` or both.")
+            raise ValueError("Pass `text`, `images`, `queries` or `products`.")
         if images is not None and products is None:
             raise ValueError("`images` are product images: pass them with `products` (for query images use "
                              "`encode_images`).")

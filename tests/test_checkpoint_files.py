@@ -1,9 +1,9 @@
-"""A checkpoint carries only the model: four Python files, none of which changes global state.
+"""A checkpoint carries only the model: five Python files, none of which changes global state.
 
 `save_pretrained` copies the model's and processor's modules (and their relative imports) into the checkpoint
 so that `trust_remote_code=True` can load it without the package. Those files must be the model itself —
-configuration, modeling, processing and losses — and never the package's training, retrieval or speedup
-machinery, even when the speedups were applied to the model that was saved.
+configuration, modeling, processing, losses and the sentence-transformers module — and never the package's
+training, retrieval or speedup machinery, even when the speedups were applied to the model that was saved.
 """
 
 import ast
@@ -22,7 +22,10 @@ import modeling_mmretrieval
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, speedups
 from modeling_mmretrieval.towers import get_minilm_path
 
-CHECKPOINT_FILES = {"configuration_mmretrieval.py", "modeling_mmretrieval.py", "processing_mmretrieval.py", "losses.py"}
+CHECKPOINT_FILES = {
+    "configuration_mmretrieval.py", "modeling_mmretrieval.py", "processing_mmretrieval.py", "losses.py",
+    "integrations_mmretrieval.py",  # sentence-transformers' module (modules.json)
+}
 PACKAGE_DIR = Path(modeling_mmretrieval.__file__).parent
 
 
@@ -107,7 +110,7 @@ print(json.dumps({
 
 
 @pytest.mark.parametrize("case", ["text_only", "4tower-mlp", "3tower-dinov2"])
-def test_checkpoint_holds_four_files_and_loads_without_the_package(case, tokenizer, tmp_path):
+def test_checkpoint_holds_five_files_and_loads_without_the_package(case, tokenizer, tmp_path):
     folder = tmp_path / "checkpoint"
     model, batch = saved_with_speedups(case, folder, tokenizer)
     assert {path.name for path in folder.glob("*.py")} == CHECKPOINT_FILES

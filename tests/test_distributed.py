@@ -4,6 +4,7 @@ With embeddings gathered across processes (gradients included), the mean of the 
 the loss of the whole global batch, and DDP's averaged gradients are its gradients.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -104,3 +105,73 @@ def test_grad_cache_leaves_gradients_local_inside_no_sync(two_process_run, singl
     # The all-reduce skipped here is a plain average: the mean of the local gradients is the global one.
     mean_grads = {name: (local_grads[0][name] + local_grads[1][name]) / 2 for name in local_grads[0]}
     assert_same_grads(mean_grads, expected_grads)
+
+
+# ----- examples/train.py itself in two CPU processes ------------------------------------------------------------
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+TRAIN_IMAGE_SIZE = 28
+
+
+@pytest.fixture(scope="module")
+def training_assets(tmp_path_factory) -> dict[str, Path]:
+    """Tiny pretrained towers (MiniLM's tokenizer, a 28-pixel DINOv2) and 64 catalogue rows."""
+    import pyarrow.parquet as pq
+    from tiny_towers import tiny_bert, tiny_dinov2
+    from transformers import AutoTokenizer, BertModel, BitImageProcessorPil, Dinov2Model
+
+    from modeling_mmretrieval.data import SAMPLE_DATA_DIR
+    from modeling_mmretrieval.towers import get_minilm_path
+
+    root = tmp_path_factory.mktemp("train_script_assets")
+    tokenizer = AutoTokenizer.from_pretrained(get_minilm_path())
+    text_config = tiny_bert()
+    text_config.vocab_size, text_config.max_position_embeddings = tokenizer.vocab_size, 128
+    torch.manual_seed(0)
+    BertModel(text_config).save_pretrained(root / "text")
+    tokenizer.save_pretrained(root / "text")
+    vision = tiny_dinov2()
+    vision.image_size = TRAIN_IMAGE_SIZE
+    Dinov2Model(vision).save_pretrained(root / "vision")
+    image_processor = BitImageProcessorPil(size={"shortest_edge": TRAIN_IMAGE_SIZE},
+                                           crop_size={"height": TRAIN_IMAGE_SIZE, "width": TRAIN_IMAGE_SIZE})
+    image_processor.save_pretrained(root / "vision")
+    (root / "data").mkdir()
+    pq.write_table(pq.read_table(SAMPLE_DATA_DIR / "train.parquet").slice(0, 64), root / "data" / "train.parquet")
+    return {"text": root / "text", "vision": root / "vision", "data": root / "data", "root": root}
+
+
+def launch_train_script(launcher_flag: str, assets: dict[str, Path], output_dir: Path, *extra) -> None:
+    """`accelerate launch <launcher_flag> --num_processes 2 examples/train.py ...` on this CPU-only machine."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", launcher_flag, "--num_processes", str(NUM_PROCESSES),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()), str(TRAIN_SCRIPT),
+        "--dataset", str(assets["data"]), "--text_model", str(assets["text"]), "--vision_model", str(assets["vision"]),
+        "--image_size", str(TRAIN_IMAGE_SIZE), "--output_dir", str(output_dir), "--per_device_train_batch_size", "8",
+        "--eval_split", "none", "--warmup_steps", "0", "--checkpointing_steps", "1", *map(str, extra),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HOME": str(assets["root"] / "hf_home"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="relaunching `--cpu` reads the launcher from /proc")
+def test_train_script_trains_in_two_cpu_processes_with_checkpoints_and_resume(training_assets, tmp_path):
+    # `--cpu --num_processes 2`: accelerate's launcher starts one process, which relaunches itself as two.
+    launch_train_script("--cpu", training_assets, tmp_path, "--max_train_steps", 2)
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {path.name for path in checkpoint.iterdir()}
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["signature"]["num_processes"] == NUM_PROCESSES and state["completed_steps"] == 2
+    assert "| processes | `2` |" in (tmp_path / "final" / "README.md").read_text()
+
+    # `--multi_gpu` on a machine without GPUs (torchrun): a CPU gloo group of 2 ranks resumes and extends the run.
+    launch_train_script("--multi_gpu", training_assets, tmp_path, "--max_train_steps", 3,
+                        "--resume_from_checkpoint", "latest")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["training"]["resumed_from"] == str(checkpoint)
+    assert results["training"]["completed_steps"] == 3 and results["training"]["steps_this_run"] == 1
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {
+        path.name for path in (tmp_path / "checkpoints" / "checkpoint-3").iterdir()}
+    assert MultimodalRetrievalModel.from_pretrained(tmp_path / "final").config.architecture == "3tower"

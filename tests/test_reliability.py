@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -30,7 +31,7 @@ from PIL import Image, ImageFile
 from tiny_towers import IMAGE_SIZE, make_config, tiny_bert, tiny_dinov2
 from transformers import AutoTokenizer, BertModel, BitImageProcessorPil, CLIPImageProcessorPil, Dinov2Model
 
-from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
+from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, atomic_files
 from modeling_mmretrieval.data.collator import RetrievalCollator
 from modeling_mmretrieval.data import SAMPLE_DATA_DIR
 from modeling_mmretrieval.data.images import ImageDecodeError, ImageProblem
@@ -439,3 +440,72 @@ def test_training_twice_with_one_seed_gives_bit_identical_weights(training_asset
     assert digests["first"] == digests["second"]
     assert digests["other-seed"] != digests["first"]  # the seed matters: the comparison can fail
     FIGURES["training runs compared bit for bit"] += 2
+
+
+# ----- publishing final/ under SIGKILL ----------------------------------------------------------------------------
+def publish_killed_before_operation(staging: Path, target: Path, operation: int, exchange: bool) -> bool:
+    """Publishes `staging` onto `target` in a forked child that SIGKILLs itself just before its `operation`-th
+    filesystem change (rename, exchange, unlink, rmdir); True when it was killed, False when it finished first."""
+    child = os.fork()
+    if child == 0:  # the child: count the changes, die at the chosen one
+        try:
+            count = 0
+
+            def killing(change):
+                def wrapped(*args, **kwargs):
+                    nonlocal count
+                    if count == operation:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    count += 1
+                    return change(*args, **kwargs)
+                return wrapped
+
+            for name in ("rename", "replace", "unlink", "rmdir"):
+                setattr(os, name, killing(getattr(os, name)))
+            atomic_files.exchange_paths = killing(atomic_files.exchange_paths if exchange else lambda *paths: False)
+            atomic_files.publish_directory(staging, target)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(child, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "rename-aside"])
+def test_a_kill_anywhere_in_publishing_final_leaves_a_loadable_or_recoverable_model(tmp_path, exchange):
+    if exchange:
+        (tmp_path / "probe-a").mkdir()
+        (tmp_path / "probe-b").mkdir()
+        if not atomic_files.exchange_paths(tmp_path / "probe-a", tmp_path / "probe-b"):
+            pytest.skip("this filesystem cannot swap two directories in one rename")
+    versions = {}
+    for version in range(3):
+        torch.manual_seed(version)
+        model = MultimodalRetrievalModel(make_config("text_only"))
+        model.save_pretrained(tmp_path / f"version{version}")
+        versions[version] = (tmp_path / f"version{version}" / "model.safetensors").read_bytes()
+    final = tmp_path / "run" / "final"
+    operation, outcomes = 0, Counter()
+    while True:
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+        shutil.copytree(tmp_path / "version0", final)
+        shutil.copytree(tmp_path / "version1", tmp_path / "run" / ".tmp-final")
+        if not publish_killed_before_operation(tmp_path / "run" / ".tmp-final", final, operation, exchange):
+            break
+        operation += 1
+        if not final.is_dir():  # only between the two renames of the rename-aside path: the old model is aside
+            assert not exchange
+            assert atomic_files.recover_directory(final) == final
+            outcomes["recovered"] += 1
+        weights = (final / "model.safetensors").read_bytes()
+        assert weights in (versions[0], versions[1]), f"killed before operation {operation - 1}"
+        outcomes["old" if weights == versions[0] else "new"] += 1
+        MultimodalRetrievalModel.from_pretrained(final)  # never "half-deleted"
+        # The next publish cleans up whatever the kill left aside.
+        shutil.rmtree(tmp_path / "run" / ".tmp-final", ignore_errors=True)
+        shutil.copytree(tmp_path / "version2", tmp_path / "run" / ".tmp-v2")
+        atomic_files.publish_directory(tmp_path / "run" / ".tmp-v2", final)
+        assert sorted(path.name for path in final.parent.iterdir()) == ["final"]
+        assert (final / "model.safetensors").read_bytes() == versions[2]
+    assert (final / "model.safetensors").read_bytes() == versions[1] and operation > 3
+    assert outcomes["old"] >= 1 and outcomes["new"] >= 1
+    assert outcomes["recovered"] == (0 if exchange else 1)

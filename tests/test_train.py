@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from hub_server import MiniHub
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertModel, Dinov2Config, Dinov2Model
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, Dinov2Config, Dinov2Model
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
 from modeling_mmretrieval.commands import train as train_command
@@ -34,14 +34,19 @@ from modeling_mmretrieval.data.images import load_product_image
 from modeling_mmretrieval.retrieval.held_out_evaluation import HeldOutEvaluator
 from modeling_mmretrieval.towers import get_minilm_path
 from modeling_mmretrieval.training.checkpoints import (
+    ABANDONED_DIR,
     COMPLETION_MARKER,
+    MODEL_SUBDIR,
+    ROLLBACK_JOURNAL,
     TRAINER_STATE_NAME,
     CheckpointMismatchError,
     checkpoint_problem,
     find_latest_checkpoint,
     list_checkpoints,
+    load_trainer_state,
     mark_complete,
     resolve_checkpoint,
+    start_lineage,
     temporary_dir_for,
 )
 from modeling_mmretrieval.training.image_feature_cache import check_cached_image_features, precompute_image_features
@@ -49,11 +54,12 @@ from modeling_mmretrieval.training.model_builder import build_model_and_processo
 from modeling_mmretrieval.training.optimization import (
     EpochSeededSampler,
     NonFiniteLossError,
+    build_lr_scheduler,
     parameter_groups,
     training_length,
 )
 from modeling_mmretrieval.training.reporting import format_results_table
-from modeling_mmretrieval.training.trainer import build_loss_fn, training_step
+from modeling_mmretrieval.training.trainer import build_loss_fn, continue_schedule, trackers_for, training_step
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "examples" / "train.py"
@@ -573,3 +579,200 @@ def test_an_adapter_aligned_pair_trains_a_4tower_model_with_restoration(assets, 
     assert "visual-word dropout / restoration weight | `0.0 / 1.0`" in card
     model = MultimodalRetrievalModel.from_pretrained(tmp_path / "run" / "final")
     assert model.config.architecture == "4tower" and model.config.fusion == "residual"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs as in transformers' Trainer: loadable checkpoints, extended runs, one lineage, kept evaluations, trackers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_every_checkpoint_holds_a_model_that_from_pretrained_loads(assets, tmp_path):
+    train_command.run(train_args(assets, tmp_path, "--max_train_steps", 5, "--checkpointing_steps", 2,
+                                 "--eval_split", "none", "--warmup_steps", 0))
+    checkpoints = tmp_path / "checkpoints"
+    # Every 2 steps, and the last step too, so a finished run can be extended from where it ended.
+    assert [step for step, _ in list_checkpoints(checkpoints)] == [5, 4, 2]
+    loadable = checkpoints / "checkpoint-2" / MODEL_SUBDIR
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json", "preprocessor_config.json",
+            "modeling_mmretrieval.py"} <= {path.name for path in loadable.iterdir()}
+    assert checkpoint_problem(checkpoints / "checkpoint-2") is None  # the marker vouches for model/ as well
+    model = AutoModel.from_pretrained(loadable, trust_remote_code=True)
+    processor = MultimodalRetrievalProcessor.from_pretrained(loadable)
+    assert processor.image_processor.crop_size == {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    assert "library_name: transformers" in (loadable / "README.md").read_text()
+    # The loadable copy holds the checkpoint's weights (accelerate's own file), not the final ones.
+    state, own = model.state_dict(), weights(checkpoints / "checkpoint-2")
+    name = "text_model.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(state[name], own[name])
+    assert not torch.equal(state[name], weights(tmp_path / "final")[name])
+    last = weights(checkpoints / "checkpoint-5" / MODEL_SUBDIR)
+    assert all(torch.equal(tensor, last[key]) for key, tensor in weights(tmp_path / "final").items())
+
+
+def test_continue_schedule_gives_the_longer_runs_learning_rate_at_the_step_reached():
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([parameter], lr=0.3)
+    finished = build_lr_scheduler(optimizer, "linear", num_warmup_steps=0, num_training_steps=6)
+    for _ in range(6):
+        optimizer.step()
+        finished.step()
+    assert optimizer.param_groups[0]["lr"] == 0.0  # a finished linear schedule
+    saved_optimizer, saved_scheduler = optimizer.state_dict(), finished.state_dict()
+    # A resumed run, as `accelerator.load_state` restores it: the longer schedule built, then both states loaded.
+    extended = build_lr_scheduler(optimizer, "linear", num_warmup_steps=0, num_training_steps=9)
+    optimizer.load_state_dict(saved_optimizer)
+    extended.load_state_dict(saved_scheduler)
+    assert optimizer.param_groups[0]["lr"] == 0.0  # loading alone keeps the finished schedule's rate
+    assert continue_schedule(extended) == pytest.approx([0.3 * 3 / 9])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1) and extended.get_last_lr() == pytest.approx([0.1])
+    optimizer.step()
+    extended.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.3 * 2 / 9)
+
+
+def test_a_finished_run_is_extended_with_a_larger_max_train_steps(assets, tmp_path):
+    common = ("--eval_split", "none", "--checkpointing_steps", 3, "--warmup_steps", 0)
+    train_command.run(train_args(assets, tmp_path, "--max_train_steps", 6, *common))
+    six_steps = weights(tmp_path / "final")
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    results = train_command.run(train_args(assets, tmp_path, "--max_train_steps", 9, *common,
+                                           "--resume_from_checkpoint", "latest"))
+    assert results["training"]["resumed_from"] == str(tmp_path / "checkpoints" / "checkpoint-6")
+    assert results["training"]["completed_steps"] == 9 and results["training"]["steps_this_run"] == 3
+    name = "text_model.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(weights(tmp_path / "final")[name], six_steps[name])  # the extension trained
+    assert load_trainer_state(tmp_path / "checkpoints" / "checkpoint-9")["max_train_steps"] == 9
+    # Fewer steps than the checkpoint already has: refused with one line, not silently a longer run.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(CheckpointMismatchError, match="checkpoint-9 is at step 9, past the 4 steps"):
+        train_command.run(train_args(assets, tmp_path, "--max_train_steps", 4, *common,
+                                     "--resume_from_checkpoint", "latest"))
+
+
+def test_a_relaunch_without_evaluation_keeps_the_evaluation_of_the_same_weights(assets, tmp_path):
+    train_command.run(train_args(assets, tmp_path, "--max_train_steps", 2, "--checkpointing_steps", 2))
+    evaluated = json.loads((tmp_path / "results.json").read_text())
+    assert evaluated["after"]["eval/recall@10"] >= 0.0
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    relaunched = train_command.run(train_args(assets, tmp_path, "--max_train_steps", 2, "--eval_split", "none",
+                                              "--resume_from_checkpoint", "latest"))
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert relaunched["training"]["steps_this_run"] == 0 and on_disk["evaluation_kept_from_earlier_run"] is True
+    assert (on_disk["before"], on_disk["after"]) == (evaluated["before"], evaluated["after"])
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "Not evaluated" not in card and "| recall@10 |" in card
+    # Weights that changed are not credited with the earlier evaluation.
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train_command.run(train_args(assets, tmp_path, "--max_train_steps", 3, "--eval_split", "none",
+                                 "--resume_from_checkpoint", "latest"))
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["after"] == {} and "evaluation_kept_from_earlier_run" not in on_disk
+    assert "Not evaluated" in (tmp_path / "final" / "README.md").read_text()
+
+
+def test_resuming_an_older_checkpoint_moves_the_abandoned_checkpoints_aside(assets, tmp_path):
+    common = ("--eval_split", "none", "--warmup_steps", 0, "--max_train_steps", 6)
+    train_command.run(train_args(assets, tmp_path, *common, "--checkpointing_steps", 2))
+    checkpoints = tmp_path / "checkpoints"
+    abandoned_weights = weights(checkpoints / "checkpoint-6")
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    results = train_command.run(train_args(assets, tmp_path, *common, "--checkpointing_steps", 1,
+                                           "--checkpoints_total_limit", 2, "--max_grad_norm", 0.001,
+                                           "--resume_from_checkpoint", checkpoints / "checkpoint-2"))
+    assert results["training"]["steps_this_run"] == 4
+    # Only the new lineage is left, pruned to its own 2 newest; the abandoned run's are kept aside.
+    assert [step for step, _ in list_checkpoints(checkpoints)] == [6, 5]
+    (aside,) = (checkpoints / ABANDONED_DIR).iterdir()
+    assert aside.name.startswith("after-2-") and sorted(p.name for p in aside.iterdir()) == ["checkpoint-4",
+                                                                                             "checkpoint-6"]
+    name = "text_model.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(weights(aside / "checkpoint-6")[name], abandoned_weights[name])
+    assert not torch.equal(weights(checkpoints / "checkpoint-6")[name], abandoned_weights[name])
+
+
+def test_a_move_aside_killed_half_way_is_completed_before_latest_is_resolved(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        write_checkpoint(checkpoints, step)
+    # What a SIGKILL in the middle of the move leaves: the plan, one of its checkpoints moved, one not yet.
+    destination = checkpoints / ABANDONED_DIR / "after-2-killed"
+    (checkpoints / ROLLBACK_JOURNAL).write_text(json.dumps(
+        {"resume_step": 2, "destination": f"{ABANDONED_DIR}/after-2-killed",
+         "checkpoints": ["checkpoint-6", "checkpoint-4"]}))
+    destination.mkdir(parents=True)
+    os.rename(checkpoints / "checkpoint-6", destination / "checkpoint-6")
+    assert find_latest_checkpoint(checkpoints) == checkpoints / "checkpoint-4"  # what `latest` alone would take
+    assert start_lineage(Accelerator(cpu=True), "latest", checkpoints) == checkpoints / "checkpoint-2"
+    assert [step for step, _ in list_checkpoints(checkpoints)] == [2]
+    assert not (checkpoints / ROLLBACK_JOURNAL).exists()
+    assert sorted(path.name for path in destination.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    # Starting afresh in a folder of checkpoints: none of them may be taken for this run's.
+    assert start_lineage(Accelerator(cpu=True), None, checkpoints) is None
+    assert list_checkpoints(checkpoints) == []
+
+
+@pytest.mark.slow
+def test_a_rollback_resume_killed_by_sigkill_continues_its_own_lineage(assets, tmp_path):
+    """The issue's failure: resuming from an older checkpoint with newer ones of the abandoned run in place, a
+    SIGKILL, then `latest`, published the abandoned run's model. The new lineage (another clipping norm, so other
+    weights) must be the one continued and published."""
+    common = ("--eval_split", "none", "--warmup_steps", 0, "--max_train_steps", 6)
+    run_dir, reference_dir = tmp_path / "run", tmp_path / "reference"
+    train_command.run(train_args(assets, run_dir, *common, "--checkpointing_steps", 2))
+    abandoned = weights(run_dir / "final")
+    shutil.copytree(run_dir / "checkpoints" / "checkpoint-2", reference_dir / "checkpoints" / "checkpoint-2")
+    rollback = (*common, "--checkpointing_steps", 1, "--checkpoints_total_limit", 2, "--max_grad_norm", 0.001)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train_command.run(train_args(assets, reference_dir, *rollback, "--resume_from_checkpoint",
+                                 reference_dir / "checkpoints" / "checkpoint-2"))
+
+    checkpoints = run_dir / "checkpoints"
+    process = subprocess.Popen(
+        [sys.executable, str(TRAIN_SCRIPT), *train_args(assets, run_dir, *rollback, "--resume_from_checkpoint",
+                                                        checkpoints / "checkpoint-2")],
+        env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while not (checkpoints / "checkpoint-3").exists():  # the new lineage has begun; the old one was at 6
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the resumed run never wrote a checkpoint"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    survivor = find_latest_checkpoint(checkpoints)
+    assert 3 <= int(survivor.name.removeprefix("checkpoint-")) <= 6
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    results = train_command.run(train_args(assets, run_dir, *rollback, "--resume_from_checkpoint", "latest"))
+    assert results["training"]["resumed_from"] == str(survivor)
+    published, expected = weights(run_dir / "final"), weights(reference_dir / "final")
+    assert [name for name in expected if not torch.equal(expected[name], published[name])] == []
+    name = "text_model.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(published[name], abandoned[name])
+
+
+def test_report_to_accepts_accelerates_trackers_and_names_a_missing_package(assets, tmp_path, capsys):
+    from accelerate.tracking import get_available_trackers
+
+    assert trackers_for(["none"]) is None and trackers_for("none") is None
+    installed = [str(getattr(tracker, "value", tracker)) for tracker in get_available_trackers()]
+    missing = next(name for name in ("mlflow", "wandb", "aim", "swanlab") if name not in installed)
+    for flag, message in ((missing, f"--report_to {missing}: its package is not installed"),
+                          ("neptune", "--report_to neptune: not a tracker accelerate supports"),
+                          ("none,tensorboard", "--report_to none cannot be combined")):
+        assert train_command.main(train_args(assets, tmp_path, "--report_to", flag)) == 2
+        errors = capsys.readouterr().err.strip().splitlines()
+        assert len(errors) == 1 and message in errors[0], errors
+    if installed:
+        assert trackers_for(["all"]) == installed and trackers_for([",".join(installed)]) == installed

@@ -64,6 +64,8 @@ def main(argv=None, prog: str | None = None) -> int:
         parser.error(f"--max_products must be at least 4, got {args.max_products}")
     if not 0.0 <= args.held_out_share < 1.0:
         parser.error(f"--held_out_share must lie in [0, 1), got {args.held_out_share}")
+    if args.image_column.lower() in ("", "none", "null"):
+        parser.error("align-pair learns from (title, image) pairs: it needs an --image_column")
     columns = CatalogueColumns(product_id=args.product_id_column, title=args.title_column, image=args.image_column)
     try:
         catalogue = load_catalogue(args.dataset, split=args.split)

@@ -35,7 +35,7 @@ from ..training.checkpoints import CheckpointMismatchError
 from ..training.model_builder import DEFAULT_3TOWER_FUSION, DEFAULT_DINOV2_IMAGE_SIZE, DEFAULT_VISUAL_WORD_DROPOUT
 from ..training.visual_word_restoration import DEFAULT_VISUAL_WORD_RESTORATION, TRAINED_FUSIONS
 from ..training.optimization import SCHEDULER_TYPES, NonFiniteLossError
-from ..training.trainer import run_training
+from ..training.trainer import run_training, trackers_for
 from .common import (
     BAD_ROWS_FILENAME,
     CliError,
@@ -44,6 +44,7 @@ from .common import (
     add_image_arguments,
     catalogue_columns_from_args,
     check_image_arguments,
+    check_images_exist,
     check_text_lengths,
     columns_for_catalogue,
     explicit_columns,
@@ -165,7 +166,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     training.add_argument("--resume_from_checkpoint", help='"latest" (newest complete one, if any) or a path.')
     training.add_argument("--nan_policy", default="stop", choices=["stop", "skip"],
                           help="On a NaN/inf loss: stop the run, or skip that optimizer step.")
-    training.add_argument("--report_to", default="none", choices=["none", "tensorboard"])
+    training.add_argument("--report_to", nargs="+", default=["none"],
+                          help="Experiment trackers, as accelerate supports them: tensorboard, wandb, mlflow, trackio, "
+                               "comet_ml, aim, clearml, dvclive, swanlab (several, or comma-separated), all (every one "
+                               "installed) or none. A tracker whose package is missing is an error.")
 
     hub = parser.add_argument_group("hub")
     hub.add_argument("--push_to_hub", action="store_true")
@@ -232,7 +236,7 @@ _NON_NEGATIVE_FLAGS = (
 
 def check_flags(args: argparse.Namespace) -> None:
     """The numeric flags, checked before anything runs: step counts and sizes positive, rates and weights finite
-    and non-negative, shares within [0, 1].
+    and non-negative, shares within [0, 1], `--report_to` trackers installed.
 
     Example: `check_flags(parse_args(["--logging_steps", "0"]))` raises `CliError("--logging_steps must be a
     positive integer, got 0")`.
@@ -254,6 +258,10 @@ def check_flags(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.validation_share) and 0.0 <= args.validation_share < 1.0):
         raise CliError(f"--validation_share must lie in [0, 1), got {args.validation_share}")
     check_image_arguments(args)
+    try:
+        trackers_for(args.report_to)
+    except ValueError as error:
+        raise CliError(str(error)) from error
 
 
 def check_text_tower(args: argparse.Namespace) -> None:
@@ -323,6 +331,7 @@ def check_catalogue(args: argparse.Namespace) -> None:
         columns = dataclasses.replace(columns, query=derived if derived not in train.column_names else "derived_query")
     args.catalogue_columns = columns
     _set_column_args(args, columns)
+    check_images_exist(columns, args, where=f"split {args.train_split!r}")
     checked = [args.train_split] + ([args.eval_split] if args.eval_split in splits else [])
     bad = {name: _bad_products(splits[name], columns, trained_on=name == args.train_split) for name in checked}
     all_bad = [product for name in checked for product in bad[name]]

@@ -6,7 +6,8 @@ them from) only when asked (`needs_queries`), an image column unless `CatalogueC
 catalogue without images: every product is then embedded from its text alone). Images stay encoded
 (`datasets.Image(decode=False)`, rows carry `{"bytes", "path"}`) until a batch needs them; relative image paths of
 local data files are made absolute against the folder of their data file (`resolve_image_paths`), so a run works
-from any working directory; `modeling_mmretrieval.data.images.load_product_image` then decodes them one by one. Queries derived from the products live in `queries`, relevance and hard negatives in `relevance`.
+from any working directory; `modeling_mmretrieval.data.images.load_product_image` then decodes them one by one.
+Queries derived from the products live in `queries`, relevance and hard negatives in `relevance`.
 See docs/data.md.
 """
 

@@ -236,7 +236,7 @@ class ProductSearchDemo:
 
     def _encode_product_image(self, product_id: str) -> bytes | None:
         position = self._position_by_id.get(product_id)
-        if position is None:
+        if position is None or self.columns.image is None:  # a catalogue without an image column
             return None
         loaded = load_product_image(self.catalogue[position][self.columns.image])
         if not loaded.has_image:

@@ -7,8 +7,20 @@ temporary name and renamed once complete (`modeling_mmretrieval.atomic_files`), 
 leaves either no new checkpoint or a complete one, and resuming skips anything the marker does not vouch for.
 
 Example:
+Every checkpoint also holds `model/`, the model as `save_pretrained` writes it (config, weights, modelling code,
+processor files and model card), so `AutoModel.from_pretrained("checkpoint-400/model", trust_remote_code=True)`
+loads it as it loads `final/`.
+
+One folder of checkpoints holds one lineage: resuming from a checkpoint (or starting afresh) first moves every
+checkpoint of a later step into `checkpoints/.abandoned/` (`start_lineage`), so that neither `latest` nor
+`--checkpoints_total_limit` ever mixes the abandoned run's checkpoints with the new run's. The move is journaled
+(`.rollback.json` is written before anything moves and removed after), so a run killed in the middle of it is
+completed by the next run before it looks for a checkpoint.
+
+Example:
 ```python
->>> save_training_checkpoint(accelerator, "outputs/run/checkpoints", {"completed_steps": 400, ...}, keep=2)
+>>> save_training_checkpoint(accelerator, "outputs/run/checkpoints", {"completed_steps": 400, ...}, keep=2,
+...                          model=model, processor=processor, model_card=card)
 PosixPath('outputs/run/checkpoints/checkpoint-400')
 >>> resolve_checkpoint("latest", "outputs/run/checkpoints")  # newest complete checkpoint, or None
 PosixPath('outputs/run/checkpoints/checkpoint-400')
@@ -20,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,6 +44,9 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TEMPORARY_PREFIX = ".tmp-"
 COMPLETION_MARKER = "checkpoint_complete.json"
 TRAINER_STATE_NAME = "trainer_state.json"
+MODEL_SUBDIR = "model"
+ABANDONED_DIR = ".abandoned"
+ROLLBACK_JOURNAL = ".rollback.json"
 
 logger = logging.get_logger(__name__)
 
@@ -107,9 +123,34 @@ def publish_checkpoint(temporary: str | os.PathLike, target: str | os.PathLike) 
     return publish_directory(temporary, target)
 
 
+def save_model_folder(accelerator, model, processor, directory: str | os.PathLike, model_card: str | None = None
+                      ) -> Path:
+    """Write what `from_pretrained` loads: the model (safetensors, config, modelling code), the processor and the
+    model card (README.md). Every process must call it (gathering the weights is a collective operation under
+    DeepSpeed and FSDP); the main process writes.
+
+    Example:
+    ```python
+    >>> save_model_folder(accelerator, model, processor, "outputs/run/.tmp-final", model_card=card)
+    ```
+    """
+    directory = Path(directory)
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if model_card is not None:
+            unwrapped.model_card = model_card  # saved as README.md, and what `push_to_hub` uploads
+        unwrapped.save_pretrained(directory, state_dict=state_dict)
+        if processor is not None:
+            processor.save_pretrained(directory)
+    return directory
+
+
 def save_training_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, trainer_state: Mapping,
-                             keep: int | None = None) -> Path:
-    """Write a crash-safe checkpoint of a run: accelerate state + `trainer_state.json` + completion marker.
+                             keep: int | None = None, *, model=None, processor=None,
+                             model_card: str | None = None) -> Path:
+    """Write a crash-safe checkpoint of a run: accelerate state + `trainer_state.json` + completion marker, and,
+    given `model`, the loadable model folder `model/` (`save_model_folder`: config, processor, card).
 
     Every process writes its part (model, optimizer, scheduler, its RNG states; weights as safetensors) into a
     temporary directory; the main process then records file sizes and hashes in the marker and renames the
@@ -118,7 +159,8 @@ def save_training_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, tr
 
     Example:
     ```python
-    >>> save_training_checkpoint(accelerator, "outputs/run/checkpoints", state, keep=3)
+    >>> save_training_checkpoint(accelerator, "outputs/run/checkpoints", state, keep=3, model=model,
+    ...                          processor=processor)
     ```
     """
     step = trainer_state["completed_steps"]
@@ -128,6 +170,8 @@ def save_training_checkpoint(accelerator, checkpoints_dir: str | os.PathLike, tr
         temporary.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary), safe_serialization=True)
+    if model is not None:
+        save_model_folder(accelerator, model, processor, temporary / MODEL_SUBDIR, model_card)
     accelerator.wait_for_everyone()
     target = checkpoint_dir_for(checkpoints_dir, step)
     if accelerator.is_main_process:
@@ -286,6 +330,86 @@ def load_trainer_state(checkpoint: str | os.PathLike) -> dict:
     return json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
 
 
+def abandon_checkpoints_after(checkpoints_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Move every checkpoint-named folder of a step after `step` (complete or not) into
+    `checkpoints/.abandoned/after-<step>-<id>/`, so the folder holds one lineage; returns where they went.
+
+    The plan is written first (`.rollback.json`), then carried out (`finish_abandoning`): a kill in between
+    leaves the plan, which the next run completes before it resolves `latest`.
+
+    Example:
+    ```python
+    >>> abandon_checkpoints_after("outputs/run/checkpoints", 400)  # resuming from checkpoint-400
+    [PosixPath('outputs/run/checkpoints/.abandoned/after-400-1f2e3d4c/checkpoint-600')]
+    ```
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    newer = [path.name for found, path in list_checkpoints(checkpoints_dir) if found > step]
+    if not newer:
+        return []
+    destination = f"{ABANDONED_DIR}/after-{step}-{uuid.uuid4().hex[:8]}"
+    write_json_atomically(checkpoints_dir / ROLLBACK_JOURNAL,
+                          {"resume_step": step, "destination": destination, "checkpoints": newer})
+    return finish_abandoning(checkpoints_dir)
+
+
+def finish_abandoning(checkpoints_dir: str | os.PathLike) -> list[Path]:
+    """Carry out a pending `.rollback.json` (see `abandon_checkpoints_after`), then remove it; returns where the
+    checkpoints went (`[]` when nothing was pending).
+
+    Example:
+    ```python
+    >>> finish_abandoning("outputs/run/checkpoints")  # a run killed while moving checkpoints aside
+    [PosixPath('outputs/run/checkpoints/.abandoned/after-400-1f2e3d4c/checkpoint-600')]
+    ```
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    journal = checkpoints_dir / ROLLBACK_JOURNAL
+    if not journal.is_file():
+        return []
+    plan = json.loads(journal.read_text(encoding="utf-8"))
+    destination = checkpoints_dir / plan["destination"]
+    destination.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for name in plan["checkpoints"]:
+        if (checkpoints_dir / name).exists():
+            os.rename(checkpoints_dir / name, destination / name)
+        moved.append(destination / name)
+    fsync_path(destination)
+    fsync_path(checkpoints_dir)
+    journal.unlink()
+    fsync_path(checkpoints_dir)
+    logger.warning(f"Moved the checkpoints after step {plan['resume_step']} ({', '.join(plan['checkpoints'])}) of "
+                   f"an abandoned run to {destination}; delete that folder once you no longer need them.")
+    return moved
+
+
+def start_lineage(accelerator, resume_from_checkpoint: str | None, checkpoints_dir: str | os.PathLike
+                  ) -> Path | None:
+    """The checkpoint a run resumes from (`resolve_checkpoint`), with `checkpoints_dir` made to hold only its
+    lineage: leftovers of interrupted writes are deleted, an interrupted move completed, and every checkpoint of a
+    later step (all of them when starting afresh) moved aside (`abandon_checkpoints_after`). Every process calls
+    it; the main process changes the folder.
+
+    Example:
+    ```python
+    >>> start_lineage(accelerator, "outputs/run/checkpoints/checkpoint-200", "outputs/run/checkpoints")
+    PosixPath('outputs/run/checkpoints/checkpoint-200')  # checkpoint-400 and -600 moved to .abandoned/
+    ```
+    """
+    if accelerator.is_main_process:
+        finish_abandoning(checkpoints_dir)
+        remove_temporary_checkpoints(checkpoints_dir)
+    accelerator.wait_for_everyone()
+    checkpoint = resolve_checkpoint(resume_from_checkpoint, checkpoints_dir)
+    accelerator.wait_for_everyone()  # every process resolved before anything moves
+    if accelerator.is_main_process:
+        step = load_trainer_state(checkpoint)["completed_steps"] if checkpoint is not None else 0
+        abandon_checkpoints_after(checkpoints_dir, step)
+    accelerator.wait_for_everyone()
+    return checkpoint
+
+
 def check_run_signature(saved: Mapping, current: Mapping, checkpoint: str | os.PathLike) -> None:
     """Raise `CheckpointMismatchError` when the settings that fix data order and step arithmetic changed.
 
@@ -306,15 +430,20 @@ def check_run_signature(saved: Mapping, current: Mapping, checkpoint: str | os.P
 
 
 __all__ = [
+    "ABANDONED_DIR",
     "CHECKPOINT_PREFIX",
     "COMPLETION_MARKER",
+    "MODEL_SUBDIR",
+    "ROLLBACK_JOURNAL",
     "TEMPORARY_PREFIX",
     "TRAINER_STATE_NAME",
     "CheckpointMismatchError",
+    "abandon_checkpoints_after",
     "check_run_signature",
     "checkpoint_dir_for",
     "checkpoint_problem",
     "find_latest_checkpoint",
+    "finish_abandoning",
     "list_checkpoints",
     "load_trainer_state",
     "mark_complete",
@@ -322,6 +451,8 @@ __all__ = [
     "publish_checkpoint",
     "remove_temporary_checkpoints",
     "resolve_checkpoint",
+    "save_model_folder",
     "save_training_checkpoint",
+    "start_lineage",
     "temporary_dir_for",
 ]

@@ -13,9 +13,14 @@ Every micro-batch takes the same path, with or without GradCache:
 ```
 """
 
+import filecmp
+import json
 import logging
+import os
+import shutil
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,17 +33,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import speedups
-from ..atomic_files import publish_directory, write_json_atomically
+from ..atomic_files import publish_directory, recover_directory, write_json_atomically
 from ..data import CatalogueColumns, RetrievalCollator
+from ..modeling_mmretrieval import MODEL_CARD_NAME
 from ..retrieval.evaluator import RetrievalEvaluator
 from .cached_loss import CachedNTXentLoss
 from .checkpoints import (
     TEMPORARY_PREFIX,
+    CheckpointMismatchError,
     check_run_signature,
     load_trainer_state,
-    remove_temporary_checkpoints,
-    resolve_checkpoint,
+    save_model_folder,
     save_training_checkpoint,
+    start_lineage,
 )
 from .hub import push_folder_to_hub
 from .model_builder import build_model_and_processor
@@ -135,24 +142,70 @@ class PreparedRun:
     checkpoints_dir: Path
     max_train_steps: int
     collator: RetrievalCollator | None = None
+    processor: object | None = None
+    # The model card of a checkpoint, from the run state it is saved with (`model_card_for_state`).
+    model_card: Callable[[dict], str] | None = None
 
 
-def initial_state(args, accelerator, checkpoints_dir: Path, signature: dict) -> tuple[dict, Path | None]:
+def initial_state(args, accelerator, checkpoints_dir: Path, signature: dict, max_train_steps: int,
+                  lr_scheduler=None) -> tuple[dict, Path | None]:
     """The run state: fresh, or read back from `--resume_from_checkpoint` (model, optimizer, scheduler and RNG
-    states are restored into the prepared objects)."""
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoints_dir)
+    states are restored into the prepared objects). The checkpoints folder is first made to hold only the
+    lineage this run continues (`checkpoints.start_lineage`).
+
+    A checkpoint of a run planned for fewer steps is extended: the run continues to the new `max_train_steps`
+    with the learning-rate schedule of the longer run, from the step reached (`continue_schedule`). One past the
+    new `max_train_steps` raises `CheckpointMismatchError`.
+    """
+    checkpoint = start_lineage(accelerator, args.resume_from_checkpoint, checkpoints_dir)
     if checkpoint is None:
-        if accelerator.is_main_process:
-            remove_temporary_checkpoints(checkpoints_dir)
         state = {"completed_steps": 0, "epoch": 0, "batches_seen_in_epoch": 0, "skipped_steps": 0, "history": [],
-                 "signature": signature}
+                 "signature": signature, "max_train_steps": max_train_steps}
         return state, None
     state = load_trainer_state(checkpoint)
     check_run_signature(state["signature"], signature, checkpoint)
+    if state["completed_steps"] > max_train_steps:
+        raise CheckpointMismatchError(
+            f"{checkpoint} is at step {state['completed_steps']}, past the {max_train_steps} steps of this run "
+            "(--max_train_steps / --num_train_epochs); pass at least as many, or resume from an earlier checkpoint."
+        )
     accelerator.load_state(str(checkpoint))
+    # Checkpoints written before runs could be extended kept the planned length in the signature.
+    planned = state.get("max_train_steps", state["signature"].get("max_train_steps", max_train_steps))
+    if planned != max_train_steps:
+        if lr_scheduler is not None:
+            continue_schedule(lr_scheduler)
+        logger.info(f"Extending the run from {planned} to {max_train_steps} optimizer steps; the learning-rate "
+                    "schedule is now the longer run's, from the step reached.")
+    state["max_train_steps"] = max_train_steps
+    state["signature"] = signature
     logger.info(f"Resumed from {checkpoint} at step {state['completed_steps']} (epoch {state['epoch']}, "
                 f"batch {state['batches_seen_in_epoch']})")
     return state, checkpoint
+
+
+def continue_schedule(lr_scheduler) -> list[float]:
+    """Set the optimizer's learning rates to the schedule's value at the step reached; returns them.
+
+    A restored scheduler keeps its step count, but the optimizer keeps the learning rates of the schedule the
+    checkpoint was written under (0 at the end of a finished linear schedule). The schedule built for a longer
+    run gives the rate at that step anew, as transformers' `Trainer` does when `max_steps` grows.
+
+    Example:
+    ```python
+    >>> continue_schedule(lr_scheduler)  # linear, 6 of now 9 steps, no warmup: a third of each base rate
+    [3.3e-06, 3.3e-06, 0.00033, 0.00033]
+    ```
+    """
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps the torch scheduler
+    if not hasattr(scheduler, "lr_lambdas"):
+        return scheduler.get_last_lr()
+    rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas,
+                                                                    strict=True)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = list(rates)
+    return rates
 
 
 def train(args, run: PreparedRun, state: dict) -> None:
@@ -216,8 +269,12 @@ def train(args, run: PreparedRun, state: dict) -> None:
                 metrics = evaluate(accelerator, run.evaluator, model)
                 state["history"].append({"step": step, **metrics})
                 accelerator.log(metrics, step=step)
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                save_training_checkpoint(accelerator, run.checkpoints_dir, state, keep=args.checkpoints_total_limit)
+            # The last step is always saved too, so a finished run can be extended from where it ended.
+            if args.checkpointing_steps and (step % args.checkpointing_steps == 0 or step >= run.max_train_steps):
+                save_training_checkpoint(
+                    accelerator, run.checkpoints_dir, state, keep=args.checkpoints_total_limit, model=model,
+                    processor=run.processor, model_card=run.model_card(state) if run.model_card else None,
+                )
             if step >= run.max_train_steps:
                 break
         else:
@@ -259,19 +316,189 @@ def tracker_config(args) -> dict:
     return {name: value if isinstance(value, scalar) else str(value) for name, value in vars(args).items()}
 
 
-def save_final_model(accelerator, model, processor, output_dir: Path, model_card: str) -> Path:
-    """Save model (safetensors), processor and model card to `output_dir/final`, replacing it in one rename."""
+# The package each accelerate tracker needs, where its name differs from the tracker's.
+_TRACKER_PACKAGES = {"aim": "aim", "comet_ml": "comet-ml", "dvclive": "dvclive", "tensorboard": "tensorboard"}
+
+
+def trackers_for(report_to: str | Sequence[str] | None) -> list[str] | None:
+    """`--report_to` values (names, comma-separated or several; "all"; "none") as accelerate's `log_with`, or None.
+
+    Every tracker accelerate supports is accepted (`accelerate.tracking.LOGGER_TYPE_TO_CLASS`: tensorboard,
+    wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive, swanlab); "all" is every one installed. A tracker
+    whose package is missing raises `ValueError` (accelerate would silently drop it).
+
+    Example:
+    ```python
+    >>> trackers_for("none") is None
+    True
+    >>> trackers_for(["tensorboard,mlflow"])  # with both packages installed
+    ['tensorboard', 'mlflow']
+    ```
+    """
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    values = [report_to] if isinstance(report_to, str) or report_to is None else list(report_to)
+    names = list(dict.fromkeys(name.strip().lower() for value in values if value
+                               for name in str(value).split(",") if name.strip()))
+    if not names or names == ["none"]:
+        return None
+    if "none" in names:
+        raise ValueError(f"--report_to none cannot be combined with trackers (got {' '.join(names)})")
+    available = [str(getattr(tracker, "value", tracker)) for tracker in get_available_trackers()]
+    if "all" in names:
+        if not available:
+            raise ValueError(f"--report_to all: none of the trackers accelerate supports is installed "
+                             f"({', '.join(sorted(LOGGER_TYPE_TO_CLASS))}); pip install one, e.g. tensorboard")
+        return available
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ValueError(f"--report_to {name}: not a tracker accelerate supports; choose from none, all, "
+                             f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+        if name not in available:
+            raise ValueError(f"--report_to {name}: its package is not installed "
+                             f"(pip install {_TRACKER_PACKAGES.get(name, name)})")
+    return names
+
+
+def save_final_model(accelerator, model, processor, output_dir: Path, model_card: str,
+                     card_keeping_evaluation: Callable[[dict], str] | None = None) -> tuple[Path, dict | None]:
+    """Save model (safetensors), processor and model card to `output_dir/final`, swapped in with one rename
+    (`atomic_files.publish_directory`): `final/` is always the old complete model or the new one.
+
+    With `card_keeping_evaluation` (a run without evaluation), weights byte-identical to those of the `final/`
+    they replace keep the earlier `results.json`'s evaluation: the card is `card_keeping_evaluation(earlier)`.
+    Returns `final/` and that earlier results dict (None when not kept).
+
+    Example:
+    ```python
+    >>> save_final_model(accelerator, model, processor, Path("outputs/run"), card)
+    (PosixPath('outputs/run/final'), None)
+    ```
+    """
     final_dir = output_dir / "final"
-    state_dict = accelerator.get_state_dict(model)  # a collective under DeepSpeed/FSDP: every process calls it
+    temporary = output_dir / f"{TEMPORARY_PREFIX}final"
     if accelerator.is_main_process:
-        temporary = output_dir / f"{TEMPORARY_PREFIX}final"
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.model_card = model_card  # saved as README.md, and what `push_to_hub` uploads
-        unwrapped.save_pretrained(temporary, state_dict=state_dict)
-        processor.save_pretrained(temporary)
+        recover_directory(final_dir)  # a run killed while publishing: its complete earlier final/ back first
+        if temporary.exists():  # a run killed while writing, or right after swapping: never mix its files in
+            shutil.rmtree(temporary)
+    save_model_folder(accelerator, model, processor, temporary, model_card)
+    earlier = None
+    if accelerator.is_main_process:
+        if card_keeping_evaluation is not None:
+            earlier = earlier_results_of_same_weights(output_dir, temporary)
+            if earlier is not None:
+                (temporary / MODEL_CARD_NAME).write_text(card_keeping_evaluation(earlier), encoding="utf-8")
         publish_directory(temporary, final_dir)
     accelerator.wait_for_everyone()
-    return final_dir
+    return final_dir, earlier
+
+
+def earlier_results_of_same_weights(output_dir: Path, new_model_dir: Path) -> dict | None:
+    """The earlier `results.json`, when it holds an evaluation and `output_dir/final` holds weights byte-identical
+    to `new_model_dir`'s (a relaunch of a finished run that trained nothing new, or retrained to the same
+    bytes): that evaluation still describes the model."""
+    results_path, weights_name = output_dir / "results.json", "model.safetensors"
+    old_weights, new_weights = output_dir / "final" / weights_name, new_model_dir / weights_name
+    if not (results_path.is_file() and old_weights.is_file() and new_weights.is_file()):
+        return None
+    if not filecmp.cmp(old_weights, new_weights, shallow=False):
+        return None
+    try:
+        earlier = json.loads(results_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        logger.warning(f"Not reusing the earlier evaluation in {results_path}: {error}")
+        return None
+    return earlier if isinstance(earlier, dict) and (earlier.get("before") or earlier.get("after")) else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------------------------
+
+# Where launchers put the number of processes: torchrun and accelerate's --multi_gpu, Intel MPI / MPICH, Open MPI,
+# MVAPICH.
+_WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_SIZE")
+
+
+def _world_size() -> int:
+    return max((int(os.environ[name]) for name in _WORLD_SIZE_VARIABLES if os.environ.get(name)), default=1)
+
+
+def has_accelerator_device() -> bool:
+    """Whether torch sees a GPU (or another accelerator: XPU, MPS, ...)."""
+    current = getattr(torch, "accelerator", None)
+    if current is not None and hasattr(current, "is_available"):
+        return bool(current.is_available())
+    return torch.cuda.is_available()
+
+
+def runs_on_cpu_in_several_processes() -> bool:
+    """True when several processes were launched on a machine without an accelerator (`accelerate launch
+    --multi_gpu`, `torchrun` or `mpirun` there): the `Accelerator` must then be built with `cpu=True`, which
+    makes it a gloo (MULTI_CPU) group with the right ranks, instead of one rank-0 process per launch.
+
+    Example:
+    ```python
+    >>> runs_on_cpu_in_several_processes()  # under `torchrun --nproc_per_node 2` on a laptop
+    True
+    ```
+    """
+    return _world_size() > 1 and not has_accelerator_device()
+
+
+def _accelerate_cpu_launch_request() -> tuple[int, int] | None:
+    """`(num_processes, num_machines)` when this process was started by `accelerate launch --cpu
+    --num_processes N` (N > 1) without an MPI hostfile: accelerate's simple launcher then starts one process
+    only. Read from the launcher's command line (Linux `/proc`); None when this is not that case."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes") or _world_size() > 1:
+        return None
+    if "MASTER_PORT" not in os.environ:  # the simple launcher sets it only for several processes or machines
+        return None
+    try:
+        launcher = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return None
+    # `accelerate launch ...` or `python -m accelerate.commands.launch ...`: the launcher's own flags follow.
+    starts = [i + 1 for i, word in enumerate(launcher) if word in ("launch", "accelerate.commands.launch")]
+    if not starts:
+        return None
+    from accelerate.commands.launch import launch_command_parser
+
+    launch_args, _ = launch_command_parser().parse_known_args(launcher[starts[0]:])
+    if (launch_args.num_processes or 1) < 2:
+        return None
+    return launch_args.num_processes, launch_args.num_machines or 1
+
+
+def relaunch_as_requested_processes() -> None:
+    """Make `accelerate launch --cpu --num_processes N examples/train.py ...` train in N processes.
+
+    accelerate's `--cpu` launcher starts a single process unless it is given an MPI hostfile, so the script would
+    silently train alone. Here that one process replaces itself with `torch.distributed.run` (torchrun) starting
+    N copies of the same command on this machine; each builds a CPU (gloo) `Accelerator` of N ranks. Several
+    machines are refused with a pointer to the recipes in docs/training.md.
+
+    Example:
+    ```python
+    >>> relaunch_as_requested_processes()  # under `accelerate launch --cpu --num_processes 2`: never returns
+    ```
+    """
+    request = _accelerate_cpu_launch_request()
+    if request is None:
+        return
+    num_processes, num_machines = request
+    if num_machines > 1:
+        raise RuntimeError("accelerate launch --cpu across machines needs an MPI hostfile (--mpirun_hostfile); see "
+                           "docs/training.md, Multi-GPU and multi-node")
+    # Plain logging: accelerate's logger needs the `Accelerator` this process has not built yet.
+    logging.getLogger(__name__).warning(f"accelerate launch --cpu started 1 of the {num_processes} processes asked "
+                                        f"for; relaunching with torchrun --nproc_per_node {num_processes}.")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
+               "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
+               "--master_port", os.environ["MASTER_PORT"], sys.argv[0], *sys.argv[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,13 +521,16 @@ def run_training(args) -> dict:
     ```
     """
     started = time.perf_counter()
+    relaunch_as_requested_processes()
     output_dir = Path(args.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
+    trackers = trackers_for(args.report_to)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
+        log_with=trackers,
         project_dir=str(output_dir),
+        cpu=runs_on_cpu_in_several_processes(),
     )
     check_mixed_precision_supported(args.mixed_precision, accelerator.device)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.WARNING)
@@ -365,10 +595,10 @@ def run_training(args) -> dict:
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "num_processes": accelerator.num_processes,
-        "max_train_steps": max_train_steps,
     }
-    state, checkpoint = initial_state(args, accelerator, checkpoints_dir, signature)
-    if args.report_to != "none":
+    state, checkpoint = initial_state(args, accelerator, checkpoints_dir, signature, max_train_steps, lr_scheduler)
+    steps_before_this_run = state["completed_steps"]
+    if trackers:
         accelerator.init_trackers("mmretrieval", config=tracker_config(args))
     if "before_metrics" not in state:
         state["before_metrics"] = evaluate(accelerator, evaluator, model)
@@ -377,39 +607,67 @@ def run_training(args) -> dict:
                 f"steps ({num_epochs} epochs), batch {args.per_device_train_batch_size} x {accelerator.num_processes} "
                 f"processes x {args.gradient_accumulation_steps} accumulation")
 
+    settings = training_settings(args, accelerator, max_train_steps, num_epochs, image_size,
+                                 cached_features=collator.image_features is not None)
+
+    def model_card(before: dict, after: dict, eval_split: str | None = args.eval_split) -> str:
+        return render_model_card(ModelCardInfo(
+            config=accelerator.unwrap_model(model).config, towers=towers, dataset=str(args.dataset),
+            queries_are_derived=data.queries_are_derived, num_train_pairs=len(data.pairs), eval_split=eval_split,
+            training_settings=settings, before=before, after=after, image_size=image_size,
+            repo_id=args.hub_model_id or output_dir.resolve().name,
+        ))
+
+    def model_card_for_state(at: dict) -> str:  # a checkpoint's card: its step's evaluation, if one ran
+        evaluated = [entry for entry in at["history"] if entry.get("step") == at["completed_steps"]]
+        after = {name: value for name, value in evaluated[-1].items() if name != "step"} if evaluated else {}
+        return model_card(at.get("before_metrics", {}), after)
+
     train_started = time.perf_counter()
     run = PreparedRun(accelerator, model, optimizer, lr_scheduler, train_dataloader, loss_fn, evaluator,
-                      checkpoints_dir, max_train_steps, collator)
+                      checkpoints_dir, max_train_steps, collator, processor, model_card_for_state)
     train(args, run, state)
     train_seconds = time.perf_counter() - train_started
 
     after_metrics = evaluate(accelerator, evaluator, model)
     accelerator.log(after_metrics, step=state["completed_steps"])
-    card = ModelCardInfo(
-        config=accelerator.unwrap_model(model).config, towers=towers, dataset=str(args.dataset),
-        queries_are_derived=data.queries_are_derived, num_train_pairs=len(data.pairs), eval_split=args.eval_split,
-        training_settings=training_settings(args, accelerator, max_train_steps, num_epochs, image_size,
-                                            cached_features=collator.image_features is not None),
-        before=state["before_metrics"], after=after_metrics, image_size=image_size,
-        repo_id=args.hub_model_id or output_dir.resolve().name,
-    )
-    final_dir = save_final_model(accelerator, model, processor, output_dir, render_model_card(card))
+    before_metrics, eval_split = state["before_metrics"], args.eval_split
+
+    def card_keeping_evaluation(earlier: dict) -> str:
+        return model_card(earlier.get("before", {}), earlier.get("after", {}), earlier.get("eval_split", "validation"))
+
+    # A relaunch without evaluation must not replace an earlier evaluation of these very weights with nothing.
+    final_dir, earlier = save_final_model(accelerator, model, processor, output_dir,
+                                          model_card(before_metrics, after_metrics, eval_split),
+                                          card_keeping_evaluation if evaluator is None else None)
+    if earlier is not None:
+        before_metrics, after_metrics = earlier.get("before", {}), earlier.get("after", {})
+        eval_split = earlier.get("eval_split", "validation")
+        logger.info("No evaluation this run: kept the earlier run's evaluation of these same weights.")
     results = {
-        "before": state["before_metrics"],
+        "before": before_metrics,
         "after": after_metrics,
+        "eval_split": eval_split,
         "history": state["history"],
         "training": {
             "completed_steps": state["completed_steps"], "skipped_steps": state["skipped_steps"],
             "epochs": num_epochs, "train_pairs": len(data.pairs), "last_logged_loss": state.get("last_logged_loss"),
+            "steps_this_run": state["completed_steps"] - steps_before_this_run,
             "train_seconds_this_run": round(train_seconds, 1),
             "resumed_from": str(checkpoint) if checkpoint else None,
         },
         "model_dir": str(final_dir),
     }
+    if earlier is not None:
+        results["evaluation_kept_from_earlier_run"] = True
     image_report = collator.image_report.merge(cache_report) if cache_report is not None else collator.image_report
     if collator.uses_images:
         results["images"] = image_report.to_dict()
         logger.info(f"Training products, {image_report.summary()}")
+    eval_report = getattr(evaluator, "image_report", None)
+    if collator.uses_images and eval_report is not None and eval_report.total:
+        results["eval_images"] = eval_report.to_dict()
+        logger.info(f"Evaluation products, {eval_report.summary()}")
     if args.push_to_hub and accelerator.is_main_process:
         repo_id = args.hub_model_id or output_dir.resolve().name
         results["hub_commit_url"] = push_folder_to_hub(
@@ -419,9 +677,9 @@ def run_training(args) -> dict:
     results["training"]["wall_seconds_this_run"] = round(time.perf_counter() - started, 1)
     if accelerator.is_main_process:
         write_json_atomically(output_dir / "results.json", results)
-        if evaluator is not None:
-            accelerator.print(f"\nRetrieval on the {args.eval_split} split, before vs after training:")
-            accelerator.print(format_results_table(state["before_metrics"], after_metrics))
+        if evaluator is not None or earlier is not None:
+            accelerator.print(f"\nRetrieval on the {eval_split} split, before vs after training:")
+            accelerator.print(format_results_table(before_metrics, after_metrics))
         accelerator.print(f"\nModel and processor: {final_dir}\nResults: {output_dir / 'results.json'}")
     if collator.uses_images:  # once the results are written: a strict failure still leaves the run's record
         image_report.check(**image_checks)
@@ -429,4 +687,15 @@ def run_training(args) -> dict:
     return results
 
 
-__all__ = ["PreparedRun", "build_loss_fn", "model_loss", "run_training", "train", "training_step"]
+__all__ = [
+    "PreparedRun",
+    "build_loss_fn",
+    "continue_schedule",
+    "model_loss",
+    "relaunch_as_requested_processes",
+    "run_training",
+    "runs_on_cpu_in_several_processes",
+    "train",
+    "trackers_for",
+    "training_step",
+]

@@ -239,11 +239,12 @@ def build_evaluator(args, accelerator, model, processor, data: TrainingData, col
         return HeldOutEvaluator(
             data.eval_products, num_queries=args.max_eval_queries, seed=args.seed, columns=columns,
             processor=processor, name="eval", batch_size=args.per_device_eval_batch_size,
-            image_features=image_features,
+            image_features=image_features, fetch_images=getattr(args, "fetch_images", False),
         )
     return RetrievalEvaluator.with_colour_slice(
         data.eval_products, data.eval_queries, processor, columns=columns, name="eval",
         batch_size=args.per_device_eval_batch_size, image_features=image_features,
+        fetch_images=getattr(args, "fetch_images", False),
     )
 
 
