@@ -355,7 +355,8 @@ def test_trust_remote_code_does_run_the_checkpoint_code(planted_loads):
     """The control: without the package, trust_remote_code=True imports every planted file (so the check above
     would have seen it), which is exactly what docs/reliability.md warns about."""
     outcome = planted_loads["remote_code"]
-    assert outcome["ran"] == outcome["planted"]
+    # The sentence-transformers glue is imported only by sentence-transformers or the pipeline, not by the Auto classes.
+    assert outcome["ran"] == [name for name in outcome["planted"] if name != "integrations_mmretrieval"]
     assert outcome["result"]["model"].startswith("transformers_modules.")
     assert outcome["result"]["processor"].startswith("transformers_modules.")
 

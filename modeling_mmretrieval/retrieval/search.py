@@ -30,7 +30,8 @@ LENGTH_SORT_WINDOW_BATCHES = 16
 
 
 _VOLATILE_CONFIG_KEYS = frozenset(
-    {"transformers_version", "_name_or_path", "architectures", "auto_map", "dtype", "torch_dtype", "_commit_hash"}
+    {"transformers_version", "_name_or_path", "architectures", "auto_map", "dtype", "torch_dtype", "_commit_hash",
+     "custom_pipelines"}
 )
 
 
