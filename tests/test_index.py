@@ -658,3 +658,19 @@ def test_add_while_searching_is_safe(tmp_path, screening):
     assert len(index) == 2600 and "fresh" not in index
     index.save(tmp_path / "grown")
     assert ProductIndex.load(tmp_path / "grown").ids == index.ids
+
+
+@pytest.mark.parametrize("bad_value, message", [(float("nan"), "holds NaN or infinite values"), (3.0, "has L2 norm 3, not 1")])
+def test_load_refuses_a_row_that_is_not_finite_and_unit_norm_even_without_checksums(tmp_path, bad_value, message):
+    """A NaN row loaded without checksum verification used to rank first for every query (and crash `k=1`)."""
+    vectors = random_unit_vectors(300, 16, seed=23)
+    ProductIndex.from_embeddings(vectors, sku_ids(300)).save(tmp_path / "index")
+    embeddings_file = tmp_path / "index" / "embeddings.f32"
+    corrupted = np.fromfile(embeddings_file, dtype="<f4").reshape(300, 16)
+    corrupted[137] = bad_value if np.isnan(bad_value) else corrupted[137] * bad_value
+    corrupted.tofile(embeddings_file)
+    for mmap in (True, False):
+        with pytest.raises(IndexIntegrityError, match=rf"product id 'sku-000137' \(row 137\) {message}"):
+            ProductIndex.load(tmp_path / "index", verify_checksums=False, mmap=mmap)
+    with pytest.raises(IndexIntegrityError, match="checksum"):  # with checksums, the hash mismatch is found first
+        ProductIndex.load(tmp_path / "index")

@@ -7,7 +7,8 @@ either a query and its relevant ids per line, or (query, product id) pairs. The 
 checked before any model is loaded; the run prints how the catalogue's images fared and records it in the report.
 `--compare_to` evaluates a second (text-only) checkpoint on the same queries and adds the exclusive-match
 analysis: which products each model retrieves in its top k that the other misses, and how many are relevant.
-See docs/search.md for the report fields and the queries file format.
+`--ranker dense lexical hybrid` evaluates the model, BM25 and their fusion (`--fusion rrf` or `score`) side by side
+on the same queries, from one product index. See docs/search.md for the report fields and the queries file format.
 
 Examples:
 ```bash
@@ -15,6 +16,7 @@ mmretrieval evaluate --model_name_or_path outputs/4tower/final --split test --nu
     --output_file reports/4tower-test.json
 python examples/evaluate.py --model_name_or_path outputs/4tower/final --compare_to outputs/text/final \
     --save_run runs/4tower-test.json --output_file reports/4tower-vs-text.json
+mmretrieval evaluate --model_name_or_path outputs/4tower/final --ranker dense lexical hybrid --fusion rrf
 ```
 """
 
@@ -38,7 +40,11 @@ from modeling_mmretrieval.data.images import ImageReport
 from modeling_mmretrieval.data.query_column import evaluation_queries_from_column, unique_products
 from modeling_mmretrieval.retrieval.evaluator import RetrievalEvaluator
 from modeling_mmretrieval.retrieval.exclusive_matches import exclusive_matches
-from modeling_mmretrieval.retrieval.search import config_fingerprint, model_identity
+from modeling_mmretrieval.retrieval.filters import ProductFilter
+from modeling_mmretrieval.retrieval.hybrid import Fusion, ProductRanker
+from modeling_mmretrieval.retrieval.index import ProductIndex
+from modeling_mmretrieval.retrieval.lexical import LexicalIndex
+from modeling_mmretrieval.retrieval.search import build_product_index, config_fingerprint, embed_queries, model_identity
 
 from .common import (
     CliError,
@@ -51,6 +57,7 @@ from .common import (
     report_images,
     retriever_parser,
 )
+from .search import add_ranker_arguments, catalogue_table, fusion_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -306,29 +313,73 @@ def model_description(model) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def ranker_runs(
+    model, processor, evaluator: RetrievalEvaluator, rankers: Sequence[str], fusion: Fusion, k: int
+) -> dict[str, dict[str, list[str]]]:
+    """`{ranker: run}` of each of `rankers` ("dense", "lexical", "hybrid") on the evaluator's queries, top `k`.
+
+    The dense run alone is `evaluator.rankings`; otherwise one product index (built as `evaluator.rankings` builds
+    it, so the dense run is the same) and one BM25 index serve every ranker.
+
+    Example: `runs = ranker_runs(model, processor, evaluator, ["dense", "hybrid"], Fusion("rrf"), 100)`.
+    """
+    if list(rankers) == ["dense"]:
+        return {"dense": evaluator.rankings(model, k=k)}
+    texts = [query.text for query in evaluator.queries]
+    columns, catalogue = evaluator.columns, evaluator.catalogue
+    embeddings = None
+    if any(ranker != "lexical" for ranker in rankers):
+        index = build_product_index(
+            model, processor, catalogue, columns=columns, batch_size=evaluator.batch_size,
+            show_progress=evaluator.show_progress, metadata_columns=(), image_features=evaluator.image_features,
+            fetch_images=evaluator.fetch_images, image_report=evaluator.image_report,
+        )
+        embeddings = embed_queries(model, processor, texts)
+    else:
+        # BM25 alone embeds nothing: an index of the ids (every row the same vector) gives the rankers their ids.
+        product_ids = list(catalogue[columns.product_id])
+        index = ProductIndex.from_embeddings(torch.ones((len(product_ids), 1)), product_ids)
+    table, fields = catalogue_table(catalogue, index, columns, ProductFilter(), "lexical")
+    lexical = LexicalIndex.from_products(table.records(fields), fields)
+    runs = {}
+    for name in rankers:
+        ranker = ProductRanker(index, lexical, ranker=name, fusion=fusion)
+        _, ids = ranker.search(texts, k=k, query_embeddings=embeddings)
+        runs[name] = {
+            query.query_id: [str(product_id) for product_id in ranked if product_id is not None]
+            for query, ranked in zip(evaluator.queries, ids, strict=True)
+        }
+    return runs
+
+
 def evaluate_checkpoint(
     name_or_path: str,
     catalogue,
     queries: Sequence[EvaluationQuery],
     args: argparse.Namespace,
     columns: CatalogueColumns,
-) -> tuple[dict, dict[str, list[str]], dict, ImageReport | None]:
-    """`(model description, run, evaluator results, image report)` of one checkpoint on the queries; the run ranks
-    deep enough for every metric cut-off and for the exclusive-match analysis. The report counts how the
-    catalogue's images loaded for this model; `None` for a text-only model, which reads no image.
+    rankers: Sequence[str] = ("dense",),
+) -> tuple[dict, dict[str, dict[str, list[str]]], dict[str, dict], ImageReport | None]:
+    """`(model description, {ranker: run}, {ranker: evaluator results}, image report)` of one checkpoint on the
+    queries, for each of `rankers` (see `ranker_runs`); runs rank deep enough for every metric cut-off and for the
+    exclusive-match analysis. The report counts how the catalogue's images loaded for this model; `None` for a
+    text-only model, or BM25 alone, which read no image.
 
-    Example: `description, run, results, images = evaluate_checkpoint("outputs/run/final", catalogue, queries, args,
-    columns)`.
+    Example: `description, runs, results, images = evaluate_checkpoint("outputs/run/final", catalogue, queries, args,
+    columns)`; `runs["dense"]` is the model's run.
     """
     model, processor = load_retriever(name_or_path, args.device)
     evaluator = RetrievalEvaluator.with_colour_slice(
         catalogue, queries, processor, columns=columns, k_values=args.k_values, name=args.split,
         batch_size=args.batch_size, show_progress=args.progress, fetch_images=args.fetch_images,
     )
-    logger.info(f"Evaluating {model_identity(model)}: {evaluator}")
-    run = evaluator.rankings(model, k=max(*args.k_values, args.exclusive_k or 0))
-    image_report = evaluator.image_report if model.config.uses_images else None
-    return model_description(model), run, evaluator.compute(run), image_report
+    logger.info(f"Evaluating {model_identity(model)} ({', '.join(rankers)}): {evaluator}")
+    k = max(*args.k_values, args.exclusive_k or 0)
+    runs = ranker_runs(model, processor, evaluator, rankers, fusion_from_args(args), k)
+    reads_images = model.config.uses_images and any(ranker != "lexical" for ranker in rankers)
+    image_report = evaluator.image_report if reads_images else None
+    results = {ranker: evaluator.compute(run) for ranker, run in runs.items()}
+    return model_description(model), runs, results, image_report
 
 
 def select_queries(args: argparse.Namespace, catalogue, columns: CatalogueColumns) -> tuple[list, dict]:
@@ -381,6 +432,7 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     parser.add_argument("--save_run", type=Path, default=None, help="write the rankings as JSON {query_id: [ids]}")
     parser.add_argument("--save_queries", type=Path, default=None, help="write the queries in --queries_file format")
     parser.add_argument("--progress", action="store_true", help="show a progress bar while indexing")
+    add_ranker_arguments(parser, several=True)
     add_image_arguments(parser)
     args = parser.parse_args(argv)
     if min(args.k_values) < 1 or args.num_queries < 1 or (args.exclusive_k is not None and args.exclusive_k < 1):
@@ -402,7 +454,8 @@ def comparison_section(run: dict, compared: tuple, queries: Sequence[EvaluationQ
 
     Example: `comparison_section(run, evaluate_checkpoint(args.compare_to, ...), queries, args)["exclusive_matches"]`.
     """
-    description, text_run, results, image_report = compared
+    description, text_runs, text_results, image_report = compared
+    text_run, results = text_runs["dense"], text_results["dense"]
     if description["architecture"] != "text_only":
         logger.warning(f"--compare_to is meant for a text-only model; {description['model_id']} is not")
     overall, slices = split_metrics(results, args.split)
@@ -450,9 +503,12 @@ def main(argv=None, prog: str | None = None) -> int:
             catalogue = unique_products(catalogue, columns)
         queries, query_source = select_queries(args, query_rows, columns)
         catalogue = checked_products(catalogue, columns, args)
-        description, run, results, image_report = evaluate_checkpoint(
-            args.model_name_or_path, catalogue, queries, args, columns
+        rankers = list(dict.fromkeys(args.ranker))
+        fusion = fusion_from_args(args)  # checked before the model loads
+        description, runs, results_by_ranker, image_report = evaluate_checkpoint(
+            args.model_name_or_path, catalogue, queries, args, columns, rankers
         )
+        run = runs[rankers[0]]
         report_model_images(description, image_report, args, columns)
         compared = None
         if args.compare_to is not None:
@@ -462,9 +518,16 @@ def main(argv=None, prog: str | None = None) -> int:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
 
-    overall, slices = split_metrics(results, args.split)
     title = f"{description['model_id']} on {args.split}: {len(catalogue)} products, {len(queries)} queries"
-    print_metrics(title, overall, slices)
+    ranker_sections = {}
+    for ranker, ranker_results in results_by_ranker.items():
+        ranker_overall, ranker_slices = split_metrics(ranker_results, args.split)
+        ranker_sections[ranker] = {"metrics": ranker_overall, "slices": ranker_slices}
+        label = "" if rankers == ["dense"] else f" [{ranker}]"
+        if ranker == "hybrid":
+            label = f" [hybrid: {fusion.describe()}]"
+        print_metrics(("" if ranker == rankers[0] else "\n") + title + label, ranker_overall, ranker_slices)
+    overall, slices = ranker_sections[rankers[0]]["metrics"], ranker_sections[rankers[0]]["slices"]
     comparison = None if compared is None else comparison_section(run, compared, queries, args)
     if args.save_run is not None:
         write_json(args.save_run, run)
@@ -482,8 +545,11 @@ def main(argv=None, prog: str | None = None) -> int:
         "num_queries": len(queries),
         "images": None if image_report is None else image_report.to_dict(),
         "k_values": list(args.k_values),
+        "ranker": rankers[0],
         "metrics": overall,
         "slices": slices,
+        "rankers": ranker_sections,
+        "hybrid_fusion": fusion.to_dict() if "hybrid" in rankers else None,
         "comparison": comparison,
         "run_file": None if args.save_run is None else str(args.save_run),
         "wall_time_seconds": time.perf_counter() - started,

@@ -155,7 +155,12 @@ def _candidate_columns(scores: np.ndarray, k: int, margin: float, with_torch: bo
 
 
 def exact_top_k(
-    catalogue: np.ndarray, queries: torch.Tensor, k: int, chunk_rows: int, screen: Float16Screen | None = None
+    catalogue: np.ndarray,
+    queries: torch.Tensor,
+    k: int,
+    chunk_rows: int,
+    screen: Float16Screen | None = None,
+    allowed: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k inner products, ties broken by catalogue order, in O(queries x chunk_rows) memory.
 
@@ -163,10 +168,16 @@ def exact_top_k(
     float16 copy. Every row that could still be in the top k given those scores' error bound is rescored
     exactly, then merged into the running top k, so both ways return the same results.
 
+    `allowed` (a boolean mask, one entry per catalogue row) restricts the search to the rows it marks: the
+    others score -inf before candidates are chosen and after they are rescored, so the results are those of
+    a catalogue holding only the allowed rows (the caller caps `k` at their count).
+
     Example:
         >>> catalogue = np.eye(4, dtype=np.float32)
         >>> exact_top_k(catalogue, torch.from_numpy(catalogue[2:3]), 2, chunk_rows=256)[1]
         tensor([[2, 0]])
+        >>> exact_top_k(catalogue, torch.from_numpy(catalogue[2:3]), 2, 256, allowed=np.array([0, 1, 0, 1], bool))[1]
+        tensor([[1, 3]])
     """
     num_queries, dim = queries.shape
     query_matrix = queries.numpy()
@@ -180,15 +191,26 @@ def exact_top_k(
     score_block = np.empty((num_queries, min(chunk_rows, len(catalogue))), dtype=np.float32)
     for start in range(0, len(catalogue), chunk_rows):
         chunk = catalogue[start : start + chunk_rows]
+        chunk_allowed = None if allowed is None else allowed[start : start + len(chunk)]
+        allowed_rows = len(chunk) if chunk_allowed is None else int(np.count_nonzero(chunk_allowed))
+        if allowed_rows == 0:
+            continue
         if len(chunk) < score_block.shape[1]:
             score_block = np.empty((num_queries, len(chunk)), dtype=np.float32)
         if screen is not None:
             screen.score(query_matrix, start, start + len(chunk), score_block)
         else:
             _score_chunk(query_matrix, chunk, score_block)
-        positions = _candidate_columns(score_block, k, margin, with_torch) + start
+        if allowed_rows < len(chunk):
+            score_block[:, ~chunk_allowed] = -np.inf
+        # At most `allowed_rows` candidates are real: asking for more would make the k-th score -inf and
+        # turn the whole chunk into candidates.
+        positions = _candidate_columns(score_block, min(k, allowed_rows), margin, with_torch) + start
+        rescored = _rescore(catalogue, queries_float64, positions)
+        if allowed_rows < len(chunk):
+            rescored[~allowed[positions]] = -np.inf  # candidates beyond the allowed rows fill the slack: drop them
         best_scores, best_positions = order_candidates(
-            torch.cat([best_scores, torch.from_numpy(_rescore(catalogue, queries_float64, positions))], dim=1),
+            torch.cat([best_scores, torch.from_numpy(rescored)], dim=1),
             torch.cat([best_positions, torch.from_numpy(positions)], dim=1),
             k,
         )

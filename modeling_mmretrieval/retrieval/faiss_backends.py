@@ -67,10 +67,28 @@ class FaissSearcher:
         self.count = len(catalogue)
         self.hnsw = hnsw
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _filtered_parameters(self, allowed: np.ndarray):
+        """faiss search parameters that visit only the `allowed` rows (faiss's own id selector), and the
+        selector, which the caller keeps alive while faiss uses it."""
+        faiss = import_faiss()
+        selector = faiss.IDSelectorBatch(np.flatnonzero(allowed).astype(np.int64))
+        if isinstance(self._index, faiss.IndexHNSWFlat):
+            # Parameters given per search replace the index's own, so the graph's efSearch is passed on.
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=self.hnsw.ef_search), selector
+        return faiss.SearchParameters(sel=selector), selector
+
+    def search(
+        self, queries: torch.Tensor, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(scores, positions)` of the top `k` rows for float32 `(Q, dim)` queries, ordered as `exact_top_k`
-        orders them; slots a graph search could not fill have score -inf and position -1."""
-        scores, labels = self._index.search(queries.numpy(), k)
+        orders them; slots a graph search could not fill have score -inf and position -1. `allowed` (a
+        boolean mask over the rows) restricts the search to the rows it marks; a graph search with a selective
+        mask may then fill fewer slots, as the graph is walked through rows the mask leaves out."""
+        if allowed is None:
+            scores, labels = self._index.search(queries.numpy(), k)
+        else:
+            parameters, _selector = self._filtered_parameters(allowed)
+            scores, labels = self._index.search(queries.numpy(), k, params=parameters)
         scores, labels = torch.from_numpy(scores), torch.from_numpy(labels)
         # Graph search can come back short; missing slots (label -1) sort last.
         scores = scores.masked_fill(labels < 0, float("-inf"))

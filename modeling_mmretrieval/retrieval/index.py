@@ -34,12 +34,13 @@ import torch
 
 from ..atomic_files import atomic_directory
 from ..data.rows import row_batches
-from .embedding_checks import as_float32_matrix, check_unit_rows, prepare_queries
+from .embedding_checks import NORM_TOLERANCE, as_float32_matrix, check_unit_rows, prepare_queries
 from .exact_search import ScreeningCache, default_chunk_rows, exact_top_k
 from .faiss_backends import FAISS_BACKENDS, FaissSearchers, HNSWOptions, import_faiss
 from .index_files import (
     COPY_BLOCK_ROWS,
     IndexFiles,
+    IndexIntegrityError,
     RowBlock,
     bounded_metadata,
     read_index_directory,
@@ -58,6 +59,45 @@ def _positive_int(value: Any, name: str, *, integer_types: tuple[type, ...] = (i
     if isinstance(value, bool) or not isinstance(value, integer_types) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _allowed_mask(allowed: Any, count: int) -> np.ndarray | None:
+    """`allowed` as a boolean numpy mask of `count` rows (None when every row is allowed)."""
+    if allowed is None:
+        return None
+    if isinstance(allowed, torch.Tensor):
+        allowed = allowed.detach().cpu().numpy()
+    allowed = np.asarray(allowed)
+    # An integer array would be read as row positions by some callers and as a mask by others: refuse it.
+    if allowed.dtype != np.bool_ or allowed.ndim != 1:
+        raise TypeError(
+            f"allowed must be a 1-D boolean mask with one entry per indexed product, got dtype {allowed.dtype} "
+            f"and shape {allowed.shape}"
+        )
+    if len(allowed) != count:
+        raise ValueError(f"allowed has {len(allowed)} entries but the index holds {count} products")
+    return None if allowed.all() else allowed
+
+
+def _check_loaded_rows(files: IndexFiles, directory: Path) -> None:
+    """Raises `IndexIntegrityError` naming the first row of a loaded index that is not finite and unit-norm.
+
+    Checked block by block, so a memory-mapped matrix is read once without being held in memory."""
+    embeddings = files.embeddings
+    for start in range(0, len(embeddings), COPY_BLOCK_ROWS):
+        block = np.asarray(embeddings[start : start + COPY_BLOCK_ROWS], dtype=np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            norms = np.linalg.norm(block, axis=1)
+        bad = ~np.isfinite(block).all(axis=1) | ~(np.abs(norms - 1.0) <= NORM_TOLERANCE)
+        if bad.any():
+            position = start + int(np.flatnonzero(bad)[0])
+            what = "holds NaN or infinite values" if not np.isfinite(block[position - start]).all() else (
+                f"has L2 norm {norms[position - start]:.4g}, not 1"
+            )
+            raise IndexIntegrityError(
+                f"the index at {directory}: the embedding of product id {files.ids[position]!r} (row {position}) "
+                f"{what}; the embeddings file is corrupted: rebuild the index"
+            )
 
 
 def _row_product_id(row: Mapping, id_column: str, row_number: int) -> ProductId:
@@ -237,14 +277,17 @@ class ProductIndex(ProductRows):
 
         Raises `IndexModelMismatchError` when `expected_model_id` / `expected_config_hash` differ from those
         recorded at build time, and `IndexIntegrityError` when a file is missing, truncated, edited or fails
-        its checksum. `verify_checksums=False` skips hashing the embeddings (a full read) for very large
-        indexes; sizes and the ids' checksum are still checked. With `mmap` the matrix is paged in on demand.
+        its checksum, or when a row is not finite or not L2-normalised (the checks `build` and `add` make; a
+        NaN row would otherwise rank first for every query). `verify_checksums=False` skips hashing the
+        embeddings for very large indexes; sizes, the ids' checksum and the rows' norms are still checked.
+        With `mmap` the matrix is paged in on demand (the norm check reads it once, block by block).
 
         Example:
             >>> index = ProductIndex.load("catalogue_index", expected_model_id="my-org/mmretrieval")  # doctest: +SKIP
         """
         expected = {"expected_model_id": expected_model_id, "expected_config_hash": expected_config_hash}
         files = read_index_directory(Path(directory), mmap=mmap, verify_checksums=verify_checksums, **expected)
+        _check_loaded_rows(files, Path(directory))
         return cls._from_files(files, backend=backend)
 
     @classmethod
@@ -350,6 +393,7 @@ class ProductIndex(ProductRows):
         *,
         chunk_size: int | None = None,
         backend: str | None = None,
+        allowed: np.ndarray | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list]:
         """Top-k products by cosine similarity for L2-normalised query embeddings.
 
@@ -359,10 +403,19 @@ class ProductIndex(ProductRows):
         to a block of about 64 MiB of scores. Slots a faiss-hnsw search could not fill have score -inf and id
         None. See `search_positions` for row positions instead of ids.
 
+        `allowed` filters inside the search: a boolean mask with one entry per indexed product, in row order
+        (`retrieval.filters.ProductTable.allowed` makes one from catalogue metadata). Only the products it
+        marks are ranked, so k of them come back (fewer only when fewer are allowed), with the same scores and
+        order as a search of an index holding just those products.
+
         Example:
             >>> scores, ids = index.search(query_embeddings, k=10)  # doctest: +SKIP
+            >>> in_stock = np.array([product["stock"] > 0 for product in catalogue])  # doctest: +SKIP
+            >>> scores, ids = index.search(query_embeddings, k=10, allowed=in_stock)  # doctest: +SKIP
         """
-        scores, positions = self.search_positions(query_embeddings, k, chunk_size=chunk_size, backend=backend)
+        scores, positions = self.search_positions(
+            query_embeddings, k, chunk_size=chunk_size, backend=backend, allowed=allowed
+        )
         ids = self._id_table
         if positions.dim() == 1:
             return scores, [ids[position] if position >= 0 else None for position in positions.tolist()]
@@ -375,11 +428,15 @@ class ProductIndex(ProductRows):
         *,
         chunk_size: int | None = None,
         backend: str | None = None,
+        allowed: np.ndarray | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like `search`, but returns catalogue row positions (a long tensor, -1 for unfilled slots)."""
         state = self._state
         queries, single = prepare_queries(query_embeddings, state.dim)
         k = min(_positive_int(k, "k", integer_types=(int, np.integer)), state.count)
+        allowed = _allowed_mask(allowed, state.count)
+        if allowed is not None:
+            k = min(k, int(np.count_nonzero(allowed)))
         if chunk_size is not None:
             _positive_int(chunk_size, "chunk_size")
         backend = backend or self.backend
@@ -390,9 +447,13 @@ class ProductIndex(ProductRows):
         elif backend == "exact":
             screen = self._screening.screen_for(state.vectors, state.dim, len(queries), self._latest_vectors)
             chunk_rows = chunk_size or default_chunk_rows(len(queries))
-            scores, positions = exact_top_k(state.vectors, queries, k, chunk_rows, screen)
+            scores, positions = exact_top_k(state.vectors, queries, k, chunk_rows, screen, allowed)
         else:
-            scores, positions = self._faiss.for_backend(backend, self._latest_vectors).search(queries, k)
+            searcher = self._faiss.for_backend(backend, self._latest_vectors)
+            if allowed is not None and searcher.count > len(allowed):
+                # Rows added since this search's snapshot sit past the mask: they are not allowed.
+                allowed = np.concatenate([allowed, np.zeros(searcher.count - len(allowed), dtype=bool)])
+            scores, positions = searcher.search(queries, k, allowed)
         return (scores[0], positions[0]) if single else (scores, positions)
 
 
