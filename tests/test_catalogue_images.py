@@ -525,7 +525,7 @@ def test_a_training_run_reports_and_checks_its_images(tiny_towers, elsewhere, tm
             row["img_path"] = f"{split}/{row['img_path']}"
         datasets.Dataset.from_list(rows).to_csv(elsewhere / f"{split}.csv", index=False)
     argv = ["--dataset", str(elsewhere), "--output_dir", str(tmp_path / "run"), "--text_model",
-            str(tiny_towers / "text"), "--vision_model", str(tiny_towers / "vision"), "--image_size", str(IMAGE_SIZE),
+            str(tiny_towers / "text"), "--architecture", "3tower", "--vision_model", str(tiny_towers / "vision"), "--image_size", str(IMAGE_SIZE),
             "--product_id_column", "sku", "--title_column", "name", "--description_column", "desc",
             "--image_column", "img_path", "--query_column", "query", "--per_device_train_batch_size", "8",
             "--max_train_steps", "2", "--max_eval_queries", "10", "--logging_steps", "1", "--warmup_steps", "0"]

@@ -146,7 +146,7 @@ def launch_train_script(launcher_flag: str, assets: dict[str, Path], output_dir:
         sys.executable, "-m", "accelerate.commands.launch", launcher_flag, "--num_processes", str(NUM_PROCESSES),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()), str(TRAIN_SCRIPT),
-        "--dataset", str(assets["data"]), "--text_model", str(assets["text"]), "--vision_model", str(assets["vision"]),
+        "--dataset", str(assets["data"]), "--text_model", str(assets["text"]), "--architecture", "3tower", "--vision_model", str(assets["vision"]),
         "--image_size", str(TRAIN_IMAGE_SIZE), "--output_dir", str(output_dir), "--per_device_train_batch_size", "8",
         "--eval_split", "none", "--warmup_steps", "0", "--checkpointing_steps", "1", *map(str, extra),
     ]  # fmt: skip

@@ -223,7 +223,7 @@ def test_a_trained_checkpoint_names_no_local_path_and_keeps_its_card(assets, tmp
     output_dir = tmp_path / "run"
     train_command.run([
         "--dataset", str(assets["data"]), "--output_dir", str(output_dir), "--text_model", str(assets["text"]),
-        "--vision_model", str(assets["vision"]), "--image_size", str(IMAGE_SIZE), "--per_device_train_batch_size", "16",
+        "--architecture", "3tower", "--vision_model", str(assets["vision"]), "--image_size", str(IMAGE_SIZE), "--per_device_train_batch_size", "16",
         "--max_train_steps", "2", "--max_eval_queries", "16",
     ])
     final = output_dir / "final"

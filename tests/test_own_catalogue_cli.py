@@ -389,7 +389,7 @@ def test_the_own_catalogue_walkthrough_in_the_docs_runs(tmp_path, monkeypatch, c
     assert [command[1] for command in commands] == ["data-stats", "train", "index", "search"]
     write_shop(tmp_path / "shop", product_rows(), name="products")
     monkeypatch.chdir(tmp_path)
-    tiny = {"train": ["--text_model", str(towers["text"]), "--vision_model", str(towers["vision"]),
+    tiny = {"train": ["--text_model", str(towers["text"]), "--architecture", "3tower", "--vision_model", str(towers["vision"]),
                       "--image_size", str(IMAGE_SIZE), "--max_train_steps", "2", "--max_eval_queries", "10"]}
     for command in commands:
         status, out, err = run_cli(capsys, *command[1:], *tiny.get(command[1], []))
@@ -455,10 +455,13 @@ def test_a_catalogue_without_an_image_column_trains_and_counts_text_stats(image_
         "--max_train_steps", 2, "--max_eval_queries", 10, "--output_dir", tmp_path / "run",
     )
     assert status == 0, err
-    assert err.count("has no image column") == 1
+    assert err.count("every product is embedded from its text alone") == 1
+    # No --architecture: the default multimodal model needs images, so a text_only model is trained, and said so.
+    assert err.count("no image column: training a text_only model") == 1
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["training"]["completed_steps"] == 2
-    assert results["images"]["ok"] == 0 and results["images"]["missing"] > 0
+    assert "images" not in results  # a text_only model reads no image
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["architecture"] == "text_only"
     assert all(math.isfinite(value) for value in results["after"].values())
 
 

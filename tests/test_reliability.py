@@ -416,7 +416,7 @@ def training_assets(tmp_path_factory) -> dict[str, Path]:
 def start_training_run(assets: dict[str, Path], output_dir: Path, seed: int, hash_seed: str) -> subprocess.Popen:
     command = [
         sys.executable, str(REPO_ROOT / "examples" / "train.py"), "--dataset", str(assets["data"]),
-        "--text_model", str(assets["text"]), "--vision_model", str(assets["vision"]), "--image_size", str(IMAGE_SIZE),
+        "--text_model", str(assets["text"]), "--architecture", "3tower", "--vision_model", str(assets["vision"]), "--image_size", str(IMAGE_SIZE),
         "--output_dir", str(output_dir), "--per_device_train_batch_size", "16", "--max_train_steps", "4",
         "--warmup_steps", "1", "--eval_split", "none", "--seed", str(seed),
     ]

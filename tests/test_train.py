@@ -113,6 +113,8 @@ def train_args(assets, output_dir, *extra, towers: bool = True) -> list[str]:
             "--per_device_train_batch_size", str(BATCH_SIZE), "--max_eval_queries", "30", "--logging_steps", "2"]
     if towers:
         args += ["--text_model", str(assets["text"]), "--vision_model", str(assets["vision"])]
+        if "--architecture" not in extra:  # these tests exercise the 3tower path; 4tower has its own
+            args += ["--architecture", "3tower"]
     return args + [str(value) for value in extra]
 
 

@@ -32,7 +32,14 @@ from ..data.catalogue import known_value
 from ..data.images import ImageFailureError
 from ..data.product_checks import BadProduct, find_bad_products
 from ..training.checkpoints import CheckpointMismatchError
-from ..training.model_builder import DEFAULT_3TOWER_FUSION, DEFAULT_DINOV2_IMAGE_SIZE, DEFAULT_VISUAL_WORD_DROPOUT
+from ..training.dual_encoder_alignment import ALIGN_ON_TRAINING_PRODUCTS, AlignmentError
+from ..training.model_builder import (
+    DEFAULT_3TOWER_FUSION,
+    DEFAULT_4TOWER_FUSION,
+    DEFAULT_ARCHITECTURE,
+    DEFAULT_DINOV2_IMAGE_SIZE,
+    DEFAULT_VISUAL_WORD_DROPOUT,
+)
 from ..training.visual_word_restoration import DEFAULT_VISUAL_WORD_RESTORATION, TRAINED_FUSIONS
 from ..training.optimization import SCHEDULER_TYPES, NonFiniteLossError
 from ..training.trainer import run_training, trackers_for
@@ -69,16 +76,20 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="Trained retriever (Hub id or folder); overrides the tower flags.")
-    model.add_argument("--architecture", default="3tower", choices=["text_only", "4tower", "3tower"])
+    model.add_argument("--architecture", choices=["text_only", "4tower", "3tower"],
+                       help=f"default {DEFAULT_ARCHITECTURE} (the best multimodal configuration of docs/results.md); "
+                            "text_only for a catalogue without an image column")
     model.add_argument("--text_model", default="minilm", help='Text tower (Hub id, folder, or "minilm" offline).')
     model.add_argument("--vision_model", default="dinov2-small",
-                       help='3tower vision tower (Hub id, folder, or "dinov2-small" offline).')
-    model.add_argument("--clip_model", help='4tower aligned dual encoder (CLIP/SigLIP Hub id or folder), or "aligned": '
-                       "align --text_model and --vision_model on the training products first (linear adapters on "
-                       "their frozen features, saved in <output_dir>/aligned_pair; `mmretrieval align-pair`).")
+                       help='Vision tower of 3tower models, and of the 4tower pair that --clip_model aligned builds '
+                            '(Hub id, folder, or "dinov2-small" offline).')
+    model.add_argument("--clip_model", help='4tower aligned dual encoder (CLIP/SigLIP Hub id or folder), or "aligned" '
+                       "(the default for 4tower): align --text_model and --vision_model on the training products first "
+                       "(linear adapters on their frozen features, saved in <output_dir>/aligned_pair; "
+                       "`mmretrieval align-pair`).")
     model.add_argument("--fusion", choices=["concat", "alpha_concat", "mlp", "residual"],
-                       help="4tower: concat (default), alpha_concat, mlp (the paper's) or residual; 3tower: "
-                            f"{DEFAULT_3TOWER_FUSION} (default) or mlp (the paper's). residual starts as the text "
+                       help=f"4tower: {DEFAULT_4TOWER_FUSION} (default), or concat, alpha_concat, mlp (the paper's); "
+                            f"3tower: {DEFAULT_3TOWER_FUSION} (default) or mlp (the paper's). residual starts as the text "
                             "model (zero-initialised image branch) and can only add to it.")
     model.add_argument("--fusion_alpha", type=float, default=0.5)
     model.add_argument("--projection_dim", type=int, help="Linear projection after the text tower (default: none).")
@@ -190,6 +201,9 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     """
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    # Unset, the architecture follows the catalogue: text_only when it has no image column (`check_catalogue`).
+    args.architecture_given = args.architecture is not None
+    args.architecture = args.architecture or DEFAULT_ARCHITECTURE
     if args.eval_split.lower() == "none":
         args.eval_split = None
     # The column flags as names (None: turned off); `check_catalogue` fits them to the catalogue.
@@ -202,7 +216,7 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
         parser.error(f"--visual_word_dropout must lie in [0, 1], got {args.visual_word_dropout}")
     if args.visual_word_restoration is not None and not args.visual_word_restoration >= 0:
         parser.error(f"--visual_word_restoration must be >= 0, got {args.visual_word_restoration}")
-    fusion = args.fusion or ("concat" if args.architecture == "4tower" else DEFAULT_3TOWER_FUSION)
+    fusion = args.fusion or (DEFAULT_4TOWER_FUSION if args.architecture == "4tower" else DEFAULT_3TOWER_FUSION)
     if args.visual_word_restoration and not args.model_name_or_path and (
             args.architecture == "text_only" or fusion not in TRAINED_FUSIONS):
         parser.error(f"--visual_word_restoration trains the image fusion: it needs --architecture 3tower or 4tower "
@@ -211,7 +225,7 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     if args.architecture == "3tower" and args.fusion not in (None, "mlp", "residual"):
         parser.error(f"--fusion {args.fusion} is not a 3tower fusion; 3tower takes mlp or residual")
     if args.architecture == "4tower" and not (args.clip_model or args.model_name_or_path):
-        parser.error("--architecture 4tower needs --clip_model (an aligned CLIP/SigLIP dual encoder)")
+        args.clip_model = ALIGN_ON_TRAINING_PRODUCTS
     return args
 
 
@@ -332,6 +346,10 @@ def check_catalogue(args: argparse.Namespace) -> None:
     args.catalogue_columns = columns
     _set_column_args(args, columns)
     check_images_exist(columns, args, where=f"split {args.train_split!r}")
+    if columns.image is None and args.architecture != "text_only" and not args.architecture_given:
+        print(f"split {args.train_split!r} has no image column: training a text_only model (pass --architecture to "
+              "choose another)", file=sys.stderr)
+        args.architecture, args.clip_model = "text_only", None
     checked = [args.train_split] + ([args.eval_split] if args.eval_split in splits else [])
     bad = {name: _bad_products(splits[name], columns, trained_on=name == args.train_split) for name in checked}
     all_bad = [product for name in checked for product in bad[name]]
@@ -385,7 +403,7 @@ def main(argv=None, prog: str | None = None) -> int:
     """
     try:
         run(argv, prog)
-    except (CliError, ImageFailureError) as error:
+    except (CliError, ImageFailureError, AlignmentError) as error:
         # ImageFailureError: --strict_images (or too many failed images) found while caching or training.
         print(f"{prog or Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         return 2

@@ -8,6 +8,8 @@
 - `search`: the glue between a model and an index (`build_product_index`, `embed_queries`, `search_text`);
 - `metrics`: recall, nDCG, MRR, MAP over runs and qrels; `exclusive_matches` compares two systems' hits;
 - `evaluator`: `RetrievalEvaluator`, metrics of a model on evaluation queries (used during training);
+- `lexical` (BM25 over product texts, bm25s), `hybrid` (dense, lexical or fused rankings: reciprocal rank or
+  normalised score fusion) and `filters` (metadata filters applied inside the search, facet counts);
 - `demo`: a small web page to try a model's search (`serve_demo`).
 
 Example:
@@ -21,6 +23,8 @@ Example:
 
 from .evaluator import RetrievalEvaluator
 from .exclusive_matches import ExclusiveMatchReport, ExclusiveMatches, exclusive_matches
+from .filters import ProductFilter, ProductTable, facet_counts
+from .hybrid import Fusion, ProductRanker
 from .index import BACKENDS, ProductIndex
 from .index_files import IndexIntegrityError, IndexModelMismatchError
 from .metrics import RetrievalEvaluation, compute_retrieval_metrics, evaluate_run
@@ -43,9 +47,13 @@ __all__ = [
     "DuplicateProductIdError",
     "ExclusiveMatchReport",
     "ExclusiveMatches",
+    "Fusion",
     "IndexIntegrityError",
     "IndexModelMismatchError",
+    "ProductFilter",
     "ProductIndex",
+    "ProductRanker",
+    "ProductTable",
     "RetrievalEvaluation",
     "RetrievalEvaluator",
     "build_product_index",
@@ -55,6 +63,7 @@ __all__ = [
     "embed_queries",
     "evaluate_run",
     "exclusive_matches",
+    "facet_counts",
     "model_identity",
     "product_embedder",
     "search_images",

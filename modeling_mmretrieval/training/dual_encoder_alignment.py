@@ -50,6 +50,10 @@ INITIAL_LOGIT_SCALE = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = 100.0
 
 
+class AlignmentError(ValueError):
+    """The catalogue cannot align a pair (too few products with both a title and a usable image)."""
+
+
 @dataclass
 class AlignmentReport:
     """What `align_dual_encoder` trained, and how well its held-out titles and images find each other."""
@@ -187,7 +191,8 @@ def align_dual_encoder(
     text_vectors = pooled_title_vectors(pair.text_model, tokenizer, titles, show_progress=show_progress)
     feature_seconds = time.perf_counter() - started
     if len(kept) < 4:
-        raise ValueError(f"aligning needs at least 4 products with a title and an image, got {len(kept)}")
+        raise AlignmentError(f"aligning a text-image pair needs at least 4 products with a title and a usable image; "
+                             f"{len(kept)} of {len(rows)} have both")
 
     order = list(range(len(kept)))
     random.Random(seed).shuffle(order)
@@ -287,5 +292,5 @@ def extract_dual_encoder(checkpoint: str | Path, output_dir: str | Path) -> Path
     return output_dir
 
 
-__all__ = ["ALIGN_ON_TRAINING_PRODUCTS", "AlignmentReport", "align_dual_encoder", "extract_dual_encoder",
+__all__ = ["ALIGN_ON_TRAINING_PRODUCTS", "AlignmentError", "AlignmentReport", "align_dual_encoder", "extract_dual_encoder",
            "prepare_aligned_pair", "save_initial_dual_encoder", "pooled_title_vectors", "recall_at_k", "train_projections"]

@@ -28,8 +28,12 @@ OFFLINE_TOWERS = {
 }
 # The fashion photos are 60x80: 112 px (8x8 DINOv2 patches) keeps their detail at a sixteenth of 448 px's cost.
 DEFAULT_DINOV2_IMAGE_SIZE = 112
-# New 3tower models start as their text tower and add the image (docs/results.md has the comparison).
+# New 3tower and 4tower models start as their text tower and add the image (docs/results.md has the comparison).
 DEFAULT_3TOWER_FUSION = "residual"
+DEFAULT_4TOWER_FUSION = "residual"
+# What the train command builds without flags: the best multimodal configuration of docs/results.md, a 4tower model
+# whose dual encoder is aligned on the training products (`--clip_model aligned`).
+DEFAULT_ARCHITECTURE = "4tower"
 # Share of training products whose colour and pattern words are stripped, so the image has to carry them: off,
 # since at the main job's budget it costs more on all queries than it gains on text-silent ones (docs/results.md).
 DEFAULT_VISUAL_WORD_DROPOUT = 0.0
@@ -85,7 +89,7 @@ def _compose_from_towers(args) -> tuple[MultimodalRetrievalModel, MultimodalRetr
     )
     if args.architecture == "4tower":
         settings.update(
-            fusion=args.fusion or "concat", fusion_alpha=args.fusion_alpha,
+            fusion=args.fusion or DEFAULT_4TOWER_FUSION, fusion_alpha=args.fusion_alpha,
             train_dual_text_tower=args.train_dual_text_tower,
         )
     elif args.architecture == "3tower":
@@ -140,4 +144,4 @@ def build_model_and_processor(args) -> ModelSetup:
     return ModelSetup(model, processor, towers, image_size)
 
 
-__all__ = ["DEFAULT_3TOWER_FUSION", "DEFAULT_DINOV2_IMAGE_SIZE", "DEFAULT_VISUAL_WORD_DROPOUT", "OFFLINE_TOWERS", "ModelSetup", "build_model_and_processor", "resolve_tower"]
+__all__ = ["DEFAULT_3TOWER_FUSION", "DEFAULT_4TOWER_FUSION", "DEFAULT_ARCHITECTURE", "DEFAULT_DINOV2_IMAGE_SIZE", "DEFAULT_VISUAL_WORD_DROPOUT", "OFFLINE_TOWERS", "ModelSetup", "build_model_and_processor", "resolve_tower"]
