@@ -37,10 +37,10 @@ setup(
         # BM25 baselines (retrieval.lexical); results are compared against it in docs/results.md.
         "lexical": ["bm25s==0.3.16"],
         # A saved checkpoint is also a sentence-transformers model (integrations_mmretrieval.py, modules.json).
-        "sentence-transformers": ["sentence-transformers>=6.0,<7"],
+        "sentence-transformers": ["sentence-transformers==6.3.0"],
         "test": [
             "pytest", "hypothesis", "onnx", "onnxruntime", "pytrec_eval-terrier", "bm25s==0.3.16",
-            "sentence-transformers>=6.0,<7",
+            "sentence-transformers==6.3.0",
         ],
     },
     entry_points={"console_scripts": ["mmretrieval=modeling_mmretrieval.cli:main"]},
