@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,6 +213,58 @@ def publish_directory(finished: str | os.PathLike, target: str | os.PathLike, *,
     return target
 
 
+# A staging directory's name carries its writer (`.<target>.<host>-<pid>.<random>.partial`), so the next writer of
+# the same target can tell the leftovers of a killed one from a directory another live process is still filling.
+_STAGING_SUFFIX = ".partial"
+_FOREIGN_STAGING_MAX_AGE_S = 24 * 3600
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_abandoned_staging(target: str | os.PathLike) -> list[Path]:
+    """Deletes the staging directories of `target` that a killed writer left behind: those of a process of this host
+    that no longer runs, and those of another host (a shared filesystem) older than a day. Returns what it deleted.
+    `atomic_directory` calls it before each write.
+
+    Example:
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / ".index.otherhost-1.abc.partial").mkdir()
+        >>> remove_abandoned_staging(root / "index")  # another host's, and recent: left alone
+        []
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    host = _host_name()
+    removed = []
+    for candidate in target.parent.glob(f".{target.name}.*{_STAGING_SUFFIX}"):
+        writer = candidate.name[len(target.name) + 2:].split(".", 1)[0]
+        writer_host, _, pid = writer.rpartition("-")
+        try:
+            if writer_host == host and pid.isdigit():
+                abandoned = not _process_is_alive(int(pid))
+            else:
+                abandoned = time.time() - candidate.stat().st_mtime > _FOREIGN_STAGING_MAX_AGE_S
+        except OSError:  # another writer removed or published it meanwhile
+            continue
+        if abandoned and candidate.is_dir():
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def _host_name() -> str:
+    return "".join(char if char.isalnum() else "_" for char in os.uname().nodename) or "host"
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yields an empty staging directory beside `target`; when the block completes, the staging directory is
@@ -235,7 +288,9 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     if not overwrite and _is_non_empty_directory(target):
         raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    remove_abandoned_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_host_name()}-{os.getpid()}.", suffix=_STAGING_SUFFIX,
+                                    dir=target.parent))
     try:
         yield staging
         publish_directory(staging, target, overwrite=overwrite)
@@ -251,6 +306,7 @@ __all__ = [
     "fsync_path",
     "publish_directory",
     "recover_directory",
+    "remove_abandoned_staging",
     "write_bytes_atomically",
     "write_json_atomically",
 ]

@@ -114,6 +114,20 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
             Maximum product text length in text-tower tokens.
         product_text_fields (`list[str]`, defaults to `["title", "description"]`):
             Product fields joined into the product text, in order.
+        visual_tags (`list[str]`, *optional*):
+            Vocabulary of the visual-word tagger (e.g. the catalogue's colours): words read off a product's image
+            features and written into its text tokens when the text names no colour (see `VisualWordTagger`).
+            `None` (the default) has no tagger. Set by `training.visual_tagger.fit_visual_tagger`, with:
+        visual_tag_token_ids (`list[list[int]]`, *optional*):
+            Each tag's token ids in the product tokenizer (no special tokens).
+        visual_tag_mention_token_ids (`list[list[int]]`, *optional*):
+            Token ids of the colour phrases whose presence in a product text means it already names its colour.
+        visual_tag_end_token_id (`int`, *optional*):
+            The token closing a product sequence (BERT's `[SEP]`); tags are written before it.
+        visual_tag_pad_token_id (`int`, defaults to 0):
+            Padding id of the product tokenizer.
+        visual_tag_min_probability (`float`, defaults to 0.5):
+            A tag is written only when the tagger gives it more than this probability (at least 1 / number of tags).
 
     Example:
 
@@ -161,6 +175,12 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
     max_query_length: int = 32
     max_product_length: int = 128
     product_text_fields: list[str] | None = None
+    visual_tags: list[str] | None = None
+    visual_tag_token_ids: list[list[int]] | None = None
+    visual_tag_mention_token_ids: list[list[int]] | None = None
+    visual_tag_end_token_id: int | None = None
+    visual_tag_pad_token_id: int = 0
+    visual_tag_min_probability: float = 0.5
 
     def __post_init__(self, **kwargs):
         if self.product_text_fields is None:
@@ -257,6 +277,26 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
         if not self.product_text_fields or not all(isinstance(f, str) and f for f in self.product_text_fields):
             raise ValueError(f"`product_text_fields` must be a non-empty list of column names, got "
                              f"{self.product_text_fields!r}.")
+
+    def validate_visual_tags(self):
+        if not self.visual_tags:
+            return
+        if not self.uses_images:
+            raise ValueError("`visual_tags` are read off product images; `architecture='text_only'` has none.")
+        token_ids = self.visual_tag_token_ids or []
+        if len(token_ids) != len(self.visual_tags) or not all(ids for ids in token_ids):
+            raise ValueError(
+                f"`visual_tag_token_ids` must give a non-empty token list for each of the {len(self.visual_tags)} "
+                f"`visual_tags`, got {len(token_ids)} lists."
+            )
+        mention_ids = self.visual_tag_mention_token_ids
+        if not isinstance(mention_ids, list) or not all(isinstance(ids, list) for ids in mention_ids):
+            raise ValueError("`visual_tag_mention_token_ids` must be a list of token lists (it may be empty).")
+        if not 1.0 / len(self.visual_tags) <= self.visual_tag_min_probability < 1.0:
+            raise ValueError(
+                f"`visual_tag_min_probability` must lie in [1 / {len(self.visual_tags)} tags, 1), so that a tagger that "
+                f"cannot tell the tags apart writes nothing; got {self.visual_tag_min_probability}."
+            )
 
     @property
     def uses_images(self) -> bool:

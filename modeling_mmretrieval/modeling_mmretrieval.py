@@ -205,6 +205,148 @@ def fuse_features(
     return torch.cat([alpha * text, (1 - alpha) * other], dim=-1)
 
 
+def find_token_phrases(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, phrases: list[list[int]]
+) -> torch.Tensor:
+    """Whether each row's real tokens hold one of `phrases` (token id sequences) as a contiguous run; `(batch,)` bool.
+    A phrase at the start of a longer word ("blue" in "Bluebell") counts as found, which errs towards leaving a text
+    alone.
+
+    Example:
+    ```python
+    >>> find_token_phrases(torch.tensor([[101, 2417, 3797, 102], [101, 3797, 102, 0]]), None, [[2417]])
+    tensor([ True, False])
+    ```
+    """
+    if attention_mask is not None:  # padding never matches: no token id is negative
+        input_ids = input_ids.masked_fill(attention_mask == 0, -1)
+    found = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for phrase in phrases:
+        if 0 < len(phrase) <= input_ids.shape[1]:
+            windows = input_ids.unfold(1, len(phrase), 1)
+            found |= (windows == torch.tensor(phrase, device=input_ids.device)).all(-1).any(-1)
+    return found
+
+
+def insert_tokens_before_end(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    insertions: list[list[int]],
+    end_token_id: int | None,
+    pad_token_id: int = 0,
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Row `i`'s real tokens with `insertions[i]` added before its closing token (when that is `end_token_id`, as
+    BERT's `[SEP]`), else at its end; returns `(input_ids, attention_mask, token_type_ids)` padded on the side the
+    input was, where the new tokens take the segment of the token before them. A row that would exceed `max_length`
+    (the tower's position limit) loses text tokens just before the insertion, never the insertion or its ends.
+
+    Example:
+    ```python
+    >>> ids, mask, _ = insert_tokens_before_end(torch.tensor([[101, 3797, 102]]), None, None, [[2417]], 102)
+    >>> ids.tolist(), mask.tolist()
+    ([[101, 3797, 2417, 102]], [[1, 1, 1, 1]])
+    ```
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    masks = attention_mask.bool().cpu()
+    # Left padding: some row starts with padding while every row ends with a real token.
+    left_padded = bool((~masks[:, 0]).any() and masks[:, -1].all())
+    all_ids = input_ids.cpu().tolist()
+    all_types = token_type_ids.cpu().tolist() if token_type_ids is not None else None
+    rows, types = [], []
+    for position, extra in enumerate(insertions):
+        keep = masks[position].tolist()
+        tokens = [token for token, kept in zip(all_ids[position], keep) if kept]
+        segments = ([segment for segment, kept in zip(all_types[position], keep) if kept] if all_types is not None
+                    else [0] * len(tokens))
+        cut = len(tokens) - 1 if extra and tokens and end_token_id is not None and tokens[-1] == end_token_id else len(tokens)
+        overflow = 0 if max_length is None else max(0, len(tokens) + len(extra) - max_length)
+        start = max(1, cut - overflow) if overflow else cut  # keep the opening token ([CLS])
+        segment = segments[start - 1] if start > 0 else 0
+        rows.append(tokens[:start] + list(extra) + tokens[cut:])
+        types.append(segments[:start] + [segment] * len(extra) + segments[cut:])
+    width = max(len(row) for row in rows)
+    new_ids = torch.full((len(rows), width), pad_token_id, dtype=input_ids.dtype)
+    new_mask = torch.zeros((len(rows), width), dtype=attention_mask.dtype)
+    new_types = torch.zeros((len(rows), width), dtype=input_ids.dtype) if token_type_ids is not None else None
+    for position, (row, segments) in enumerate(zip(rows, types)):
+        span = slice(width - len(row), width) if left_padded else slice(0, len(row))
+        new_ids[position, span] = torch.tensor(row, dtype=input_ids.dtype)
+        new_mask[position, span] = 1
+        if new_types is not None:
+            new_types[position, span] = torch.tensor(segments, dtype=input_ids.dtype)
+    device = input_ids.device
+    return new_ids.to(device), new_mask.to(device), None if new_types is None else new_types.to(device)
+
+
+class VisualWordTagger(nn.Module):
+    r"""
+    Reads a product's visual word (its colour) off its image features, and writes it into the product text tokens
+    when the text names none: a catalogue whose titles omit the colour then still matches "red kurta" through the
+    text tower, which understands words far better than an image vector added to its output.
+
+    The vocabulary, its token ids in the product tokenizer, and the colour phrases that count as "the text names a
+    colour" live in the config (`visual_tags*`); the linear classifier is fitted on frozen image features
+    (`training.visual_tagger.fit_visual_tagger`) and never trained by the retrieval loss (a chosen word has no
+    gradient).
+
+    Example:
+    ```python
+    >>> tagger = model.visual_tagger  # a model whose config has `visual_tags`
+    >>> ids, mask, types = tagger.write_tags(input_ids, attention_mask, None, image_features, image_mask)
+    ```
+    """
+
+    def __init__(self, config: MultimodalRetrievalConfig, feature_size: int):
+        super().__init__()
+        # Settings are read from the config at every call, so the saved config always says what the model does.
+        self.config = config
+        self.classifier = nn.Linear(feature_size, len(config.visual_tags))
+        self.classifier.requires_grad_(False)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Probabilities over the vocabulary, `(num_products, num_tags)`."""
+        return torch.softmax(self.classifier(image_features.to(self.classifier.weight.dtype)), dim=-1)
+
+    def chosen_tags(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_features: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+    ) -> list[int | None]:
+        """Per product, the index of the word to write (`None`: the text names a colour, the image is missing, or
+        no word is probable enough)."""
+        if image_mask is None:  # the image tower gives image-less products all-zero features
+            image_mask = image_features.abs().sum(dim=-1) > 0
+        best, chosen = self(image_features).max(dim=-1)
+        # Strictly above: an unfitted (zero) classifier's uniform probabilities never pass.
+        write = (best > self.config.visual_tag_min_probability).to(input_ids.device)
+        write &= ~find_token_phrases(input_ids, attention_mask, self.config.visual_tag_mention_token_ids or [])
+        write &= image_mask.to(device=input_ids.device, dtype=torch.bool)
+        return [index if keep else None for index, keep in zip(chosen.tolist(), write.tolist())]
+
+    def write_tags(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        image_features: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The product tokens with each chosen word inserted (see `chosen_tags`); unchanged when none is."""
+        chosen = self.chosen_tags(input_ids, attention_mask, image_features, image_mask)
+        if all(index is None for index in chosen):
+            return input_ids, attention_mask, token_type_ids
+        token_ids = self.config.visual_tag_token_ids
+        insertions = [token_ids[index] if index is not None else [] for index in chosen]
+        text_config = self.config.product_text_config if not self.config.share_text_towers else self.config.text_config
+        return insert_tokens_before_end(
+            input_ids, attention_mask, token_type_ids, insertions, self.config.visual_tag_end_token_id,
+            self.config.visual_tag_pad_token_id, max_length=getattr(text_config, "max_position_embeddings", None),
+        )
+
+
 # The package's model cards (`modeling_mmretrieval.training.model_card`) carry this tag. A model keeps such a card
 # (`model.model_card`) and writes it in `save_pretrained` and uploads it in `push_to_hub`, in place of transformers'
 # placeholder card; any other README is left alone.
@@ -441,6 +583,10 @@ class MultimodalRetrievalPreTrainedModel(PreTrainedModel):
                 # Only its direction is used (it is normalised); a zero start would make that gradient explode.
                 size = module.missing_image_embedding.shape[0]
                 init.normal_(module.missing_image_embedding, std=size**-0.5)
+            if module.visual_tagger is not None:
+                # An unfitted tagger gives every word the same probability: it writes nothing above a threshold.
+                init.zeros_(module.visual_tagger.classifier.weight)
+                init.zeros_(module.visual_tagger.classifier.bias)
             if module.config.fusion == "residual":
                 # The image branch starts silent: a new model ranks exactly as its text tower does.
                 for fusion in (module.query_fusion, module.product_fusion):
@@ -507,6 +653,8 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             size = image_feature_size(config)
             self.missing_image_embedding = nn.Parameter(torch.randn(size) * size**-0.5)
 
+        self.visual_tagger = VisualWordTagger(config, image_feature_size(config)) if config.visual_tags else None
+
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init_value)))
         self.logit_scale.requires_grad_(config.learn_logit_scale)
         self.loss_function_module = NTXentLoss()
@@ -516,6 +664,51 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         self.text_tower_runner = None
         self.post_init()
         self._apply_image_tower_lock()
+
+    def install_visual_tagger(
+        self,
+        tags: list[str],
+        token_ids: list[list[int]],
+        mention_token_ids: list[list[int]],
+        end_token_id: int | None,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        pad_token_id: int = 0,
+        min_probability: float = 0.5,
+    ) -> None:
+        """Gives the model a fitted visual-word tagger (`VisualWordTagger`): its vocabulary and token ids go into the
+        config, the classifier's `weight` `(num_tags, image_feature_size)` and `bias` into the weights. Use
+        `training.visual_tagger.fit_visual_tagger`, which computes all of them.
+
+        Example: `model.install_visual_tagger(["red", "blue"], [[2417], [2630]], [[2417], [2630]], 102, weight, bias)`.
+        """
+        if not self.config.uses_images:
+            raise ValueError("`architecture='text_only'` has no image features to tag from.")
+        if tuple(weight.shape) != (len(tags), self.image_feature_size):
+            raise ValueError(f"the tagger's weight must be ({len(tags)}, {self.image_feature_size}), got {tuple(weight.shape)}")
+        settings = dict(
+            visual_tags=list(tags), visual_tag_token_ids=[list(ids) for ids in token_ids],
+            visual_tag_mention_token_ids=[list(ids) for ids in mention_token_ids], visual_tag_end_token_id=end_token_id,
+            visual_tag_pad_token_id=pad_token_id, visual_tag_min_probability=float(min_probability),
+        )
+        candidate = copy.deepcopy(self.config)  # checked before the model's own config changes
+        for name, value in settings.items():
+            setattr(candidate, name, value)
+        candidate.validate_visual_tags()
+        for name, value in settings.items():
+            setattr(self.config, name, value)
+        tagger = VisualWordTagger(self.config, self.image_feature_size).to(self.logit_scale.device)
+        with torch.no_grad():
+            tagger.classifier.weight.copy_(weight)
+            tagger.classifier.bias.copy_(bias)
+        self.visual_tagger = tagger
+
+    def remove_visual_tagger(self) -> None:
+        """Drops the visual-word tagger (module and config), e.g. before training without one from a checkpoint
+        that has one. Example: `model.remove_visual_tagger()`."""
+        self.visual_tagger = None
+        self.config.visual_tags = self.config.visual_tag_token_ids = self.config.visual_tag_mention_token_ids = None
+        self.config.visual_tag_end_token_id = None
 
     def lock_image_tower(self, locked: bool = True) -> None:
         """Freezes (no gradients, eval mode) or unfreezes the image tower, and records it in the config.
@@ -539,6 +732,8 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         self._apply_image_tower_lock()
 
     def _apply_image_tower_lock(self) -> None:
+        if self.visual_tagger is not None:  # fitted, never trained: a loaded checkpoint must not make it trainable
+            self.visual_tagger.requires_grad_(False)
         if not self.config.freeze_image_towers or self.image_tower is None:
             return
         if self.config.train_dual_text_tower:
@@ -556,6 +751,9 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
                 "Image queries need a 4tower model with `fusion='concat'` or `'alpha_concat'`: the product "
                 "index then holds the dual encoder's image half, which an image query can match. "
                 f"This model is architecture={self.config.architecture!r}, fusion={self.config.fusion!r}."
+                + (" Photos of products are still searchable through a visual-similarity index of the image tower's "
+                   "features (`retrieval.visual_index`, `search_images(..., visual_index=...)`)."
+                   if self.config.uses_images else "")
             )
 
     @property
@@ -684,10 +882,14 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""
         The product text tower's vector (pooled, projected where the model projects), before any fusion, shape
         `(num_products, text_embedding_dim)`. [`fuse_product_features`] turns it into the product embedding.
+        With a visual-word tagger (`config.visual_tags`) and the products' `image_features`, the colour read off
+        each image is first written into the tokens of the texts that name none (`VisualWordTagger`).
 
         Example:
         ```python
@@ -695,6 +897,10 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         >>> text = model.get_product_text_features(inputs["input_ids"], inputs["attention_mask"])
         ```
         """
+        if self.visual_tagger is not None and image_features is not None:
+            input_ids, attention_mask, token_type_ids = self.visual_tagger.write_tags(
+                input_ids, attention_mask, token_type_ids, image_features, image_mask
+            )
         return self._encode_text(input_ids, attention_mask, token_type_ids, side="product")
 
     def fuse_product_features(
@@ -756,8 +962,8 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         >>> model.get_product_embeddings(**inputs).shape
         ```
         """
-        text = self.get_product_text_features(input_ids, attention_mask, token_type_ids)
         if not self.config.uses_images:
+            text = self.get_product_text_features(input_ids, attention_mask, token_type_ids)
             return F.normalize(text, dim=-1) if normalize else text
         if image_mask is None:
             has_images = pixel_values is not None or image_features is not None
@@ -765,6 +971,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         image_mask = image_mask.to(device=input_ids.device, dtype=torch.bool)
         if image_features is None and pixel_values is not None:
             image_features = self.get_image_features(pixel_values, image_mask)
+        text = self.get_product_text_features(input_ids, attention_mask, token_type_ids, image_features, image_mask)
         return self.fuse_product_features(text, image_features, image_mask, normalize=normalize)
 
     def get_image_query_embeddings(

@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The image-feature store is on by default: tests (and their subprocesses) keep theirs apart from the user's cache.
+if "MMRETRIEVAL_CACHE" not in os.environ:
+    os.environ["MMRETRIEVAL_CACHE"] = tempfile.mkdtemp(prefix="mmretrieval-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MMRETRIEVAL_CACHE"], ignore_errors=True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,12 +1,20 @@
 """A small in-process Hugging Face Hub for tests: the HTTP API `huggingface_hub` uses to create a model repo, upload a
-folder (regular files inline in the commit, binary files through Git LFS basic transfer), read repo info and download
-files. It binds to 127.0.0.1 only, keeps everything in memory, bounds request bodies, and records every request so a
-test can assert that the client used nothing it does not implement.
+folder (regular files inline in the commit, binary files through Git LFS), read repo info and download files. It
+binds to 127.0.0.1 only, keeps everything in memory, bounds request bodies, and records every request so a test can
+assert that the client used nothing it does not implement.
+
+As on the Hub:
+- LFS objects up to `multipart_chunk_bytes` upload in one PUT (basic transfer), larger ones in parts (the Hub's
+  multipart transfer: part URLs, then a completion request), so a real-size checkpoint of a few hundred MB uploads
+  although no request body may exceed `MAX_BODY_BYTES`;
+- LFS objects belong to a repository: pushing the same weights to a second repository uploads them again;
+- `create_repo` of an existing repository answers 409 with the repository's URL, which
+  `create_repo(exist_ok=True)` reads.
 
 Point a client at it with `HF_ENDPOINT=hub.endpoint` (set before `huggingface_hub` is imported, i.e. in a
-subprocess). Xet storage is not implemented: clients with `hf_xet` installed must run with `HF_HUB_DISABLE_XET=1`
-(they then use LFS, as with any Hub without Xet), or the hub must be created with `lfs=False` (every file is then
-committed as a regular git blob, which the Hub API allows).
+subprocess), or pass `endpoint=hub.endpoint` to `HfApi`. Xet storage is not implemented: clients with `hf_xet`
+installed must run with `HF_HUB_DISABLE_XET=1` (huggingface_hub then uploads through LFS, as without `hf_xet`), or the
+hub must be created with `lfs=False` (every file is then committed as a regular git blob, which the Hub API allows).
 
 Example:
 ```python
@@ -20,6 +28,7 @@ Example:
 import base64
 import hashlib
 import json
+import math
 import re
 import threading
 import time
@@ -32,7 +41,12 @@ import yaml
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # The Hub stores binary files (and anything over 10 MB) in LFS; text files are regular git blobs.
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
+# By default, LFS objects larger than this are uploaded in parts of this size (the Hub's multipart transfer), each
+# part one request within MAX_BODY_BYTES; smaller ones in one PUT (basic transfer).
+MULTIPART_CHUNK_BYTES = 16 * 1024 * 1024
 _REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
+# Where the LFS batch answer sends a repository's uploads of one object (the Hub's presigned storage URLs).
+_LFS_OBJECT = rf"/{_REPO}/lfs-objects/(?P<oid>[0-9a-f]{{64}})"
 
 
 def git_blob_oid(content: bytes) -> str:
@@ -60,6 +74,8 @@ class Repo:
     repo_id: str
     private: bool
     commits: list[tuple[str, dict[str, StoredFile]]] = field(default_factory=list)  # (oid, snapshot), oldest first
+    lfs_objects: dict[str, bytes] = field(default_factory=dict)  # sha256 -> content, uploaded to this repo
+    lfs_parts: dict[str, dict[int, bytes]] = field(default_factory=dict)  # sha256 -> part number -> a multipart part
 
     @property
     def head(self) -> tuple[str, dict[str, StoredFile]]:
@@ -72,9 +88,10 @@ class Repo:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str, error_code: str | None = None):
+    def __init__(self, status: int, message: str, error_code: str | None = None, details: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.error_code = status, message, error_code
+        self.details = details or {}  # more fields of the JSON error body
 
 
 def _front_matter(readme: str) -> dict:
@@ -95,12 +112,17 @@ class MiniHub:
         token (`str`): the only accepted access token; writes and private reads need `Authorization: Bearer <token>`.
         user (`str`): namespace of repos created without an organisation.
         lfs (`bool`): store binary or large files in LFS (the Hub's behaviour) or every file as a regular blob.
+        multipart_chunk_bytes (`int`): LFS objects larger than this upload in parts of this size (at most
+            `MAX_BODY_BYTES`).
     """
 
-    def __init__(self, token: str = "hf_test_token", user: str = "tester", lfs: bool = True):
+    def __init__(self, token: str = "hf_test_token", user: str = "tester", lfs: bool = True,
+                 multipart_chunk_bytes: int = MULTIPART_CHUNK_BYTES):
+        if not 0 < multipart_chunk_bytes <= MAX_BODY_BYTES:
+            raise ValueError(f"multipart_chunk_bytes must lie in (0, {MAX_BODY_BYTES}], got {multipart_chunk_bytes}")
         self.token, self.user, self.lfs = token, user, lfs
+        self.multipart_chunk_bytes = multipart_chunk_bytes
         self.repos: dict[str, Repo] = {}
-        self.lfs_objects: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []
         self.unhandled: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -164,7 +186,8 @@ class MiniHub:
         repo_id = f"{payload.get('organization') or self.user}/{payload['name']}"
         url = f"{self.endpoint}/{repo_id}"
         if repo_id in self.repos:
-            raise HubError(409, "You already created this model repo", "RepoExists")
+            # The Hub's answer; huggingface_hub's `create_repo(exist_ok=True)` returns this body's `url`.
+            raise HubError(409, "You already created this model repo", "RepoExists", {"url": url})
         repo = Repo(repo_id, private=payload.get("visibility") == "private" or bool(payload.get("private")))
         repo.commits.append((hashlib.sha1(f"init {repo_id}".encode()).hexdigest(), {}))
         self.repos[repo_id] = repo
@@ -257,7 +280,7 @@ class MiniHub:
                     raise HubError(400, f"unsupported encoding {value.get('encoding')!r}")
                 files[value["path"]] = StoredFile(base64.b64decode(value["content"]), lfs=False)
             elif key == "lfsFile":
-                content = self.lfs_objects.get(value["oid"])
+                content = stored.lfs_objects.get(value["oid"])
                 if content is None:
                     raise HubError(400, f"LFS object {value['oid']} of {value['path']} was never uploaded")
                 files[value["path"]] = StoredFile(content, lfs=True)
@@ -274,35 +297,78 @@ class MiniHub:
 
     def lfs_batch(self, request, repo: str) -> tuple[int, dict]:
         self._require_write(request.headers)
-        self._repo(repo, request.headers)
+        stored = self._repo(repo, request.headers)
         payload = request.json()
-        if payload.get("operation") != "upload" or "basic" not in payload.get("transfers", ["basic"]):
-            raise HubError(400, "this test hub only accepts basic LFS uploads")
-        objects = []
+        transfers = payload.get("transfers", ["basic"])
+        if payload.get("operation") != "upload" or "basic" not in transfers:
+            raise HubError(400, "this test hub only accepts basic and multipart LFS uploads")
+        objects, multipart = [], False
         for entry in payload["objects"]:
-            answer = {"oid": entry["oid"], "size": entry["size"]}
-            if entry["oid"] not in self.lfs_objects:  # already stored objects get no actions (nothing to upload)
-                answer["actions"] = {
-                    "upload": {"href": f"{self.endpoint}/lfs-objects/{entry['oid']}/{entry['size']}"},
-                    "verify": {"href": f"{self.endpoint}/lfs-objects/{entry['oid']}/verify"},
-                }
+            oid, size = entry["oid"], entry["size"]
+            answer = {"oid": oid, "size": size}
+            if oid not in stored.lfs_objects:  # already stored objects get no actions (nothing to upload)
+                base = f"{self.endpoint}/{repo}/lfs-objects/{oid}"
+                if size > self.multipart_chunk_bytes:
+                    if "multipart" not in transfers:
+                        raise HubError(400, f"LFS object {oid} of {size} bytes needs the multipart transfer")
+                    # As the Hub answers: the upload href completes the upload; the header holds the chunk size
+                    # and one (presigned, so unauthenticated) URL per part, numbered from 1.
+                    parts = {str(number): f"{base}/parts/{number}"
+                             for number in range(1, math.ceil(size / self.multipart_chunk_bytes) + 1)}
+                    upload = {"href": f"{base}/complete/{size}",
+                              "header": {"chunk_size": str(self.multipart_chunk_bytes), **parts}}
+                    multipart = True
+                else:
+                    upload = {"href": f"{base}/{size}"}
+                answer["actions"] = {"upload": upload, "verify": {"href": f"{base}/verify"}}
             objects.append(answer)
-        return 200, {"transfer": "basic", "objects": objects}
+        return 200, {"transfer": "multipart" if multipart else "basic", "objects": objects}
 
-    def lfs_upload(self, request, oid: str, size: str) -> tuple[int, dict]:
-        content = request.body
+    @staticmethod
+    def _store_lfs_object(stored: Repo, oid: str, size: str, content: bytes) -> None:
         if len(content) != int(size) or hashlib.sha256(content).hexdigest() != oid:
             raise HubError(400, f"uploaded content does not match oid {oid} / size {size}")
-        self.lfs_objects[oid] = content
+        stored.lfs_objects[oid] = content
+
+    def lfs_upload(self, request, repo: str, oid: str, size: str) -> tuple[int, dict]:
+        self._store_lfs_object(self._upload_target(repo), oid, size, request.body)
         return 200, {}
 
-    def lfs_verify(self, request, oid: str) -> tuple[int, dict]:
+    def lfs_upload_part(self, request, repo: str, oid: str, number: str) -> tuple[int, bytes, dict]:
+        part = request.body
+        if len(part) > self.multipart_chunk_bytes:
+            raise HubError(400, f"part {number} of {oid} is larger than the chunk size {self.multipart_chunk_bytes}")
+        self._upload_target(repo).lfs_parts.setdefault(oid, {})[int(number)] = part
+        # As S3 answers a part upload: the part's ETag, which the client sends back in the completion request.
+        return 200, b"", {"ETag": f'"{hashlib.md5(part).hexdigest()}"'}
+
+    def lfs_complete(self, request, repo: str, oid: str, size: str) -> tuple[int, dict]:
+        stored = self._upload_target(repo)
+        payload = request.json()
+        uploaded = stored.lfs_parts.pop(oid, {})
+        listed = [(part["partNumber"], part["etag"]) for part in payload.get("parts", [])]
+        if payload.get("oid") != oid or [number for number, _ in listed] != sorted(uploaded):
+            raise HubError(400, f"completion of {oid} lists parts {listed}, uploaded were {sorted(uploaded)}")
+        for number, etag in listed:
+            if etag.strip('"') != hashlib.md5(uploaded[number]).hexdigest():
+                raise HubError(400, f"part {number} of {oid}: etag {etag} does not match the uploaded part")
+        self._store_lfs_object(stored, oid, size, b"".join(uploaded[number] for number, _ in listed))
+        return 200, {}
+
+    def lfs_verify(self, request, repo: str, oid: str) -> tuple[int, dict]:
         self._require_write(request.headers)
         payload = request.json()
-        stored = self.lfs_objects.get(oid)
-        if stored is None or len(stored) != payload["size"]:
+        content = self._repo(repo, request.headers).lfs_objects.get(oid)
+        if content is None or len(content) != payload["size"]:
             raise HubError(404, f"LFS object {oid} not found")
         return 200, {}
+
+    def _upload_target(self, repo: str) -> Repo:
+        # Upload URLs stand for presigned storage URLs: no Authorization header, only a repository that exists.
+        stored = self.repos.get(repo)
+        if stored is None:
+            raise HubError(404, f"Repository {repo} not found", "RepoNotFound")
+        return stored
 
     def resolve(self, request, repo: str, revision: str, path: str) -> tuple[int, bytes, dict]:
         stored = self._repo(repo, request.headers)
@@ -347,8 +413,10 @@ def _routes(hub: MiniHub) -> list[tuple[str, re.Pattern, object]]:
         ("POST", re.compile(rf"^/api/models/{_REPO}/preupload/(?P<revision>[^/]+)$"), hub.preupload),
         ("POST", re.compile(rf"^/api/models/{_REPO}/commit/(?P<revision>[^/]+)$"), hub.commit),
         ("POST", re.compile(rf"^/{_REPO}\.git/info/lfs/objects/batch$"), hub.lfs_batch),
-        ("PUT", re.compile(r"^/lfs-objects/(?P<oid>[0-9a-f]{64})/(?P<size>\d+)$"), hub.lfs_upload),
-        ("POST", re.compile(r"^/lfs-objects/(?P<oid>[0-9a-f]{64})/verify$"), hub.lfs_verify),
+        ("PUT", re.compile(rf"^{_LFS_OBJECT}/(?P<size>\d+)$"), hub.lfs_upload),
+        ("PUT", re.compile(rf"^{_LFS_OBJECT}/parts/(?P<number>\d+)$"), hub.lfs_upload_part),
+        ("POST", re.compile(rf"^{_LFS_OBJECT}/complete/(?P<size>\d+)$"), hub.lfs_complete),
+        ("POST", re.compile(rf"^{_LFS_OBJECT}/verify$"), hub.lfs_verify),
         ("GET", re.compile(rf"^/{_REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)$"), hub.resolve),
     ]
 
@@ -412,7 +480,8 @@ def _handler_for(hub: MiniHub):
                 headers = {"Content-Type": "application/json", "X-Error-Message": error.message}
                 if error.error_code:
                     headers["X-Error-Code"] = error.error_code
-                self._send(error.status, json.dumps({"error": error.message}).encode(), headers, method != "HEAD")
+                body = json.dumps({"error": error.message, **error.details}).encode()
+                self._send(error.status, body, headers, method != "HEAD")
                 return
             if len(result) == 3:
                 status, content, headers = result

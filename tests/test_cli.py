@@ -281,7 +281,7 @@ def test_search_refuses_an_index_built_by_another_model(built_index, image_check
     stderr = refused(
         run_example("search.py", "--model_name_or_path", image_checkpoint, "--index_dir", index_dir, "--query", query)
     )
-    assert "model_id" in stderr and "--rebuild_index" in stderr
+    assert "model_fingerprint" in stderr and "--rebuild_index" in stderr
     assert index_file_stamps(index_dir) == stamps
 
 

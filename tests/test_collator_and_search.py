@@ -14,7 +14,7 @@ from modeling_mmretrieval.data.images import ImageDecodeError
 from modeling_mmretrieval.retrieval.index import ProductIndex
 from modeling_mmretrieval.retrieval.index_files import IndexModelMismatchError
 from modeling_mmretrieval.towers import get_minilm_path
-from modeling_mmretrieval.retrieval.search import build_product_index, config_fingerprint, embed_queries, search_text
+from modeling_mmretrieval.retrieval.search import build_product_index, embed_queries, model_fingerprint, search_text
 from modeling_mmretrieval.training.image_feature_cache import precompute_image_features
 
 
@@ -107,12 +107,11 @@ def test_text_search_finds_the_product_a_title_describes(catalogue, minilm_text_
     scores, ids = search_text(model, processor, index, titles, k=5)
     assert [ranked[0] for ranked in ids] == catalogue["product_id"][:8]
     assert torch.all(scores[:, :-1] >= scores[:, 1:])
-    reloaded = ProductIndex.load(tmp_path / "index", expected_model_id=index.model_id,
-                                 expected_config_hash=config_fingerprint(model.config))
+    reloaded = ProductIndex.load(tmp_path / "index", expected_model_fingerprint=model_fingerprint(model))
     assert reloaded.search(embed_queries(model, processor, titles[:1]), k=1)[1][0][0] == ids[0][0]
-    other = make_config("text_only")
+    other = MultimodalRetrievalModel(make_config("text_only"))
     with pytest.raises(IndexModelMismatchError):
-        ProductIndex.load(tmp_path / "index", expected_config_hash=config_fingerprint(other))
+        ProductIndex.load(tmp_path / "index", expected_model_fingerprint=model_fingerprint(other))
 
 
 def test_evaluator_reports_perfect_scores_for_title_queries(catalogue, minilm_text_only):

@@ -487,7 +487,7 @@ def test_index_from_embeddings_searches_and_round_trips_or_refuses(catalogue, k,
     if problems:
         assert_raises_one_of(problems, lambda: ProductIndex.from_embeddings(matrix, ids, metadata=metadata))
         return
-    index = ProductIndex.from_embeddings(matrix, ids, metadata=metadata, model_id="org/fuzz")
+    index = ProductIndex.from_embeddings(matrix, ids, metadata=metadata, model_id="org/fuzz", model_fingerprint="fuzz")
     if not k_is_valid(k):
         with pytest.raises(ValueError, match="k must be a positive integer"):
             index.search(matrix, k=k)
@@ -498,7 +498,7 @@ def test_index_from_embeddings_searches_and_round_trips_or_refuses(catalogue, k,
         assert all(len(row) == min(k, len(matrix)) and set(row) <= set(ids) for row in found)
     with tempfile.TemporaryDirectory() as directory:
         index.save(Path(directory) / "index")
-        loaded = ProductIndex.load(Path(directory) / "index", expected_model_id="org/fuzz")
+        loaded = ProductIndex.load(Path(directory) / "index", expected_model_fingerprint="fuzz")
         assert list(loaded.ids) == list(ids)
         assert np.array_equal(np.asarray(loaded.embeddings), matrix) or len(ids) == len(loaded) == 0
         assert [loaded.metadata_for(product_id) for product_id in ids] == metadata_as_strings(metadata)

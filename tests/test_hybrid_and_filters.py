@@ -415,3 +415,14 @@ def test_evaluate_command_reports_the_three_rankers_side_by_side(capsys, checkpo
     assert status == 0, err
     dense_only = json.loads((tmp_path / "dense.json").read_text())
     assert dense_only["metrics"] == metrics["dense"]  # the same dense run, with or without the other rankers
+
+
+def test_fused_ranker_fuses_id_rankings_by_reciprocal_rank():
+    from modeling_mmretrieval.retrieval.hybrid import fused_ranker
+
+    dense = lambda products, texts, k: [["sku-1", "sku-2", "sku-3"][:k] for _ in texts]  # noqa: E731
+    lexical = lambda products, texts, k: [["sku-3", "sku-2", "sku-4"][:k] for _ in texts]  # noqa: E731
+    ranked = fused_ranker([dense, lexical], rrf_k=60, depth=3)(None, ["red shirt", "blue jeans"], 3)
+    # sku-3: 1/63 + 1/61 > sku-2: 2/62 > sku-1: 1/61 > sku-4: 1/63
+    assert ranked == [["sku-3", "sku-2", "sku-1"]] * 2
+    assert fused_ranker([dense, lexical], depth=3)(None, ["q"], 4)[0] == ["sku-3", "sku-2", "sku-1", "sku-4"]

@@ -288,17 +288,19 @@ def test_save_load_round_trip(tmp_path):
         show_progress=False,
         model_id="org/mmretrieval",
         config_hash="abc123",
+        model_fingerprint="f1e2d3",
         metadata_columns=("title", "brand"),
     )
     queries = embed_titles(rows[::37])
     expected_scores, expected_ids = built.search(queries, k=20)
 
     meta = json.loads((tmp_path / "index" / META_FILENAME).read_text())
-    assert (meta["count"], meta["dim"], meta["model_id"], meta["config_hash"]) == (
+    assert (meta["count"], meta["dim"], meta["model_id"], meta["config_hash"], meta["model_fingerprint"]) == (
         300,
         64,
         "org/mmretrieval",
         "abc123",
+        "f1e2d3",
     )
     assert (
         meta["embeddings_sha256"]
@@ -306,9 +308,7 @@ def test_save_load_round_trip(tmp_path):
     )
 
     for mmap in (True, False):
-        loaded = ProductIndex.load(
-            tmp_path / "index", expected_model_id="org/mmretrieval", expected_config_hash="abc123", mmap=mmap
-        )
+        loaded = ProductIndex.load(tmp_path / "index", expected_model_fingerprint="f1e2d3", mmap=mmap)
         scores, ids = loaded.search(queries, k=20)
         assert torch.equal(scores, expected_scores) and ids == expected_ids
         assert loaded.metadata_for(rows[5]["product_id"]) == {"title": rows[5]["title"], "brand": rows[5]["brand"]}
@@ -361,16 +361,12 @@ def test_load_refuses_other_model_or_config(tmp_path):
         output_dir=tmp_path / "index",
         model_id="org/model-a",
         config_hash="hash-a",
+        model_fingerprint="fingerprint-a",
         show_progress=False,
     )
-    with pytest.raises(IndexModelMismatchError, match="model_id='org/model-a'"):
-        ProductIndex.load(tmp_path / "index", expected_model_id="org/model-b")
-    with pytest.raises(IndexModelMismatchError, match="config_hash='hash-a'"):
-        ProductIndex.load(tmp_path / "index", expected_model_id="org/model-a", expected_config_hash="hash-b")
-    assert (
-        len(ProductIndex.load(tmp_path / "index", expected_model_id="org/model-a", expected_config_hash="hash-a"))
-        == 30
-    )
+    with pytest.raises(IndexModelMismatchError, match="model_fingerprint='fingerprint-a' .*'fingerprint-b'"):
+        ProductIndex.load(tmp_path / "index", expected_model_fingerprint="fingerprint-b")
+    assert len(ProductIndex.load(tmp_path / "index", expected_model_fingerprint="fingerprint-a")) == 30
 
 
 @pytest.fixture
@@ -582,23 +578,24 @@ def test_sharded_build_and_merge_equals_single_build(tmp_path, strategy, source)
 
 
 def test_merge_refuses_incomplete_or_incompatible_shards(tmp_path):
-    def build_shard(name, rank, world_size=3, model_id="org/m"):
+    def build_shard(name, rank, world_size=3, model_fingerprint="fingerprint-m"):
         ProductIndex.build(
             catalogue_rows(30),
             embed_titles,
             output_dir=tmp_path / name,
             shard=(rank, world_size),
             num_rows=30,
-            model_id=model_id,
+            model_id="org/m",
+            model_fingerprint=model_fingerprint,
             show_progress=False,
         )
 
     for rank in range(3):
         build_shard(f"rank-{rank}", rank)
-    build_shard("other-model", 2, model_id="org/other")
+    build_shard("other-model", 2, model_fingerprint="fingerprint-other")
     with pytest.raises(ValueError, match=r"got ranks \[0, 2\]"):
         ProductIndex.merge([tmp_path / "rank-0", tmp_path / "rank-2"], tmp_path / "merged")
-    with pytest.raises(IndexModelMismatchError, match="org/other"):
+    with pytest.raises(IndexModelMismatchError, match="other-model has 'fingerprint-other'"):
         ProductIndex.merge([tmp_path / "rank-0", tmp_path / "rank-1", tmp_path / "other-model"], tmp_path / "merged")
 
     ProductIndex.build(catalogue_rows(10), embed_titles, output_dir=tmp_path / "plain-a", show_progress=False)

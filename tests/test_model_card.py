@@ -20,8 +20,8 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from huggingface_hub import ModelCard
 from hub_server import MiniHub
-from tiny_towers import make_config
-from transformers import AutoTokenizer, BertConfig, BertModel, Dinov2Config, Dinov2Model
+from tiny_towers import make_config, save_tiny_pretrained_towers
+from transformers import AutoTokenizer
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
 from modeling_mmretrieval.commands import train as train_command
@@ -31,7 +31,9 @@ from modeling_mmretrieval.modeling_mmretrieval import card_for_repo, is_package_
 from modeling_mmretrieval.towers import get_minilm_path
 from modeling_mmretrieval.training.model_builder import OFFLINE_TOWERS
 from modeling_mmretrieval.training.model_card import (
+    HUB_LICENSES,
     INITIAL_CHECKPOINT_ROLE,
+    TOWER_LICENSES,
     ModelCardInfo,
     dataset_reference,
     default_license,
@@ -132,6 +134,22 @@ def test_license_defaults_to_the_towers_licence_and_can_be_set(tmp_path):
     assert metadata(card)["license"] == "mit" and "as set by the model's author" in card
 
 
+def test_license_flag_takes_the_hubs_licence_ids_and_refuses_others_with_a_usage_error(capsys):
+    assert train_command.parse_args(["--license", "cc-by-nc-4.0"]).license == "cc-by-nc-4.0"
+    assert train_command.parse_args([]).license is None  # the card then takes the towers' licence
+    for bad, hint in (("Apache-2.0", "did you mean 'apache-2.0'?"), ("MIT", "did you mean 'mit'?"),
+                      ("proprietary", "'other' with a LICENSE file"), ("", "is not a Hub licence identifier")):
+        with pytest.raises(SystemExit) as exit_info:
+            train_command.parse_args(["--license", bad])
+        assert exit_info.value.code == 2
+        last_line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "argument --license:" in last_line and repr(bad) in last_line and hint in last_line
+    # The card generator refuses what the Hub would not read, from Python too.
+    with pytest.raises(ValueError, match="'Apache-2.0' is not a Hub licence identifier"):
+        render_model_card(card_info(license="Apache-2.0"))
+    assert set(TOWER_LICENSES.values()) <= set(HUB_LICENSES)  # every licence a card may default to is a Hub id
+
+
 def test_local_paths_become_names(tmp_path):
     cache = tmp_path / "hf" / "hub" / "models--facebook--dinov2-small" / "snapshots" / "0123abcd"
     cache.mkdir(parents=True)
@@ -187,19 +205,7 @@ def test_card_for_repo_fills_in_the_namespace_and_tags():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("card_assets")
-    tokenizer = AutoTokenizer.from_pretrained(get_minilm_path())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=48, max_position_embeddings=128)).save_pretrained(root / "text")
-    tokenizer.save_pretrained(root / "text")
-    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
-                             image_size=IMAGE_SIZE, patch_size=14)).save_pretrained(root / "vision")
-    (root / "vision" / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": IMAGE_SIZE},
-        "resample": 3, "do_center_crop": True, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True,
-    }))
+    save_tiny_pretrained_towers(root, IMAGE_SIZE)
     (root / "data").mkdir()
     for split, rows in (("train", 64), ("validation", 32)):
         sample = pq.read_table(SAMPLE_DATA_DIR / f"{split}.parquet")
@@ -224,7 +230,7 @@ def test_a_trained_checkpoint_names_no_local_path_and_keeps_its_card(assets, tmp
     train_command.run([
         "--dataset", str(assets["data"]), "--output_dir", str(output_dir), "--text_model", str(assets["text"]),
         "--architecture", "3tower", "--vision_model", str(assets["vision"]), "--image_size", str(IMAGE_SIZE), "--per_device_train_batch_size", "16",
-        "--max_train_steps", "2", "--max_eval_queries", "16",
+        "--max_train_steps", "2", "--max_eval_queries", "16", "--license", "mit",
     ])
     final = output_dir / "final"
     forbidden = [str(assets["root"]), str(tmp_path), str(REPO_ROOT), sys.prefix, str(huggingface_hub.constants.HF_HOME),
@@ -236,6 +242,7 @@ def test_a_trained_checkpoint_names_no_local_path_and_keeps_its_card(assets, tmp
     card = (final / "README.md").read_text()
     assert "| text | `text` |" in card and "| vision | `vision` |" in card and "`data` (a local catalogue)" in card
     assert metadata(card)["model-index"][0]["results"][0]["dataset"]["name"] == "data"
+    assert metadata(card)["license"] == "mit" and "`mit`, as set by the model's author" in card  # --license
     # The model keeps the card it was saved with, and saves it again (a loaded model re-saved or pushed).
     model = MultimodalRetrievalModel.from_pretrained(final)
     assert model.model_card == card and model.config.text_config.hidden_size == 32
@@ -245,7 +252,8 @@ def test_a_trained_checkpoint_names_no_local_path_and_keeps_its_card(assets, tmp
     model.save_pretrained(tmp_path / "card-less")
     assert not (tmp_path / "card-less" / "README.md").exists()
 
-    # Fine-tuning the checkpoint: the card keeps its towers and licence, names the checkpoint, leaks no path, and
+    # Fine-tuning the checkpoint: the card keeps its towers and licence (set by the first run's --license; the
+    # towers' own, local, would be "unknown"), names the checkpoint, leaks no path, and
     # reports no setting the run left unset (its image size comes from the loaded processor).
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -257,7 +265,7 @@ def test_a_trained_checkpoint_names_no_local_path_and_keeps_its_card(assets, tmp
     tuned_card = (tuned / "README.md").read_text()
     assert "| text | `text` |" in tuned_card and "| vision | `vision` |" in tuned_card
     assert "| initial checkpoint | `final` |" in tuned_card and "| image size |" not in tuned_card
-    assert metadata(tuned_card)["license"] == metadata(card)["license"] == "unknown"  # local towers: not known
+    assert metadata(tuned_card)["license"] == "mit" and "`mit`, the licence of the initial checkpoint" in tuned_card
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,19 +293,6 @@ PUSH = textwrap.dedent("""
 """)
 
 
-class Hub(MiniHub):
-    """MiniHub answering `create_repo` of an existing repository as the Hub does: 409 with the repository's URL in
-    the body, which huggingface_hub's `create_repo(exist_ok=True)` reads (model and processor pushed to one repo)."""
-
-    def create_repo(self, request):
-        payload = request.json()
-        repo_id = f"{payload.get('organization') or self.user}/{payload['name']}"
-        if repo_id in self.repos:
-            self._require_write(request.headers)
-            return 409, {"error": "You already created this model repo", "url": f"{self.endpoint}/{repo_id}"}
-        return super().create_repo(request)
-
-
 def test_push_to_hub_uploads_the_package_card_and_the_processor_keeps_every_keyword(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(get_minilm_path())
     config = make_config("text_only")
@@ -308,7 +303,8 @@ def test_push_to_hub_uploads_the_package_card_and_the_processor_keeps_every_keyw
     model.save_pretrained(checkpoint)
     MultimodalRetrievalProcessor(tokenizer).save_pretrained(checkpoint)
 
-    with Hub(token="hf_test_token", user="tester") as hub:
+    # Model and processor go to one repository: the second `create_repo(exist_ok=True)` gets the Hub's 409.
+    with MiniHub(token="hf_test_token", user="tester") as hub:
         env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
                "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": "hf_test_token", "OMP_NUM_THREADS": "1",
                "TOKENIZERS_PARALLELISM": "false",

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -47,9 +48,8 @@ from modeling_mmretrieval.retrieval.index_files import (
 from modeling_mmretrieval.towers import get_minilm_path
 from modeling_mmretrieval.retrieval.search import (
     build_product_index,
-    config_fingerprint,
     embed_queries,
-    model_identity,
+    model_fingerprint,
     product_embedder,
     search_text,
 )
@@ -196,19 +196,19 @@ def saved_index(retriever, catalogue, tmp_path_factory):
     model, processor = retriever
     directory = tmp_path_factory.mktemp("index") / "catalogue"
     build_product_index(model, processor, catalogue, output_dir=directory, show_progress=False)
-    expected = {"model_id": model_identity(model), "config_hash": config_fingerprint(model.config)}
+    expected = {"model_fingerprint": model_fingerprint(model)}
     return directory, expected, index_contents(ProductIndex.load(directory, **expected_kwargs(expected)))
 
 
 def expected_kwargs(expected: dict) -> dict:
-    return {"expected_model_id": expected["model_id"], "expected_config_hash": expected["config_hash"]}
+    return {"expected_model_fingerprint": expected["model_fingerprint"]}
 
 
 def index_contents(index: ProductIndex) -> tuple:
     """Everything a loaded index serves: ids, vectors, metadata, provenance."""
     return (
         list(index.ids), np.array(index.embeddings).tobytes(), [index.metadata_for(i) for i in index.ids],
-        index.model_id, index.config_hash, index.shard_info,
+        index.model_id, index.config_hash, index.model_fingerprint, index.shard_info,
     )
 
 
@@ -263,8 +263,9 @@ def test_every_corrupted_or_truncated_index_file_is_detected(saved_index, tmp_pa
                 outcomes[name, kind, load_after_fault(directory, expected, reference)] += 1
     # The restored copy loads intact, and an index of another model is refused.
     assert load_after_fault(directory, expected, reference) == "harmless"
-    with pytest.raises(IndexModelMismatchError, match="config_hash"):
-        ProductIndex.load(source, expected_config_hash=config_fingerprint(make_config("text_only")))
+    other_model = MultimodalRetrievalModel(make_config("text_only"))
+    with pytest.raises(IndexModelMismatchError, match="model_fingerprint"):
+        ProductIndex.load(source, expected_model_fingerprint=model_fingerprint(other_model))
     injected = sum(outcomes.values())
     detected = sum(count for (_, _, outcome), count in outcomes.items() if outcome == "detected")
     FIGURES["index faults injected (data files: flips, cuts, garbage, deletion)"] += injected
@@ -509,3 +510,24 @@ def test_a_kill_anywhere_in_publishing_final_leaves_a_loadable_or_recoverable_mo
     assert (final / "model.safetensors").read_bytes() == versions[1] and operation > 3
     assert outcomes["old"] >= 1 and outcomes["new"] >= 1
     assert outcomes["recovered"] == (0 if exchange else 1)
+
+
+def test_a_killed_writers_staging_directory_is_removed_at_the_next_write(tmp_path):
+    from modeling_mmretrieval.atomic_files import atomic_directory, remove_abandoned_staging, write_json_atomically
+
+    target = tmp_path / "index"
+    writer = subprocess.run(  # a writer killed inside the block: its staging directory stays behind
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import os, signal
+            from modeling_mmretrieval.atomic_files import atomic_directory, write_json_atomically
+            with atomic_directory({str(target)!r}) as staging:
+                write_json_atomically(staging / "half.json", {{"rows": 1}})
+                os.kill(os.getpid(), signal.SIGKILL)
+        """)], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert writer.returncode == -signal.SIGKILL
+    leftovers = list(tmp_path.glob(".index.*.partial"))
+    assert len(leftovers) == 1 and (leftovers[0] / "half.json").is_file()
+    with atomic_directory(tmp_path / "index") as live:  # the killed writer's leftovers went before this one began
+        assert remove_abandoned_staging(target) == [] and live.is_dir()  # a live writer's staging is left alone
+        write_json_atomically(live / "index_meta.json", {"count": 0})
+    assert not list(tmp_path.glob(".index.*.partial")) and (target / "index_meta.json").is_file()

@@ -24,15 +24,21 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from hub_server import MiniHub
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, Dinov2Config, Dinov2Model
+from tiny_towers import dinov2_preprocessor, save_tiny_pretrained_towers
+from transformers import (
+    AutoModel,
+)
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
 from modeling_mmretrieval.commands import train as train_command
-from modeling_mmretrieval.data import SAMPLE_DATA_DIR, load_catalogue, make_training_pairs
+from modeling_mmretrieval.data import (
+    SAMPLE_DATA_DIR,
+    load_catalogue,
+    make_training_pairs,
+)
 from modeling_mmretrieval.data.collator import RetrievalCollator
 from modeling_mmretrieval.data.images import load_product_image
 from modeling_mmretrieval.retrieval.held_out_evaluation import HeldOutEvaluator
-from modeling_mmretrieval.towers import get_minilm_path
 from modeling_mmretrieval.training.checkpoints import (
     ABANDONED_DIR,
     COMPLETION_MARKER,
@@ -49,7 +55,10 @@ from modeling_mmretrieval.training.checkpoints import (
     start_lineage,
     temporary_dir_for,
 )
-from modeling_mmretrieval.training.image_feature_cache import check_cached_image_features, precompute_image_features
+from modeling_mmretrieval.training.image_feature_cache import (
+    check_cached_image_features,
+    precompute_image_features,
+)
 from modeling_mmretrieval.training.model_builder import build_model_and_processor
 from modeling_mmretrieval.training.optimization import (
     EpochSeededSampler,
@@ -59,18 +68,17 @@ from modeling_mmretrieval.training.optimization import (
     training_length,
 )
 from modeling_mmretrieval.training.reporting import format_results_table
-from modeling_mmretrieval.training.trainer import build_loss_fn, continue_schedule, trackers_for, training_step
+from modeling_mmretrieval.training.trainer import (
+    build_loss_fn,
+    continue_schedule,
+    trackers_for,
+    training_step,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO_ROOT / "examples" / "train.py"
 TRAIN_ROWS, EVAL_ROWS, BATCH_SIZE, IMAGE_SIZE = 96, 48, 16, 28
-# The DINOv2 evaluation transform (as in the converted DINOv2-small folder), at the tiny tower's size.
-DINOV2_PREPROCESSOR = {
-    "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": IMAGE_SIZE},
-    "resample": 3, "do_center_crop": True, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True,
-}
+DINOV2_PREPROCESSOR = dinov2_preprocessor(IMAGE_SIZE)
 
 
 @pytest.fixture(autouse=True)
@@ -91,16 +99,7 @@ def isolated_runs():
 def assets(tmp_path_factory) -> dict[str, Path]:
     """Tiny pretrained towers and a small catalogue (train/validation parquet slices of the sample)."""
     root = tmp_path_factory.mktemp("train_assets")
-    tokenizer = AutoTokenizer.from_pretrained(get_minilm_path())
-    torch.manual_seed(0)
-    text = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=2, intermediate_size=48, max_position_embeddings=128))
-    text.save_pretrained(root / "text")
-    tokenizer.save_pretrained(root / "text")
-    vision = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
-                                      image_size=IMAGE_SIZE, patch_size=14))
-    vision.save_pretrained(root / "vision")
-    (root / "vision" / "preprocessor_config.json").write_text(json.dumps(DINOV2_PREPROCESSOR))
+    save_tiny_pretrained_towers(root, IMAGE_SIZE)
     (root / "data").mkdir()
     for split, rows in (("train", TRAIN_ROWS), ("validation", EVAL_ROWS)):
         sample = pq.read_table(SAMPLE_DATA_DIR / f"{split}.parquet")

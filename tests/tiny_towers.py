@@ -1,7 +1,10 @@
 """Tiny random tower configs and batches shared by the tests (realistic shapes, seconds to run)."""
 
+import json
+from pathlib import Path
+
 import torch
-from transformers import BertConfig, CLIPConfig, CLIPVisionConfig, Dinov2Config
+from transformers import AutoTokenizer, BertConfig, BertModel, CLIPConfig, CLIPVisionConfig, Dinov2Config, Dinov2Model
 
 from modeling_mmretrieval import MultimodalRetrievalConfig
 
@@ -108,3 +111,29 @@ def product_inputs(batch: dict) -> dict:
     if "pixel_values" in batch:
         inputs.update(pixel_values=batch["pixel_values"], image_mask=batch["image_mask"])
     return inputs
+
+
+def dinov2_preprocessor(image_size: int = IMAGE_SIZE) -> dict:
+    """The DINOv2 evaluation transform (as in the converted DINOv2-small folder), at the tiny tower's size."""
+    return {
+        "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225], "do_convert_rgb": True,
+    }
+
+
+def save_tiny_pretrained_towers(root: Path, image_size: int = IMAGE_SIZE, text_layers: int = 2) -> tuple[Path, Path]:
+    """Tiny "pretrained" tower folders a model can be composed from: a BERT of the real MiniLM tokenizer's vocabulary
+    (saved with that tokenizer, so product texts tokenize as in production) and a DINOv2 with its preprocessor."""
+    from modeling_mmretrieval.towers import get_minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(get_minilm_path())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=text_layers,
+                         num_attention_heads=2, intermediate_size=48, max_position_embeddings=128)).save_pretrained(root / "text")
+    tokenizer.save_pretrained(root / "text")
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                             image_size=image_size, patch_size=14)).save_pretrained(root / "vision")
+    (root / "vision" / "preprocessor_config.json").write_text(json.dumps(dinov2_preprocessor(image_size)))
+    return root / "text", root / "vision"

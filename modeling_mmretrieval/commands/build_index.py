@@ -1,8 +1,9 @@
 """Encode a catalogue into a `ProductIndex`, split across processes with `accelerate launch`.
 
 Each process encodes one contiguous shard of the catalogue into `<output_dir>.shards/shard-<rank>`; the main
-process then merges the shards (checking model id, config fingerprint and ids) into `<output_dir>`, whose
-files are byte-identical to a single-process build.
+process then merges the shards (checking that one model built them, by its model fingerprint: config and
+weights, and that their ids are disjoint) into `<output_dir>`, whose files are byte-identical to a
+single-process build.
 
 The catalogue and the flags are checked before the model is loaded. Every run prints how many images were
 decoded, missing, undecodable or refused, with example product ids, and records it in
@@ -26,6 +27,9 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from modeling_mmretrieval.data.images import ImageReport
+from modeling_mmretrieval.retrieval.image_feature_store import (
+    image_feature_store_from_args,
+)
 from modeling_mmretrieval.retrieval.index import ProductIndex
 from modeling_mmretrieval.retrieval.search import build_product_index
 
@@ -84,6 +88,7 @@ def build_index(args: argparse.Namespace) -> None:
         output_dir=shards_root / f"shard-{rank:05d}", shard=(rank, world_size),
         show_progress=accelerator.is_local_main_process, metadata_columns=(columns.title,),
         fetch_images=args.fetch_images, image_report=image_report,
+        image_feature_store=image_feature_store_from_args(args),
     )
     reports = gather_object([image_report])  # every process's report, on every process
     accelerator.wait_for_everyone()

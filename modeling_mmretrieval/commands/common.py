@@ -94,7 +94,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_image_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--fetch_images`, `--on_image_error`, `--strict_images` and `--max_image_failure_share`.
+    """`--fetch_images`, `--on_image_error`, `--strict_images`, `--max_image_failure_share` and the persistent
+    image-feature store: `--image_feature_store DIR` / `--no_image_feature_store`
+    (`retrieval.image_feature_store.image_feature_store_from_args` opens it).
 
     Example: `add_image_arguments(parser); report_images(report, parser.parse_args(["--strict_images"]))` raises
     `CliError` as soon as one image failed.
@@ -112,6 +114,16 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max_image_failure_share", type=float, default=DEFAULT_MAX_IMAGE_FAILURE_SHARE,
         help="warn loudly when more than this share of the images fail (default %(default)s)",
+    )
+    group.add_argument(
+        "--image_feature_store", metavar="DIR", default=None,
+        help="keep the frozen image tower's features of product photos here between runs, shared by training, "
+             "indexing and evaluation (default: $MMRETRIEVAL_CACHE/image_features, else "
+             "~/.cache/mmretrieval/image_features)",
+    )
+    group.add_argument(
+        "--no_image_feature_store", action="store_true",
+        help="compute image features afresh and keep none on disk",
     )
 
 

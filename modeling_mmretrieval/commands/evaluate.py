@@ -2,13 +2,17 @@
 whose colour no relevant title mentions, printed as a table and written as a JSON report.
 
 Queries are attribute-derived from the catalogue (`--num_queries`, `--seed`), read from the catalogue's query column
-(rows of query and product), or read from `--queries_file`: a JSON list of queries, or a JSONL or CSV file of
-either a query and its relevant ids per line, or (query, product id) pairs. The catalogue and the queries are
+(rows of query and product), read from `--queries_file`: a JSON list of queries, or a JSONL or CSV file of
+either a query and its relevant ids per line, or (query, product id) pairs, or are the queries marked on the search
+page (`--judgements`: the JSONL file `search --serve --judgements` appends to). The catalogue and the queries are
 checked before any model is loaded; the run prints how the catalogue's images fared and records it in the report.
 `--compare_to` evaluates a second (text-only) checkpoint on the same queries and adds the exclusive-match
 analysis: which products each model retrieves in its top k that the other misses, and how many are relevant.
 `--ranker dense lexical hybrid` evaluates the model, BM25 and their fusion (`--fusion rrf` or `score`) side by side
-on the same queries, from one product index. See docs/search.md for the report fields and the queries file format.
+on the same queries, from one product index. `--filter COLUMN=VALUE`, `--min_price` and `--max_price` evaluate the
+filtered search: every ranker ranks only the matching products, and a query's relevant products are its matching
+ones (a query left with none is skipped and counted). See docs/search.md for the report fields and the queries file
+format.
 
 Examples:
 ```bash
@@ -17,6 +21,9 @@ mmretrieval evaluate --model_name_or_path outputs/4tower/final --split test --nu
 python examples/evaluate.py --model_name_or_path outputs/4tower/final --compare_to outputs/text/final \
     --save_run runs/4tower-test.json --output_file reports/4tower-vs-text.json
 mmretrieval evaluate --model_name_or_path outputs/4tower/final --ranker dense lexical hybrid --fusion rrf
+mmretrieval evaluate --model_name_or_path outputs/4tower/final --split validation --judgements marks/judgements.jsonl
+mmretrieval evaluate --model_name_or_path outputs/4tower/final --ranker dense hybrid --filter gender=Women \
+    --max_price 2000
 ```
 """
 
@@ -29,8 +36,10 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 
@@ -40,11 +49,18 @@ from modeling_mmretrieval.data.images import ImageReport
 from modeling_mmretrieval.data.query_column import evaluation_queries_from_column, unique_products
 from modeling_mmretrieval.retrieval.evaluator import RetrievalEvaluator
 from modeling_mmretrieval.retrieval.exclusive_matches import exclusive_matches
-from modeling_mmretrieval.retrieval.filters import ProductFilter
+from modeling_mmretrieval.retrieval.filters import FilterError, ProductFilter, ProductTable
 from modeling_mmretrieval.retrieval.hybrid import Fusion, ProductRanker
 from modeling_mmretrieval.retrieval.index import ProductIndex
+from modeling_mmretrieval.retrieval.judgements import JudgementError, load_judgements
 from modeling_mmretrieval.retrieval.lexical import LexicalIndex
-from modeling_mmretrieval.retrieval.search import build_product_index, config_fingerprint, embed_queries, model_identity
+from modeling_mmretrieval.retrieval.search import (
+    build_product_index,
+    config_fingerprint,
+    embed_queries,
+    model_fingerprint,
+    model_identity,
+)
 
 from .common import (
     CliError,
@@ -57,7 +73,13 @@ from .common import (
     report_images,
     retriever_parser,
 )
-from .search import add_ranker_arguments, catalogue_table, fusion_from_args
+from .search import (
+    add_filter_arguments,
+    add_ranker_arguments,
+    catalogue_table,
+    fusion_from_args,
+    product_filter_from_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +253,123 @@ def read_queries_file(path: Path, catalogue_ids: set[str]) -> list[EvaluationQue
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Judgements: the relevance marks of the search page, `{query text: {product_id: 0 or 1}}`
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_judgements_file(path: Path) -> dict[str, dict[str, int]]:
+    """The marks of a `--judgements` file (`retrieval.judgements.load_judgements`: the latest mark of a query and
+    product wins); `CliError` in one line ending "(--judgements)" for a missing, unreadable, malformed or empty file.
+    Cheap: it runs before the catalogue and the model are loaded.
+
+    Example: `read_judgements_file(Path("marks/judgements.jsonl"))` gives `{"black watch": {"1164": 0, "5310": 1}}`.
+    """
+    try:
+        qrels = load_judgements(path)
+    except JudgementError as error:
+        raise CliError(f"{error} (--judgements)") from error
+    except OSError as error:
+        raise CliError(f"cannot read {path}: {error.strerror or error} (--judgements)") from error
+    if not qrels:
+        raise CliError(f"{path} holds no judgement (--judgements)")
+    return qrels
+
+
+def queries_from_judgements(
+    qrels: Mapping[str, Mapping[str, int]], catalogue_ids: set[str], path: Path
+) -> tuple[list[EvaluationQuery], dict]:
+    """The evaluation queries of the search page's marks and the report's description of them: one query per judged
+    query text (its id is the text), whose relevant ids are the products marked relevant. A query whose marks are all
+    "not relevant" has nothing to find and is skipped (counted in `num_skipped`), as the metrics would skip it.
+
+    `CliError` (one line naming the product and `--judgements`) when a judged product is not in the evaluated
+    catalogue: its marks belong to another catalogue or split, and every metric would silently drop it.
+
+    Example:
+    ```python
+    >>> queries, source = queries_from_judgements({"red mug": {"7": 1, "9": 0}, "lamp": {"3": 0}}, {"3", "7", "9"},
+    ...                                           Path("marks.jsonl"))
+    >>> [(query.query_id, sorted(query.relevant_ids)) for query in queries], source["num_skipped"]
+    ([('red mug', ['7'])], 1)
+    ```
+    """
+    for text, marks in qrels.items():
+        for product_id in marks:
+            if product_id not in catalogue_ids:
+                raise CliError(
+                    f"product {product_id!r}, marked for the query {text!r}, is not in the evaluated catalogue "
+                    f"({len(catalogue_ids)} products): evaluate the catalogue and split the marks were made on "
+                    f"(--judgements {path})"
+                )
+    queries = [
+        EvaluationQuery(
+            query_id=text, text=text, attributes={},
+            relevant_ids={product_id for product_id, relevance in marks.items() if relevance > 0},
+            source_product_id="", colour_absent_from_titles=False, template="judgements",
+        )
+        for text, marks in qrels.items() if any(relevance > 0 for relevance in marks.values())
+    ]
+    skipped = len(qrels) - len(queries)
+    if not queries:
+        raise CliError(f"none of the {len(qrels)} judged queries of {path} has a product marked relevant, so there is "
+                       "nothing to find (--judgements)")
+    source = {
+        "source": str(path), "kind": "judgements", "num_judged": len(qrels), "num_skipped": skipped,
+        "num_judgements": sum(len(marks) for marks in qrels.values()),
+    }
+    return queries, source
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Filters: the filtered search, `--filter`, `--min_price`, `--max_price`
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def filtered_queries(
+    queries: Sequence[EvaluationQuery], catalogue, columns: CatalogueColumns, product_filter: ProductFilter
+) -> tuple[list[EvaluationQuery], set[str], dict]:
+    """`(queries, allowed ids, the report's filter section)` of a filtered evaluation: the products `product_filter`
+    lets through (its columns resolved against the catalogue), and each query with only those of its relevant
+    products (a filtered search cannot return the others, so they are no right answer to it). A query left with
+    none is skipped and counted (`num_queries_skipped`). Cheap: it runs before the model is loaded.
+
+    `CliError` (one line naming the flag) for a column the catalogue lacks, a filter no product matches, or one that
+    leaves no query anything to find.
+
+    Example:
+    ```python
+    >>> queries, allowed, section = filtered_queries(queries, catalogue, columns, ProductFilter({"gender": ("Men",)}))
+    >>> section["filter"], section["num_products"]
+    ('gender=Men', 310)
+    ```
+    """
+    try:
+        product_filter = product_filter.resolved(columns, catalogue.column_names)
+    except FilterError as error:
+        raise CliError(str(error)) from error
+    ids = [str(product_id) for product_id in catalogue[columns.product_id]]
+    table = ProductTable.from_catalogue(catalogue, ids, names=product_filter.columns, id_column=columns.product_id)
+    allowed = {ids[row] for row in np.flatnonzero(table.allowed(product_filter))}
+    if not allowed:
+        raise CliError(f"no product of the {len(ids)} evaluated matches the filter {product_filter.describe()} "
+                       "(--filter, --min_price, --max_price)")
+    kept = [replace(query, relevant_ids=set(query.relevant_ids) & allowed) for query in queries]
+    kept = [query for query in kept if query.relevant_ids]
+    if not kept:
+        raise CliError(f"the filter {product_filter.describe()} lets through {len(allowed)} products, none of them "
+                       f"relevant to any of the {len(queries)} queries: nothing to find (--filter, --min_price, "
+                       "--max_price)")
+    section = {
+        "filter": product_filter.describe(),
+        "values": {column: list(values) for column, values in product_filter.values.items()},
+        "ranges": {column: list(bounds) for column, bounds in product_filter.ranges.items()},
+        "num_products": len(allowed),
+        "num_queries_skipped": len(queries) - len(kept),
+    }
+    return kept, allowed, section
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Metrics and report formatting
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -295,7 +434,8 @@ def write_json(path: Path, payload) -> None:
 
 
 def model_description(model) -> dict:
-    """The report fields that identify a model: id, architecture, fusion, config fingerprint and config.
+    """The report fields that identify a model: id (where it was loaded from), architecture, fusion, config
+    fingerprint, model fingerprint (config and weights: the same one its indexes record) and config.
 
     Example: `model_description(model)["architecture"]` is e.g. "4tower".
     """
@@ -304,6 +444,7 @@ def model_description(model) -> dict:
         "architecture": model.config.architecture,
         "fusion": model.config.fusion if model.config.uses_images else None,
         "config_hash": config_fingerprint(model.config),
+        "model_fingerprint": model_fingerprint(model),
         "config": model.config.to_diff_dict(),
     }
 
@@ -314,16 +455,20 @@ def model_description(model) -> dict:
 
 
 def ranker_runs(
-    model, processor, evaluator: RetrievalEvaluator, rankers: Sequence[str], fusion: Fusion, k: int
+    model, processor, evaluator: RetrievalEvaluator, rankers: Sequence[str], fusion: Fusion, k: int,
+    allowed_ids: set[str] | None = None,
 ) -> dict[str, dict[str, list[str]]]:
-    """`{ranker: run}` of each of `rankers` ("dense", "lexical", "hybrid") on the evaluator's queries, top `k`.
+    """`{ranker: run}` of each of `rankers` ("dense", "lexical", "hybrid") on the evaluator's queries, top `k`;
+    with `allowed_ids` (a filter's products, see `filtered_queries`) every ranker ranks only those, inside its
+    search, so k of them come back.
 
-    The dense run alone is `evaluator.rankings`; otherwise one product index (built as `evaluator.rankings` builds
-    it, so the dense run is the same) and one BM25 index serve every ranker.
+    The unfiltered dense run alone is `evaluator.rankings`; otherwise one product index (built as
+    `evaluator.rankings` builds it, so the dense run is the same) and, for lexical and hybrid, one BM25 index serve
+    every ranker.
 
     Example: `runs = ranker_runs(model, processor, evaluator, ["dense", "hybrid"], Fusion("rrf"), 100)`.
     """
-    if list(rankers) == ["dense"]:
+    if list(rankers) == ["dense"] and allowed_ids is None:
         return {"dense": evaluator.rankings(model, k=k)}
     texts = [query.text for query in evaluator.queries]
     columns, catalogue = evaluator.columns, evaluator.catalogue
@@ -339,12 +484,18 @@ def ranker_runs(
         # BM25 alone embeds nothing: an index of the ids (every row the same vector) gives the rankers their ids.
         product_ids = list(catalogue[columns.product_id])
         index = ProductIndex.from_embeddings(torch.ones((len(product_ids), 1)), product_ids)
-    table, fields = catalogue_table(catalogue, index, columns, ProductFilter(), "lexical")
-    lexical = LexicalIndex.from_products(table.records(fields), fields)
+    lexical = None
+    if any(ranker != "dense" for ranker in rankers):
+        table, fields = catalogue_table(catalogue, index, columns, ProductFilter(), "lexical")
+        lexical = LexicalIndex.from_products(table.records(fields), fields)
+    allowed = None
+    if allowed_ids is not None:
+        allowed = np.fromiter((str(product_id) in allowed_ids for product_id in index.ids), dtype=bool,
+                              count=len(index))
     runs = {}
     for name in rankers:
         ranker = ProductRanker(index, lexical, ranker=name, fusion=fusion)
-        _, ids = ranker.search(texts, k=k, query_embeddings=embeddings)
+        _, ids = ranker.search(texts, k=k, query_embeddings=embeddings, allowed=allowed)
         runs[name] = {
             query.query_id: [str(product_id) for product_id in ranked if product_id is not None]
             for query, ranked in zip(evaluator.queries, ids, strict=True)
@@ -359,11 +510,12 @@ def evaluate_checkpoint(
     args: argparse.Namespace,
     columns: CatalogueColumns,
     rankers: Sequence[str] = ("dense",),
+    allowed_ids: set[str] | None = None,
 ) -> tuple[dict, dict[str, dict[str, list[str]]], dict[str, dict], ImageReport | None]:
     """`(model description, {ranker: run}, {ranker: evaluator results}, image report)` of one checkpoint on the
-    queries, for each of `rankers` (see `ranker_runs`); runs rank deep enough for every metric cut-off and for the
-    exclusive-match analysis. The report counts how the catalogue's images loaded for this model; `None` for a
-    text-only model, or BM25 alone, which read no image.
+    queries, for each of `rankers` (see `ranker_runs`, which ranks only `allowed_ids` when given); runs rank deep
+    enough for every metric cut-off and for the exclusive-match analysis. The report counts how the catalogue's
+    images loaded for this model; `None` for a text-only model, or BM25 alone, which read no image.
 
     Example: `description, runs, results, images = evaluate_checkpoint("outputs/run/final", catalogue, queries, args,
     columns)`; `runs["dense"]` is the model's run.
@@ -375,7 +527,7 @@ def evaluate_checkpoint(
     )
     logger.info(f"Evaluating {model_identity(model)} ({', '.join(rankers)}): {evaluator}")
     k = max(*args.k_values, args.exclusive_k or 0)
-    runs = ranker_runs(model, processor, evaluator, rankers, fusion_from_args(args), k)
+    runs = ranker_runs(model, processor, evaluator, rankers, fusion_from_args(args), k, allowed_ids)
     reads_images = model.config.uses_images and any(ranker != "lexical" for ranker in rankers)
     image_report = evaluator.image_report if reads_images else None
     results = {ranker: evaluator.compute(run) for ranker, run in runs.items()}
@@ -425,6 +577,11 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
         help="queries with their relevant products: a JSON list of {query_id, text, relevant_ids}, or a JSONL or CSV "
              "file of query and relevant_ids (ids joined by '|') or of query and product_id pairs",
     )
+    parser.add_argument(
+        "--judgements", type=Path, default=None, metavar="FILE",
+        help="evaluate on the search page's relevance marks (the JSONL file of search --serve --judgements): each "
+             "judged query, with the products marked relevant; queries with no relevant mark are skipped",
+    )
     parser.add_argument("--k_values", type=int, nargs="+", default=[10, 100], help="metric cut-offs")
     parser.add_argument("--compare_to", default=None, help="text-only checkpoint for the exclusive-match analysis")
     parser.add_argument("--exclusive_k", type=int, default=None, help="top k of that analysis (default: max k)")
@@ -433,10 +590,16 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     parser.add_argument("--save_queries", type=Path, default=None, help="write the queries in --queries_file format")
     parser.add_argument("--progress", action="store_true", help="show a progress bar while indexing")
     add_ranker_arguments(parser, several=True)
+    add_filter_arguments(
+        parser, applies_to="every ranker ranks only the matching products; a query's relevant products are its "
+                           "matching ones, and a query left with none is skipped",
+    )
     add_image_arguments(parser)
     args = parser.parse_args(argv)
     if min(args.k_values) < 1 or args.num_queries < 1 or (args.exclusive_k is not None and args.exclusive_k < 1):
         parser.error("--k_values, --num_queries and --exclusive_k must be positive")
+    if args.judgements is not None and args.queries_file is not None:
+        parser.error("give either --queries_file or --judgements: both name the queries to evaluate")
     return args
 
 
@@ -476,7 +639,8 @@ def report_model_images(description: Mapping, image_report: ImageReport | None, 
     Example: `report_model_images(model_description(model), evaluator.image_report, args, columns)`.
     """
     if image_report is None:
-        print(f"images: not read ({description['model_id']} is a text-only model)", file=sys.stderr, flush=True)
+        reason = "is a text-only model" if description["architecture"] == "text_only" else "ranked by BM25 alone"
+        print(f"images: not read ({description['model_id']} {reason})", file=sys.stderr, flush=True)
         return
     if args.compare_to is not None:  # two models, two lines: say whose images these are
         print(f"{description['model_id']}:", file=sys.stderr, end=" ", flush=True)
@@ -496,29 +660,43 @@ def main(argv=None, prog: str | None = None) -> int:
         # Everything that can be checked without a model is, before one is loaded.
         check_retriever_settings(args)
         check_image_arguments(args)
+        judgements = None if args.judgements is None else read_judgements_file(args.judgements)
         catalogue, columns = load_catalogue_from_args(args, needs_queries=False)
         query_rows = catalogue
         if columns.query is not None:
             # Rows of (query, product): the products are the distinct ids; the rows give the relevance sets.
             catalogue = unique_products(catalogue, columns)
-        queries, query_source = select_queries(args, query_rows, columns)
+        if judgements is None:
+            queries, query_source = select_queries(args, query_rows, columns)
         catalogue = checked_products(catalogue, columns, args)
+        if judgements is not None:
+            catalogue_ids = {str(product_id) for product_id in catalogue[columns.product_id]}
+            queries, query_source = queries_from_judgements(judgements, catalogue_ids, args.judgements)
         rankers = list(dict.fromkeys(args.ranker))
         fusion = fusion_from_args(args)  # checked before the model loads
+        product_filter, allowed_ids, filter_section = product_filter_from_args(args), None, None
+        if product_filter:
+            queries, allowed_ids, filter_section = filtered_queries(queries, catalogue, columns, product_filter)
         description, runs, results_by_ranker, image_report = evaluate_checkpoint(
-            args.model_name_or_path, catalogue, queries, args, columns, rankers
+            args.model_name_or_path, catalogue, queries, args, columns, rankers, allowed_ids
         )
         run = runs[rankers[0]]
         report_model_images(description, image_report, args, columns)
         compared = None
         if args.compare_to is not None:
-            compared = evaluate_checkpoint(args.compare_to, catalogue, queries, args, columns)
+            compared = evaluate_checkpoint(args.compare_to, catalogue, queries, args, columns,
+                                           allowed_ids=allowed_ids)
             report_model_images(compared[0], compared[3], args, columns)
     except CliError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
 
     title = f"{description['model_id']} on {args.split}: {len(catalogue)} products, {len(queries)} queries"
+    if judgements is not None:
+        title += f" judged in {args.judgements} ({query_source['num_skipped']} skipped: no product marked relevant)"
+    if filter_section is not None:
+        title += (f", filtered by {filter_section['filter']} ({filter_section['num_products']} products; "
+                  f"{filter_section['num_queries_skipped']} queries skipped: no matching relevant product)")
     ranker_sections = {}
     for ranker, ranker_results in results_by_ranker.items():
         ranker_overall, ranker_slices = split_metrics(ranker_results, args.split)
@@ -543,6 +721,7 @@ def main(argv=None, prog: str | None = None) -> int:
         },
         "queries": query_source,
         "num_queries": len(queries),
+        "filter": filter_section,
         "images": None if image_report is None else image_report.to_dict(),
         "k_values": list(args.k_values),
         "ranker": rankers[0],

@@ -40,6 +40,8 @@ from ..training.model_builder import (
     DEFAULT_DINOV2_IMAGE_SIZE,
     DEFAULT_VISUAL_WORD_DROPOUT,
 )
+from ..training.model_card import hub_license
+from ..training.visual_tagger import DEFAULT_MIN_PROBABILITY, VisualTaggerError
 from ..training.visual_word_restoration import DEFAULT_VISUAL_WORD_RESTORATION, TRAINED_FUSIONS
 from ..training.optimization import SCHEDULER_TYPES, NonFiniteLossError
 from ..training.trainer import run_training, trackers_for
@@ -142,6 +144,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                            "pattern words stripped from every training product's text; the text towers are left "
                            f"alone (default {DEFAULT_VISUAL_WORD_RESTORATION} for 3tower and 4tower models with a "
                            "residual or mlp fusion, 0 otherwise; 0 turns it off; docs/training.md).")
+    data.add_argument("--visual_tags", dest="visual_tags", action="store_true", default=None,
+                      help="Fit a visual-word tagger on the frozen image features (colour from the catalogue's colour "
+                           "column, else from the colour words of the titles) that writes the colour it reads off a "
+                           "product's image into the product text when the text names none (default: on for 3tower "
+                           "and 4tower models with a frozen image tower; docs/training.md).")
+    data.add_argument("--no_visual_tags", dest="visual_tags", action="store_false")
+    data.add_argument("--visual_tag_min_probability", type=float, default=DEFAULT_MIN_PROBABILITY,
+                      help="The tagger writes a colour only at this probability or above "
+                           f"(default {DEFAULT_MIN_PROBABILITY}).")
     data.add_argument("--max_eval_queries", type=int, default=500,
                       help="Evaluation queries (attribute-derived ones use the held-out phrasing family).")
     data.add_argument("--cache_image_features", dest="cache_image_features", action="store_true", default=None,
@@ -187,6 +198,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     hub.add_argument("--hub_model_id", help="Repository id (default: the output folder's name in your namespace).")
     hub.add_argument("--hub_token", help="Defaults to HF_TOKEN or the logged-in token.")
     hub.add_argument("--hub_private", action="store_true")
+    hub.add_argument("--license", type=hub_license, metavar="LICENSE",
+                     help="The model card's licence, a Hub licence id such as apache-2.0, mit or cc-by-4.0 (default: "
+                          "the towers' common licence, or the initial checkpoint's).")
     return parser
 
 
@@ -222,6 +236,13 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
         parser.error(f"--visual_word_restoration trains the image fusion: it needs --architecture 3tower or 4tower "
                      f"with --fusion residual or mlp (got {args.architecture}"
                      f"{'' if args.architecture == 'text_only' else ' with ' + fusion})")
+    if not 0.0 <= args.visual_tag_min_probability <= 1.0:
+        parser.error(f"--visual_tag_min_probability must lie in [0, 1], got {args.visual_tag_min_probability}")
+    if args.visual_tags and args.architecture == "text_only" and not args.model_name_or_path:
+        parser.error("--visual_tags reads colours off product images: it needs --architecture 3tower or 4tower")
+    if args.visual_tags and (args.freeze_image_towers is False or args.train_dual_text_tower):
+        parser.error("--visual_tags reads the features of a frozen image tower: it cannot be combined with "
+                     "--train_image_towers or --train_dual_text_tower")
     if args.architecture == "3tower" and args.fusion not in (None, "mlp", "residual"):
         parser.error(f"--fusion {args.fusion} is not a 3tower fusion; 3tower takes mlp or residual")
     if args.architecture == "4tower" and not (args.clip_model or args.model_name_or_path):
@@ -403,7 +424,7 @@ def main(argv=None, prog: str | None = None) -> int:
     """
     try:
         run(argv, prog)
-    except (CliError, ImageFailureError, AlignmentError) as error:
+    except (CliError, ImageFailureError, AlignmentError, VisualTaggerError) as error:
         # ImageFailureError: --strict_images (or too many failed images) found while caching or training.
         print(f"{prog or Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         return 2

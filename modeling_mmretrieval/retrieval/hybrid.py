@@ -111,6 +111,30 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], rrf_k: float = DEF
     return fused
 
 
+def fused_ranker(rankers: Sequence[Callable], rrf_k: float = DEFAULT_RRF_K, depth: int = DEFAULT_DEPTH) -> Callable:
+    """A ranker `(products, query texts, k) -> top-k product ids per query` that fuses other such rankers (e.g.
+    `held_out_evaluation.model_ranker` and `lexical.bm25_ranker`) by reciprocal rank fusion of their top
+    `max(k, depth)` lists; what the evaluators rank with to compare a hybrid with its parts.
+
+    Example:
+    ```python
+    >>> rank = fused_ranker([model_ranker(model, processor), bm25_ranker()])
+    >>> HeldOutEvaluator(test_split).evaluate(rank).means()["all/ndcg@10"]
+    ```
+    """
+    def rank(products, texts, k: int) -> list[list[str]]:
+        runs = [ranker(products, texts, max(k, depth)) for ranker in rankers]
+        fused_lists = []
+        for rankings in zip(*runs):
+            ids = list(dict.fromkeys(pid for ranking in rankings for pid in ranking))  # first seen, first in ties
+            position = {pid: index for index, pid in enumerate(ids)}
+            fused = reciprocal_rank_fusion([[position[pid] for pid in ranking] for ranking in rankings], rrf_k)
+            fused_lists.append([ids[item] for item in sorted(fused, key=lambda item: (-fused[item], item))[:k]])
+        return fused_lists
+
+    return rank
+
+
 def normalised_scores(scores: np.ndarray, normalisation: str = "minmax") -> np.ndarray:
     """One query's candidate scores min-max scaled to [0, 1] or z-scored; all zeros when they are all equal.
 
@@ -256,6 +280,7 @@ __all__ = [
     "DEFAULT_RRF_K",
     "FUSIONS",
     "Fusion",
+    "fused_ranker",
     "NORMALISATIONS",
     "ProductRanker",
     "RANKERS",

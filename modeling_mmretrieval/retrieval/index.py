@@ -159,12 +159,14 @@ class ProductIndex(ProductRows):
         metadata: Sequence[Mapping[str, Any]] | None = None,
         model_id: str | None = None,
         config_hash: str | None = None,
+        model_fingerprint: str | None = None,
         shard_info: dict | None = None,
         backend: str = "exact",
     ):
         super().__init__(embeddings, ids, metadata=metadata)
         self.model_id = model_id
         self.config_hash = config_hash
+        self.model_fingerprint = model_fingerprint
         self.shard_info = shard_info
         self._faiss = FaissSearchers(self._write_lock)
         self._screening = ScreeningCache(self._write_lock)
@@ -179,9 +181,11 @@ class ProductIndex(ProductRows):
         metadata: Sequence[Mapping[str, Any]] | None = None,
         model_id: str | None = None,
         config_hash: str | None = None,
+        model_fingerprint: str | None = None,
         backend: str = "exact",
     ) -> ProductIndex:
-        """An in-memory index over `(N, D)` L2-normalised `embeddings` (copied) with one id per row.
+        """An in-memory index over `(N, D)` L2-normalised `embeddings` (copied) with one id per row; the
+        provenance arguments are those of `build`.
 
         Example:
             >>> index = ProductIndex.from_embeddings(torch.eye(3), ["a", "b", "c"], metadata=[{"title": "A"}] * 3)
@@ -190,7 +194,8 @@ class ProductIndex(ProductRows):
         """
         vectors = as_float32_matrix(embeddings, "embeddings").copy()
         check_unit_rows(vectors, "embeddings")
-        return cls(vectors, list(ids), metadata=metadata, model_id=model_id, config_hash=config_hash, backend=backend)
+        provenance = {"model_id": model_id, "config_hash": config_hash, "model_fingerprint": model_fingerprint}
+        return cls(vectors, list(ids), metadata=metadata, backend=backend, **provenance)
 
     @classmethod
     def build(
@@ -203,6 +208,7 @@ class ProductIndex(ProductRows):
         id_column: str = "product_id",
         model_id: str | None = None,
         config_hash: str | None = None,
+        model_fingerprint: str | None = None,
         show_progress: bool = True,
         num_rows: int | None = None,
         shard: tuple[int, int] | None = None,
@@ -222,7 +228,10 @@ class ProductIndex(ProductRows):
             output_dir: where to save the index (written atomically, then memory-mapped when `mmap`); when
                 None the index is kept in memory.
             id_column: the row key holding the product id (str or int, unique).
-            model_id, config_hash: provenance recorded in the index and checked by `load`.
+            model_fingerprint: the identity of the encoder (`retrieval.search.model_fingerprint`: its config and
+                weights), recorded in the index and checked by `load(expected_model_fingerprint=...)`.
+            model_id, config_hash: where the encoder was loaded from and its config fingerprint, recorded for
+                people to read (they decide nothing).
             num_rows: the row count of an iterable without `len()`, for the progress bar and contiguous
                 sharding; the build fails if `rows` yields a different number of rows.
             shard: `(rank, world_size)` to encode only this process's share of the rows (see
@@ -256,7 +265,10 @@ class ProductIndex(ProductRows):
                 expected_rows=expected_rows,
                 progress=progress,
             )
-            provenance = {"model_id": model_id, "config_hash": config_hash, "shard_info": shard_info}
+            provenance = {
+                "model_id": model_id, "config_hash": config_hash, "model_fingerprint": model_fingerprint,
+                "shard_info": shard_info,
+            }
             write_index_files(staging, blocks, with_metadata=bool(metadata_columns), **provenance)
             if output_dir is None:
                 return cls._from_files(read_index_directory(staging, mmap=False, verify_checksums=False))
@@ -267,33 +279,41 @@ class ProductIndex(ProductRows):
         cls,
         directory: str | os.PathLike,
         *,
-        expected_model_id: str | None = None,
-        expected_config_hash: str | None = None,
+        expected_model_fingerprint: str | None = None,
         mmap: bool = True,
         verify_checksums: bool = True,
         backend: str = "exact",
     ) -> ProductIndex:
         """Opens a saved index, verifying its files.
 
-        Raises `IndexModelMismatchError` when `expected_model_id` / `expected_config_hash` differ from those
-        recorded at build time, and `IndexIntegrityError` when a file is missing, truncated, edited or fails
+        Raises `IndexModelMismatchError` when `expected_model_fingerprint` (`retrieval.search.model_fingerprint` of
+        the model about to search) differs from the one recorded at build time, or when the index records none
+        (format 1, or built without one): a copy of the checkpoint in another folder is accepted, new weights saved
+        into the same folder are not. Raises `IndexIntegrityError` when a file is missing, truncated, edited or fails
         its checksum, or when a row is not finite or not L2-normalised (the checks `build` and `add` make; a
         NaN row would otherwise rank first for every query). `verify_checksums=False` skips hashing the
         embeddings for very large indexes; sizes, the ids' checksum and the rows' norms are still checked.
         With `mmap` the matrix is paged in on demand (the norm check reads it once, block by block).
 
         Example:
-            >>> index = ProductIndex.load("catalogue_index", expected_model_id="my-org/mmretrieval")  # doctest: +SKIP
+            >>> from modeling_mmretrieval.retrieval.search import model_fingerprint
+            >>> fingerprint = model_fingerprint(model)  # doctest: +SKIP
+            >>> index = ProductIndex.load("catalogue_index", expected_model_fingerprint=fingerprint)  # doctest: +SKIP
         """
-        expected = {"expected_model_id": expected_model_id, "expected_config_hash": expected_config_hash}
-        files = read_index_directory(Path(directory), mmap=mmap, verify_checksums=verify_checksums, **expected)
+        files = read_index_directory(
+            Path(directory), mmap=mmap, verify_checksums=verify_checksums,
+            expected_model_fingerprint=expected_model_fingerprint,
+        )
         _check_loaded_rows(files, Path(directory))
         return cls._from_files(files, backend=backend)
 
     @classmethod
     def _from_files(cls, files: IndexFiles, backend: str = "exact") -> ProductIndex:
         meta = files.meta
-        provenance = {"model_id": meta["model_id"], "config_hash": meta["config_hash"], "shard_info": meta.get("shard")}
+        provenance = {
+            "model_id": meta["model_id"], "config_hash": meta["config_hash"],
+            "model_fingerprint": meta["model_fingerprint"], "shard_info": meta["shard"],
+        }
         return cls(files.embeddings, files.ids, metadata=files.metadata, backend=backend, **provenance)
 
     @classmethod
@@ -307,8 +327,9 @@ class ProductIndex(ProductRows):
     ) -> ProductIndex:
         """Combines the shard directories of a sharded `build` into one saved index.
 
-        Shards must come from one model (same model id, config hash and dim), cover every rank exactly once
-        with consistent row counts, and hold disjoint product ids. Rows are put back in the catalogue order a
+        Shards must come from one model (same model fingerprint, config hash and dim; the model id, where each
+        process loaded the model from, may differ: the first shard's is kept), cover every rank exactly once with
+        consistent row counts, and hold disjoint product ids. Rows are put back in the catalogue order a
         single-process build would give, whatever order `shard_dirs` is in. Indexes without shard information
         are concatenated in the given order instead.
 
@@ -318,9 +339,12 @@ class ProductIndex(ProductRows):
         if not shard_dirs:
             raise ValueError("merge needs at least one shard directory")
         shards = [cls.load(directory) for directory in shard_dirs]
-        ordered, strided = merge_order(shards)
+        ordered, strided = merge_order(shards, sources=[str(directory) for directory in shard_dirs])
         with_metadata = shards_have_metadata(shards)
-        provenance = {"model_id": shards[0].model_id, "config_hash": shards[0].config_hash}
+        provenance = {
+            "model_id": shards[0].model_id, "config_hash": shards[0].config_hash,
+            "model_fingerprint": shards[0].model_fingerprint,
+        }
         with atomic_directory(output_dir, overwrite=overwrite) as staging:
             write_index_files(staging, merged_row_blocks(ordered, strided), with_metadata=with_metadata, **provenance)
         return cls._from_files(read_index_directory(Path(output_dir), mmap=mmap, verify_checksums=False))
@@ -335,7 +359,10 @@ class ProductIndex(ProductRows):
         count = len(self)
         starts = range(0, count, COPY_BLOCK_ROWS)
         blocks = (self.row_block(start, min(start + COPY_BLOCK_ROWS, count)) for start in starts)
-        provenance = {"model_id": self.model_id, "config_hash": self.config_hash, "shard_info": self.shard_info}
+        provenance = {
+            "model_id": self.model_id, "config_hash": self.config_hash, "model_fingerprint": self.model_fingerprint,
+            "shard_info": self.shard_info,
+        }
         with atomic_directory(directory, overwrite=overwrite) as staging:
             write_index_files(staging, blocks, with_metadata=self._metadata is not None, **provenance)
         return Path(directory)
@@ -384,7 +411,10 @@ class ProductIndex(ProductRows):
         return self._screening.setting
 
     def __repr__(self) -> str:
-        return f"ProductIndex(count={len(self)}, dim={self.dim}, model_id={self.model_id!r}, backend={self.backend!r})"
+        return (
+            f"ProductIndex(count={len(self)}, dim={self.dim}, model_id={self.model_id!r}, "
+            f"model_fingerprint={self.model_fingerprint!r}, backend={self.backend!r})"
+        )
 
     def search(
         self,

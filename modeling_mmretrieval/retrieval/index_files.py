@@ -5,8 +5,14 @@ A saved index is a directory:
 - `embeddings.f32`: the `(count, dim)` matrix, raw little-endian float32, row-major (memory-mappable);
 - `ids.json`: the product ids, one per row, in row order;
 - `metadata.jsonl` (optional): one small JSON object per row (e.g. the title, for display);
-- `index_meta.json`: format version, `model_id`, `config_hash`, `count`, `dim`, dtype, sha256 checksums of
-  the three files above, and the shard description for shards of a distributed build.
+- `index_meta.json`: format version, the model that built the index, `count`, `dim`, dtype, sha256 checksums of
+  the three files above, and the shard description for shards of a distributed build. The model is identified by
+  `model_fingerprint` (its config and weights, `retrieval.search.model_fingerprint`), which decides whether a
+  model may use the index; `model_id` (where it was loaded from) and `config_hash` are kept for people to read.
+  `provenance_sha256` covers those fields and the shard description, so an edit of them is noticed.
+
+Format 1 (before the fingerprint) is still read, with `model_fingerprint` None: such an index can be inspected
+and merged, but a load that expects a model fingerprint refuses it.
 
 `write_index_files` streams blocks of rows into those files, hashing the bytes as it writes them;
 `index_meta.json` is written last, so its presence marks a complete directory. Callers write into a staging
@@ -19,8 +25,8 @@ Example:
     >>> from pathlib import Path
     >>> directory = Path(tempfile.mkdtemp())
     >>> blocks = [(np.eye(2, dtype=np.float32), ["sku-1", "sku-2"], None)]
-    >>> _ = write_index_files(directory, blocks, with_metadata=False, model_id="my-model")
-    >>> files = read_index_directory(directory, mmap=False, verify_checksums=True)
+    >>> _ = write_index_files(directory, blocks, with_metadata=False, model_id="my-model", model_fingerprint="0a1b")
+    >>> files = read_index_directory(directory, mmap=False, verify_checksums=True, expected_model_fingerprint="0a1b")
     >>> files.meta["count"], list(files.ids)
     (2, ['sku-1', 'sku-2'])
 """
@@ -40,7 +46,7 @@ from ..atomic_files import flush_durably, write_json_atomically
 from .product_ids import DuplicateProductIdError, ProductId, ProductIdTable
 
 INDEX_FORMAT = "mmretrieval-product-index"
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2
 EMBEDDINGS_FILENAME = "embeddings.f32"
 IDS_FILENAME = "ids.json"
 METADATA_FILENAME = "metadata.jsonl"
@@ -55,11 +61,18 @@ MAX_METADATA_CHARS = 256
 # and one metadata dict per row, or None for an index that keeps no metadata.
 RowBlock = tuple[np.ndarray, list, "list | None"]
 
-# Every key the writer emits; a meta file missing one (or carrying another) was edited or corrupted.
-_META_KEYS = frozenset({
+# Every key the writer of each format version emits; a meta file missing one (or carrying another) was edited or
+# corrupted. Format 1 predates the model fingerprint.
+_FORMAT_1_META_KEYS = frozenset({
     "format", "format_version", "model_id", "config_hash", "count", "dim", "dtype", "byte_order",
     "embeddings_sha256", "ids_sha256", "metadata_sha256", "shard",
 })
+_META_KEYS_BY_VERSION = {
+    1: _FORMAT_1_META_KEYS,
+    INDEX_FORMAT_VERSION: _FORMAT_1_META_KEYS | {"model_fingerprint", "provenance_sha256"},
+}
+# The fields that say which model built the rows (and which share of the catalogue they are), under one checksum.
+_PROVENANCE_KEYS = ("model_id", "config_hash", "model_fingerprint", "shard")
 
 
 class IndexIntegrityError(ValueError):
@@ -67,7 +80,8 @@ class IndexIntegrityError(ValueError):
 
 
 class IndexModelMismatchError(ValueError):
-    """An index was built with another model id or model configuration than the one expected."""
+    """An index was built by another model (config or weights) than the one expected, or records no model
+    fingerprint to compare with (an index of format 1, or one built without it)."""
 
 
 def bounded_metadata(values: Mapping[str, Any] | None) -> dict[str, str | None]:
@@ -92,6 +106,11 @@ def _sha256_of_rows(matrix: np.ndarray) -> str:
     for start in range(0, len(matrix), COPY_BLOCK_ROWS):
         digest.update(np.ascontiguousarray(matrix[start : start + COPY_BLOCK_ROWS]).data)
     return digest.hexdigest()
+
+
+def _provenance_sha256(meta: Mapping[str, Any]) -> str:
+    fields = {key: meta[key] for key in _PROVENANCE_KEYS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=True).encode("ascii")).hexdigest()
 
 
 def _json_array_items(values: Sequence, follow_earlier_items: bool) -> bytes:
@@ -157,7 +176,14 @@ class _IndexWriter:
             lines = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in metadata)
             self._metadata_file.write(lines.encode("utf-8"))
 
-    def finish(self, *, model_id: str | None, config_hash: str | None, shard_info: dict | None) -> dict:
+    def finish(
+        self,
+        *,
+        model_id: str | None,
+        config_hash: str | None,
+        model_fingerprint: str | None,
+        shard_info: dict | None,
+    ) -> dict:
         """Closes the ids' JSON array and writes `index_meta.json` (last, so its presence marks a complete
         directory); returns the meta."""
         self._ids_file.write(b"]")
@@ -169,6 +195,7 @@ class _IndexWriter:
             "format_version": INDEX_FORMAT_VERSION,
             "model_id": model_id,
             "config_hash": config_hash,
+            "model_fingerprint": model_fingerprint,
             "count": self.count,
             "dim": self.dim,
             "dtype": "float32",
@@ -178,6 +205,7 @@ class _IndexWriter:
             "metadata_sha256": None if self._metadata_file is None else self._metadata_file.hexdigest(),
             "shard": shard_info,
         }
+        meta["provenance_sha256"] = _provenance_sha256(meta)
         write_json_atomically(self.directory / META_FILENAME, meta)
         return meta
 
@@ -198,11 +226,13 @@ def write_index_files(
     with_metadata: bool,
     model_id: str | None = None,
     config_hash: str | None = None,
+    model_fingerprint: str | None = None,
     shard_info: dict | None = None,
 ) -> dict:
     """Writes a complete index into the empty `directory` from `blocks` of rows, in order, and returns its
     meta. Memory holds one block at a time (and a compact table of the ids, to refuse duplicates); the
-    metadata of each block is ignored unless `with_metadata`.
+    metadata of each block is ignored unless `with_metadata`. `model_fingerprint` identifies the model that
+    embedded the rows (`retrieval.search.model_fingerprint`); `model_id` and `config_hash` are for people to read.
 
     Example:
         >>> import tempfile
@@ -213,7 +243,9 @@ def write_index_files(
     with _index_writer(directory, with_metadata=with_metadata) as writer:
         for embeddings, ids, metadata in blocks:
             writer.append(embeddings, ids, metadata)
-        return writer.finish(model_id=model_id, config_hash=config_hash, shard_info=shard_info)
+        return writer.finish(
+            model_id=model_id, config_hash=config_hash, model_fingerprint=model_fingerprint, shard_info=shard_info
+        )
 
 
 class IndexFiles(NamedTuple):
@@ -239,12 +271,20 @@ def _read_meta(directory: Path) -> dict:
         raise IndexIntegrityError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
         raise IndexIntegrityError(f"{path} does not describe a {INDEX_FORMAT}")
-    if set(meta) != _META_KEYS:
-        missing, unknown = sorted(_META_KEYS - set(meta)), sorted(set(meta) - _META_KEYS)
-        raise IndexIntegrityError(f"{path} was edited or corrupted: missing keys {missing}, unknown keys {unknown}")
-    if meta.get("format_version") != INDEX_FORMAT_VERSION:
+    version = meta.get("format_version")
+    if type(version) is not int or version not in _META_KEYS_BY_VERSION:
         raise IndexIntegrityError(
-            f"{path} has format version {meta.get('format_version')!r}; this code reads version {INDEX_FORMAT_VERSION}"
+            f"{path} has format version {version!r}; this code reads versions {sorted(_META_KEYS_BY_VERSION)}"
+        )
+    expected_keys = _META_KEYS_BY_VERSION[version]
+    if set(meta) != expected_keys:
+        missing, unknown = sorted(expected_keys - set(meta)), sorted(set(meta) - expected_keys)
+        raise IndexIntegrityError(f"{path} was edited or corrupted: missing keys {missing}, unknown keys {unknown}")
+    if version == 1:
+        meta = {**meta, "model_fingerprint": None, "provenance_sha256": None}
+    elif meta["provenance_sha256"] != _provenance_sha256(meta):
+        raise IndexIntegrityError(
+            f"{path} does not match its provenance checksum: the model or shard it records was edited or corrupted"
         )
     count, dim = meta.get("count"), meta.get("dim")
     if not isinstance(count, int) or count < 0 or not (isinstance(dim, int) and dim > 0 or dim is None and count == 0):
@@ -256,15 +296,26 @@ def _read_meta(directory: Path) -> dict:
     return meta
 
 
-def _check_provenance(
-    meta: dict, expected_model_id: str | None, expected_config_hash: str | None, source: Any
-) -> None:
-    for field, expected in (("model_id", expected_model_id), ("config_hash", expected_config_hash)):
-        if expected is not None and meta.get(field) != expected:
-            raise IndexModelMismatchError(
-                f"{source} was built with {field}={meta.get(field)!r} but {expected!r} was expected; "
-                "rebuild the index with the current model"
-            )
+def _check_model_fingerprint(meta: dict, expected: str | None, directory: Path) -> None:
+    """Raises `IndexModelMismatchError` unless the index records `expected` as its model fingerprint (any index
+    passes when `expected` is None). The message names both fingerprints and the index folder."""
+    recorded = meta["model_fingerprint"]
+    if expected is None or recorded == expected:
+        return
+    if recorded is None:
+        why = (
+            "was saved in index format 1, before indexes recorded the model fingerprint"
+            if meta["format_version"] == 1 else "records no model fingerprint (it was built without one)"
+        )
+        raise IndexModelMismatchError(
+            f"the index at {directory} {why}, so it cannot be matched to the current model "
+            f"(model_fingerprint={expected!r}); rebuild the index with the current model"
+        )
+    raise IndexModelMismatchError(
+        f"the index at {directory} was built by another model: model_fingerprint={recorded!r} (from "
+        f"{meta['model_id']!r}) but the current model has {expected!r} (its config or weights differ); rebuild the "
+        "index with the current model"
+    )
 
 
 def _check_embeddings_size(directory: Path, meta: dict) -> None:
@@ -347,12 +398,11 @@ def read_index_directory(
     *,
     mmap: bool,
     verify_checksums: bool,
-    expected_model_id: str | None = None,
-    expected_config_hash: str | None = None,
+    expected_model_fingerprint: str | None = None,
 ) -> IndexFiles:
     """Reads and verifies a saved index (see the module docstring; `ProductIndex.load` documents the options)."""
     meta = _read_meta(directory)
-    _check_provenance(meta, expected_model_id, expected_config_hash, f"the index at {directory}")
+    _check_model_fingerprint(meta, expected_model_fingerprint, directory)
     # A wrong count shows first in the embeddings' size, which is cheap to check. The ids are read before the
     # matrix: their parsed list (an object per id) is gone, kept as a compact table, before the matrix is read.
     _check_embeddings_size(directory, meta)

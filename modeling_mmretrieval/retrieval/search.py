@@ -13,17 +13,25 @@ Example:
 
 import hashlib
 import json
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
-from PIL import Image
 
 from .. import speedups
 from ..data.catalogue import CatalogueColumns
 from ..data.collator import RetrievalCollator, product_fields
 from ..data.images import ImageReport, load_product_image
 from ..processing_mmretrieval import join_product_text, validate_texts
-from .index import ProductIndex
+from .exact_search import order_candidates
+from .image_feature_store import ImageFeatureStore, with_image_feature_store
+from .index import ProductIndex, _allowed_mask
+
+# A text + image query weighs the two cosines equally unless told otherwise (`search_text_and_image`).
+DEFAULT_IMAGE_WEIGHT = 0.5
+# Catalogue rows scored per step of a text + image search (converted to float64 a block at a time).
+_SCORE_BLOCK_ROWS = 1 << 16
 
 # Indexing reads this many batches of rows at a time and regroups them by product-text length.
 LENGTH_SORT_WINDOW_BATCHES = 16
@@ -53,7 +61,50 @@ def config_fingerprint(config) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def weights_fingerprint(model) -> str:
+    """The sha256 of a model's weights: every tensor of its state dict (parameters and persistent buffers), in name
+    order, with its name, dtype and shape.
+
+    Two models with the same weights give the same fingerprint wherever their checkpoints live; one changed value,
+    or the same values in another dtype, gives another. Tensors are hashed as raw bytes on the CPU (a GPU tensor
+    is copied there first): about a second per GB of weights.
+
+    Example:
+    ```python
+    >>> weights_fingerprint(model) == weights_fingerprint(MultimodalRetrievalModel.from_pretrained(saved_folder))
+    True
+    ```
+    """
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        # A byte view of any dtype (bfloat16 included, which numpy lacks); no copy of a contiguous tensor.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model) -> str:
+    """The identity of a model's embedding space: a short hash of its `config_fingerprint` and `weights_fingerprint`.
+
+    An index records it (`ProductIndex.model_fingerprint`) and is reused only by a model with the same one: a copy
+    of the checkpoint in another folder (or on the Hub) matches, a retrain saved into the same folder does not.
+
+    Example:
+    ```python
+    >>> index = ProductIndex.load("indexes/test", expected_model_fingerprint=model_fingerprint(model))
+    ```
+    """
+    combined = f"{config_fingerprint(model.config)}:{weights_fingerprint(model)}"
+    return hashlib.sha256(combined.encode()).hexdigest()[:16]
+
+
 def model_identity(model) -> str:
+    """Where a model was loaded from (its path or Hub id), for people to read; `model_fingerprint` identifies it.
+
+    Example: `model_identity(MultimodalRetrievalModel.from_pretrained("outputs/run/final"))` is "outputs/run/final".
+    """
     return model.config.name_or_path or model.__class__.__name__
 
 
@@ -81,20 +132,88 @@ def embed_queries(model, processor, queries: Sequence[str], batch_size: int = 12
     return torch.cat(chunks) if chunks else torch.empty((0, model.embedding_dim))
 
 
+def fused_image_queries_supported(model) -> bool:
+    """Whether `model` embeds image queries into the space of its product index (4tower with `concat` or
+    `alpha_concat` fusion: `embed_images`); other models with an image tower answer them through a visual index.
+
+    Example: `fused_image_queries_supported(model)` is False for the default 4tower residual model.
+    """
+    try:
+        model.check_image_queries_supported()
+    except ValueError:
+        return False
+    return True
+
+
+def check_image_tower(model) -> None:
+    """Raises a one-line `ValueError` for a model without an image tower (`architecture='text_only'`), which can
+    answer no image query at all.
+
+    Example: `check_image_tower(text_only_model)` raises "Image queries need a 4tower or 3tower model ...".
+    """
+    if model.image_tower is None:
+        raise ValueError(
+            "Image queries need a 4tower or 3tower model (one with an image tower); this model is "
+            f"architecture={model.config.architecture!r}, which has none: search it with text queries"
+        )
+
+
+def _as_image_list(images) -> list:
+    """`images` as a list: a list or tuple as it is, anything else (one PIL image, path, bytes) as one image."""
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def _query_pixel_values(model, processor, images) -> torch.Tensor:
+    """The query images decoded (`load_product_image`: PIL images, bytes, file paths, `datasets.Image` dicts) and
+    preprocessed, on the model's device; a `ValueError` names the first image that cannot be read."""
+    decoded = []
+    for position, image in enumerate(_as_image_list(images)):
+        try:
+            decoded.append(load_product_image(image, on_error="raise").image)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"query image {position} cannot be read: {error}") from error
+    if not decoded:
+        raise ValueError("give at least one query image")
+    return processor.encode_images(decoded)["pixel_values"].to(_model_device(model))
+
+
 @torch.no_grad()
 def embed_images(model, processor, images: Sequence) -> torch.Tensor:
-    """L2-normalised image-query embeddings (4tower concat/alpha_concat models).
+    """L2-normalised image-query embeddings in the product index's space (4tower concat/alpha_concat models;
+    `fused_image_queries_supported`), float32 on the CPU.
 
     Images are PIL images or encoded ones (bytes, file paths, `datasets.Image` dicts), decoded with
-    `load_product_image`.
+    `load_product_image`. Other models raise `ValueError`: their image queries go to a visual index
+    (`embed_image_features`, `search_images(visual_index=...)`).
+
+    Example:
+    ```python
+    >>> scores, ids = index.search(embed_images(model, processor, ["shoe.jpg"]), k=10)
+    ```
     """
+    check_image_tower(model)
     model.check_image_queries_supported()
-    images = [image if isinstance(image, Image.Image) else load_product_image(image).image for image in images]
-    inputs = processor.encode_images(images)
-    if not bool(inputs["image_mask"].all()):
-        raise ValueError("Every query image must be a decodable image; got a missing one.")
-    pixel_values = inputs["pixel_values"].to(_model_device(model))
+    pixel_values = _query_pixel_values(model, processor, images)
     return model.get_image_query_embeddings(pixel_values=pixel_values).float().cpu()
+
+
+@torch.no_grad()
+def embed_image_features(model, processor, images: Sequence) -> torch.Tensor:
+    """L2-normalised image-tower features of query images, `(len(images), model.image_feature_size)` float32 on the
+    CPU: the space of a visual index (`retrieval.visual_index`), for every model with an image tower.
+
+    The features are `model.get_image_features` (DINOv2 or the dual encoder's image embedding), the same the visual
+    index holds for the catalogue's product images, so their dot product is image-to-image cosine similarity.
+
+    Example:
+    ```python
+    >>> queries = embed_image_features(model, processor, ["shoe.jpg"])
+    >>> scores, ids = visual_index.search(queries, k=10)  # the products whose photos look most like it
+    ```
+    """
+    check_image_tower(model)
+    pixel_values = _query_pixel_values(model, processor, images)
+    return torch.nn.functional.normalize(model.get_image_features(pixel_values).float(), dim=-1).cpu()
 
 
 def product_embedder(model, collator: RetrievalCollator) -> Callable[[list[dict]], torch.Tensor]:
@@ -156,11 +275,13 @@ def build_product_index(
     fetch_images: bool = False,
     image_report: ImageReport | None = None,
     on_image_error: str = "mask",
+    image_feature_store: ImageFeatureStore | None = None,
 ) -> ProductIndex:
     """Encodes a catalogue (a `datasets.Dataset` or iterable of rows) into a `ProductIndex`.
 
-    Images are decoded per batch; the index records the model's id and config fingerprint so a later
-    load with another model is refused. The index keeps the catalogue's row order.
+    Images are decoded per batch; the index records the model's `model_fingerprint` (config and weights) so a
+    later load with another model, or with new weights saved into the same folder, is refused, and the model's id
+    (`model_identity`) for people to read. The index keeps the catalogue's row order.
 
     Args:
         sort_by_length: read `LENGTH_SORT_WINDOW_BATCHES` batches of rows at a time and encode them in
@@ -178,6 +299,9 @@ def build_product_index(
             / refused, with example ids); print its `summary()` so nothing is indexed silently without its image.
         on_image_error: `"mask"` indexes a product whose image fails text-only; `"raise"` stops with an
             `ImageDecodeError` naming the product.
+        image_feature_store: an `ImageFeatureStore` (`retrieval.image_feature_store`) to read the image tower's
+            features from, computing (in float32) and adding only those of photos it has not seen (written
+            before the build returns); unused with `image_features` or `on_image_error="raise"`.
 
     A bad product (no text, text that is not valid Unicode) raises an error naming its id and column.
 
@@ -198,6 +322,7 @@ def build_product_index(
         fetch_images=fetch_images, image_feature_size=getattr(model, "image_feature_size", None),
         image_report=image_report, on_image_error=on_image_error,
     )
+    collator = with_image_feature_store(collator, model, processor, image_feature_store)
     embed_batch = product_embedder(model, collator)
     if dtype is not None:
         embed_batch = _autocast_embedder(embed_batch, _model_device(model), dtype)
@@ -213,7 +338,7 @@ def build_product_index(
 
         embed_batch = _length_sorted_embedder(embed_batch, text_length, batch_size)
         rows_per_read = batch_size * LENGTH_SORT_WINDOW_BATCHES
-    return ProductIndex.build(
+    index = ProductIndex.build(
         catalogue,
         embed_batch,
         output_dir=output_dir,
@@ -221,10 +346,14 @@ def build_product_index(
         id_column=columns.product_id,
         model_id=model_identity(model),
         config_hash=config_fingerprint(model.config),
+        model_fingerprint=model_fingerprint(model),
         show_progress=show_progress,
         shard=shard,
         metadata_columns=metadata_columns,
     )
+    if image_feature_store is not None:
+        image_feature_store.flush()
+    return index
 
 
 def search_text(model, processor, index: ProductIndex, queries: Sequence[str], k: int = 10):
@@ -232,18 +361,193 @@ def search_text(model, processor, index: ProductIndex, queries: Sequence[str], k
     return index.search(embed_queries(model, processor, queries), k=k)
 
 
-def search_images(model, processor, index: ProductIndex, images: Sequence, k: int = 10):
-    """Top-k `(scores, product_ids)` for query images (image-to-product search)."""
-    return index.search(embed_images(model, processor, images), k=k)
+# visual index -> (weak reference to its product index, (their sizes), positions): searches of one pair of indexes
+# map the ids once, not per query.
+_VISUAL_POSITIONS: "weakref.WeakKeyDictionary[ProductIndex, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _visual_positions(index: ProductIndex, visual_index: ProductIndex) -> np.ndarray:
+    """The product index row of every visual index row (an int64 array), cached per pair of indexes until either
+    grows; `ValueError` naming the first product of the visual index that the product index lacks (the two were
+    built from different catalogues)."""
+    cached = _VISUAL_POSITIONS.get(visual_index)
+    counts = (len(index), len(visual_index))
+    if cached is not None and cached[0]() is index and cached[1] == counts:
+        return cached[2]
+    positions = np.empty(len(visual_index), dtype=np.int64)
+    for row, product_id in enumerate(visual_index.ids):
+        position = index.position_of(product_id)
+        if position is None:
+            raise ValueError(
+                f"the visual index holds product id {product_id!r}, which the product index lacks: they were built "
+                "from different catalogues; rebuild the visual index from the product index's catalogue"
+            )
+        positions[row] = position
+    _VISUAL_POSITIONS[visual_index] = (weakref.ref(index), counts, positions)
+    return positions
+
+
+def _check_visual_index(model, visual_index: ProductIndex | None, what: str) -> ProductIndex:
+    if visual_index is None:
+        raise ValueError(
+            f"{what} on an architecture={model.config.architecture!r}, fusion={model.config.fusion!r} model are "
+            "answered by its visual index (the image tower's features of the product images): pass "
+            "visual_index=build_visual_index(model, processor, catalogue) or load_visual_index(index_dir, ...)"
+        )
+    if visual_index.dim is not None and visual_index.dim != model.image_feature_size:
+        raise ValueError(
+            f"the visual index holds {visual_index.dim}-wide vectors but this model's image tower gives "
+            f"{model.image_feature_size}: it is a product index, or another model's visual index; rebuild it with "
+            "build_visual_index"
+        )
+    return visual_index
+
+
+def search_images(
+    model,
+    processor,
+    index: ProductIndex,
+    images: Sequence,
+    k: int = 10,
+    visual_index: ProductIndex | None = None,
+    *,
+    allowed: np.ndarray | torch.Tensor | None = None,
+):
+    """Top-k `(scores, product_ids)` for query images (image-to-product search), for every model with an image tower.
+
+    A 4tower model with `concat`/`alpha_concat` fusion ranks the product index itself (`embed_images`: the query
+    matches the image half of the product vectors). Every other model ranks its `visual_index`
+    (`retrieval.visual_index.build_visual_index`) by image-to-image cosine of the image tower's features ("more like
+    this"): products without a usable image are not in it and never come back. `allowed` (a boolean mask in the
+    product index's row order, e.g. `retrieval.filters.ProductTable.allowed`) filters inside the search either way.
+    A text-only model, or another model without `visual_index`, raises a `ValueError` saying what to pass.
+
+    Example:
+    ```python
+    >>> visual_index = build_visual_index(model, processor, catalogue)
+    >>> scores, ids = search_images(model, processor, index, ["shoe.jpg"], k=10, visual_index=visual_index)
+    ```
+    """
+    check_image_tower(model)
+    if fused_image_queries_supported(model):
+        return index.search(embed_images(model, processor, images), k=k, allowed=allowed)
+    visual_index = _check_visual_index(model, visual_index, "Image queries")
+    positions = _visual_positions(index, visual_index)
+    visual_allowed = None
+    mask = _allowed_mask(allowed, len(index))
+    if mask is not None:
+        visual_allowed = mask[positions]
+    return visual_index.search(embed_image_features(model, processor, images), k=k, allowed=visual_allowed)
+
+
+def _checked_image_weight(image_weight) -> float:
+    if isinstance(image_weight, bool) or not isinstance(image_weight, (int, float, np.floating, np.integer)):
+        raise TypeError(f"image_weight must be a number between 0 and 1, got {image_weight!r}")
+    if not 0.0 <= float(image_weight) <= 1.0:  # NaN fails this too
+        raise ValueError(f"image_weight must lie between 0 and 1, got {image_weight!r}")
+    return float(image_weight)
+
+
+def text_and_image_scores(
+    index: ProductIndex,
+    visual_index: ProductIndex,
+    text_queries: torch.Tensor,
+    image_queries: torch.Tensor,
+    image_weight: float = DEFAULT_IMAGE_WEIGHT,
+) -> np.ndarray:
+    """`(Q, len(index))` float64 scores `(1 - w) * cos(text, product) + w * cos(image, product image)` of query pairs
+    (L2-normalised rows of `text_queries` and `image_queries`, row i of both is query i) over every product of
+    `index`; a product without an image in `visual_index` gets only its text part. Exact: every row is scored.
+
+    Example: `text_and_image_scores(index, visual_index, embed_queries(m, p, ["in red"]), embed_image_features(m, p,
+    ["shirt.jpg"]), 0.5).shape == (1, len(index))`.
+    """
+    weight = _checked_image_weight(image_weight)
+    text = text_queries.detach().cpu().double().numpy()
+    image = image_queries.detach().cpu().double().numpy()
+    if text.ndim != 2 or image.ndim != 2 or len(text) != len(image):
+        raise ValueError(f"give one image per text query: got {tuple(text.shape)} and {tuple(image.shape)} queries")
+    positions = _visual_positions(index, visual_index)
+    products, pictures = index.embeddings, visual_index.embeddings
+    scores = np.empty((len(text), len(products)), dtype=np.float64)
+    for start in range(0, len(products), _SCORE_BLOCK_ROWS):
+        block = np.asarray(products[start : start + _SCORE_BLOCK_ROWS], dtype=np.float64)
+        scores[:, start : start + len(block)] = (1.0 - weight) * (text @ block.T)
+    for start in range(0, len(pictures), _SCORE_BLOCK_ROWS):
+        block = np.asarray(pictures[start : start + _SCORE_BLOCK_ROWS], dtype=np.float64)
+        scores[:, positions[start : start + len(block)]] += weight * (image @ block.T)
+    return scores
+
+
+def search_text_and_image(
+    model,
+    processor,
+    index: ProductIndex,
+    visual_index: ProductIndex,
+    texts: Sequence[str],
+    images: Sequence,
+    k: int = 10,
+    image_weight: float = DEFAULT_IMAGE_WEIGHT,
+    allowed: np.ndarray | torch.Tensor | None = None,
+):
+    """Top-k `(scores, product_ids)` for text + image queries ("like this, but in red"): query i is `texts[i]`
+    with `images[i]`, and every product of `index` scores
+
+        (1 - image_weight) * cos(text query, product embedding) + image_weight * cos(query image, product image)
+
+    The text term is the model's text-to-product score over the product index; the image term is the image tower's
+    image-to-image cosine against the product's photo in `visual_index` (`build_visual_index`). Both cosines lie in
+    [-1, 1], so a weighted sum of the two needs no rescaling, and `image_weight` reads as a share: 0 is the text
+    ranking, 1 the image ranking ("more like this"), 0.5 (default) both equally. Blending the scores rather than
+    searching with an image alone keeps what the text asks for: the photo finds the look, the text term still
+    ranks the red ones above the photo's blue ones. A product without an image gets only its text part. Scores are
+    exact (every product is scored); ties are broken by catalogue order. `allowed` (a boolean mask in the product
+    index's row order, `retrieval.filters.ProductTable.allowed`) filters inside the search, so k matching products
+    come back. Returns `(Q, k)` scores and Q lists of ids, as `ProductIndex.search` does for a batch.
+
+    Example:
+    ```python
+    >>> scores, ids = search_text_and_image(model, processor, index, visual_index, ["in red"], ["shirt.jpg"], k=10)
+    ```
+    """
+    check_image_tower(model)
+    visual_index = _check_visual_index(model, visual_index, "Text + image queries")
+    texts = validate_texts(texts, "Query")
+    images = _as_image_list(images)
+    if len(texts) != len(images):
+        raise ValueError(f"give one image per text query: got {len(texts)} texts and {len(images)} images")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    scores = text_and_image_scores(
+        index, visual_index, embed_queries(model, processor, texts), embed_image_features(model, processor, images),
+        image_weight,
+    )
+    mask = _allowed_mask(allowed, scores.shape[1])
+    k = min(int(k), scores.shape[1] if mask is None else int(np.count_nonzero(mask)))
+    if mask is not None:
+        scores[:, ~mask] = -np.inf
+    scores = torch.from_numpy(scores).float()
+    positions = torch.arange(scores.shape[1]).expand_as(scores)
+    top_scores, top_positions = order_candidates(scores, positions, k)
+    ids = index.ids
+    return top_scores, [[ids[position] for position in row] for row in top_positions.tolist()]
 
 
 __all__ = [
+    "DEFAULT_IMAGE_WEIGHT",
     "build_product_index",
+    "check_image_tower",
     "config_fingerprint",
+    "embed_image_features",
     "embed_images",
     "embed_queries",
+    "fused_image_queries_supported",
+    "model_fingerprint",
     "model_identity",
     "product_embedder",
     "search_images",
     "search_text",
+    "search_text_and_image",
+    "text_and_image_scores",
+    "weights_fingerprint",
 ]

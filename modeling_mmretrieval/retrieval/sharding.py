@@ -93,19 +93,29 @@ def select_shard(
     return itertools.islice(rows, positions.start, positions.stop, positions.step), len(positions), info
 
 
-def merge_order(shards: Sequence[ProductIndex]) -> tuple[list[ProductIndex], bool]:
+def merge_order(
+    shards: Sequence[ProductIndex], sources: Sequence[str] | None = None
+) -> tuple[list[ProductIndex], bool]:
     """Shards in catalogue order, and whether their rows interleave (strided) rather than concatenate.
 
-    Raises unless the shards come from one model and dimension and, for the shards of a sharded build,
-    cover every rank once with the row counts the recorded split gives. Indexes without shard information
-    keep the given order and concatenate.
+    Raises unless the shards come from one model (the same `model_fingerprint` and `config_hash`; the model id,
+    where each process loaded it from, may differ) and dimension and, for the shards of a sharded build, cover
+    every rank once with the row counts the recorded split gives. Indexes without shard information keep the
+    given order and concatenate. `sources` names the shards (their directories) in error messages.
+
+    Example:
+        >>> shards = [ProductIndex.load(directory) for directory in shard_dirs]  # doctest: +SKIP
+        >>> ordered, strided = merge_order(shards, sources=shard_dirs)  # doctest: +SKIP
     """
+    sources = list(sources) if sources is not None else [f"shard {number}" for number in range(len(shards))]
     reference = shards[0]
-    for shard in shards[1:]:
-        if (shard.model_id, shard.config_hash) != (reference.model_id, reference.config_hash):
+    for shard, source in zip(shards[1:], sources[1:]):
+        if (shard.model_fingerprint, shard.config_hash) != (reference.model_fingerprint, reference.config_hash):
             raise IndexModelMismatchError(
-                "cannot merge shards built with different models: "
-                f"model_id/config_hash {reference.model_id!r}/{reference.config_hash!r} vs {shard.model_id!r}/{shard.config_hash!r}"
+                f"cannot merge shards built by different models: {sources[0]} has model_fingerprint="
+                f"{reference.model_fingerprint!r} (config_hash={reference.config_hash!r}, from {reference.model_id!r}) "
+                f"but {source} has {shard.model_fingerprint!r} (config_hash={shard.config_hash!r}, from "
+                f"{shard.model_id!r}); rebuild every shard with the same model"
             )
     dims = {shard.dim for shard in shards if shard.dim is not None}
     if len(dims) > 1:

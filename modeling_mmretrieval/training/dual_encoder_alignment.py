@@ -38,6 +38,7 @@ from ..data.rows import row_batches
 from ..losses import contrastive_cross_entropy
 from ..modeling_mmretrieval import MultimodalRetrievalModel, pooled_features
 from ..processing_mmretrieval import MultimodalRetrievalProcessor
+from ..retrieval.image_feature_store import ImageFeatureStore, image_feature_store_from_args
 from .image_feature_cache import precompute_image_features, resize_image_processor
 from .model_builder import DEFAULT_DINOV2_IMAGE_SIZE, resolve_tower
 
@@ -155,11 +156,13 @@ def align_dual_encoder(
     held_out_share: float = 0.1,
     seed: int = 0,
     show_progress: bool = True,
+    image_feature_store: ImageFeatureStore | None = None,
 ) -> AlignmentReport:
     """Builds and saves an aligned `VisionTextDualEncoderModel` of two frozen towers (module docstring).
 
     `text_tower` and `vision_tower` are Hub ids, folders, or the offline names ("minilm", "dinov2-small");
-    `catalogue` gives the (title, image) pairs; products without a decodable image are left out.
+    `catalogue` gives the (title, image) pairs; products without a decodable image are left out. The image
+    tower's features are read from (and added to) `image_feature_store` when one is given.
 
     Example:
     ```python
@@ -180,7 +183,7 @@ def align_dual_encoder(
     processor = MultimodalRetrievalProcessor.from_towers_pretrained(text_path, vision_path, config=feature_model.config)
     resize_image_processor(processor.image_processor, image_size)
     image_cache = precompute_image_features(feature_model, processor, catalogue, columns=columns,
-                                            show_progress=show_progress)
+                                            show_progress=show_progress, store=image_feature_store)
     pair = VisionTextDualEncoderModel.from_vision_text_pretrained(vision_path, text_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(text_path)
     rows = [row for batch in row_batches(catalogue, 1024) for row in batch]
@@ -240,7 +243,8 @@ def prepare_aligned_pair(args, products, columns: CatalogueColumns) -> str:
     folder = Path(args.output_dir) / ALIGNED_PAIR_FOLDER
     if not (folder / ALIGNMENT_REPORT).is_file():
         report = align_dual_encoder(args.text_model, args.vision_model, products, folder, columns=columns,
-                                    image_size=args.image_size or DEFAULT_DINOV2_IMAGE_SIZE, seed=args.seed)
+                                    image_size=args.image_size or DEFAULT_DINOV2_IMAGE_SIZE, seed=args.seed,
+                                    image_feature_store=image_feature_store_from_args(args))
         # Written last: its presence marks a finished pair.
         write_json_atomically(folder / ALIGNMENT_REPORT, report.to_dict())
     return str(folder)

@@ -3,13 +3,15 @@
 A frozen image tower computes the same features for a product at every step, so training runs it once per
 product (`precompute_image_features`) and hands the features to the collator (`RetrievalCollator(image_features=)`)
 and the evaluator instead of decoding and embedding every image again each epoch. `check_cached_image_features`
-verifies the cache against a fresh computation at start-up. Small catalogue photos are embedded at a smaller
-image size than the processor's default (`resize_image_processor`) where the tower supports it.
+verifies the cache against a fresh computation at start-up. With an `ImageFeatureStore`
+(`retrieval.image_feature_store`) the features also persist on disk between runs, shared with indexing and
+evaluation, so a second run of the same image tower computes none of them. Small catalogue photos are embedded
+at a smaller image size than the processor's default (`resize_image_processor`) where the tower supports it.
 
 Example:
 ```python
 >>> resize_image_processor(processor.image_processor, 112)
->>> cache = precompute_image_features(model, processor, catalogue)
+>>> cache = precompute_image_features(model, processor, catalogue, store=ImageFeatureStore())
 >>> check_cached_image_features(model, processor, catalogue.select(range(8)).to_list(), cache)  # largest difference
 3.1e-06
 >>> collator = RetrievalCollator(processor, image_features=cache)
@@ -23,8 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.catalogue import CatalogueColumns
-from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReport, load_product_image
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageReport
 from ..data.rows import row_batches
+# `image_features_for_rows` lives with the store it reads; kept importable from here.
+from ..retrieval.image_feature_store import ImageFeatureStore, image_features_for_rows
 
 # Image towers that interpolate their position embeddings, so they accept any (patch-multiple) image size.
 RESIZABLE_VISION_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
@@ -113,44 +117,6 @@ class ImageFeatureCache(dict):
         self.fetch_images = fetch_images
 
 
-def _images_of(rows: Sequence[Mapping], columns: CatalogueColumns, max_image_pixels: int | None,
-               fetch_images: bool = False, report: ImageReport | None = None) -> list:
-    images = []
-    for row in rows:
-        result = load_product_image(row.get(columns.image), max_pixels=max_image_pixels, fetch_urls=fetch_images)
-        if report is not None:
-            report.add(row.get(columns.product_id), result)
-        images.append(result.image)
-    return images
-
-
-def _image_features(model, processor, rows: Sequence[Mapping], columns: CatalogueColumns,
-                    max_image_pixels: int | None, fetch_images: bool, report: ImageReport | None) -> torch.Tensor:
-    inputs = processor.encode_images(_images_of(rows, columns, max_image_pixels, fetch_images, report))
-    device = next(model.parameters()).device
-    features = model.get_image_features(inputs["pixel_values"].to(device), inputs["image_mask"].to(device))
-    return features.float().cpu(), inputs["image_mask"].tolist()
-
-
-@torch.no_grad()
-def image_features_for_rows(model, processor, rows: Sequence[Mapping], columns: CatalogueColumns,
-                            max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, *, fetch_images: bool = False,
-                            report: ImageReport | None = None) -> list[torch.Tensor | None]:
-    """Image-tower features (float32, CPU) of product rows, `None` for a product without a decodable image.
-
-    `fetch_images` downloads `http(s)://` images (refused by default); `report` counts how each image loaded.
-
-    Example:
-    ```python
-    >>> features = image_features_for_rows(model, processor, catalogue.select(range(4)).to_list(), CatalogueColumns())
-    >>> [None if feature is None else tuple(feature.shape) for feature in features]
-    [(384,), (384,), None, (384,)]
-    ```
-    """
-    features, has_image = _image_features(model, processor, rows, columns, max_image_pixels, fetch_images, report)
-    return [feature if present else None for feature, present in zip(features, has_image)]
-
-
 def precompute_image_features(
     model,
     processor,
@@ -162,6 +128,7 @@ def precompute_image_features(
     show_progress: bool = True,
     fetch_images: bool = False,
     report: ImageReport | None = None,
+    store: ImageFeatureStore | None = None,
 ) -> ImageFeatureCache:
     """Image-tower features of every product of `catalogue`, by product id, for `RetrievalCollator(image_features=)`.
 
@@ -174,6 +141,9 @@ def precompute_image_features(
         fetch_images: download `http(s)://` images (refused by default, and counted as `refused`).
         report: an `ImageReport` to count every product's image in; the cache's `image_report` is this one
             (a new one by default).
+        store: an `ImageFeatureStore` (`retrieval.image_feature_store`): features of photos this image tower
+            already embedded (in any run) are read from disk, only the others are computed, and written back.
+            The features are the same as without it; `store.hits` and `store.computed` count both.
 
     Example:
     ```python
@@ -197,14 +167,16 @@ def precompute_image_features(
     batches = row_batches(catalogue, batch_size)
     progress = tqdm(batches, total=math.ceil(len(catalogue) / batch_size), desc="Caching image features",
                     disable=not show_progress)
-    with torch.no_grad():
+    try:
         for rows in progress:
-            features, has_image = _image_features(
-                model, processor, rows, columns, max_image_pixels, fetch_images, report
-            )
-            cache.feature_size = features.shape[-1]
-            cache.update({str(row[columns.product_id]): feature if present else None
-                          for row, feature, present in zip(rows, features, has_image)})
+            features = image_features_for_rows(model, processor, rows, columns, max_image_pixels,
+                                               fetch_images=fetch_images, report=report, store=store)
+            cache.feature_size = next((feature.shape[-1] for feature in features if feature is not None),
+                                      cache.feature_size)
+            cache.update({str(row[columns.product_id]): feature for row, feature in zip(rows, features)})
+    finally:
+        if store is not None:  # what was computed is kept, even when the run stops half-way
+            store.flush()
     return cache
 
 

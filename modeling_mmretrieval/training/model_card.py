@@ -24,6 +24,8 @@ True
 ```
 """
 
+import argparse
+import difflib
 import os
 import platform
 import re
@@ -62,6 +64,21 @@ TOWER_LICENSES = {
     **{f"openai/clip-vit-{size}": "mit" for size in ("base-patch32", "base-patch16", "large-patch14")},
     **{f"google/siglip-{size}": "apache-2.0" for size in ("base-patch16-224", "base-patch16-256", "large-patch16-256")},
 }
+# The licence identifiers the Hub accepts in a card's `license` (https://huggingface.co/docs/hub/repositories-licenses,
+# as of August 2026). `other` asks for a LICENSE file in the repository.
+HUB_LICENSES = (
+    "apache-2.0", "mit", "openrail", "bigscience-openrail-m", "creativeml-openrail-m", "bigscience-bloom-rail-1.0",
+    "bigcode-openrail-m", "afl-3.0", "artistic-2.0", "bsl-1.0", "bsd", "bsd-2-clause", "bsd-3-clause",
+    "bsd-3-clause-clear", "c-uda", "cc", "cc0-1.0", "cc-by-2.0", "cc-by-2.5", "cc-by-3.0", "cc-by-4.0", "cc-by-sa-3.0",
+    "cc-by-sa-4.0", "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nd-4.0", "cc-by-nc-nd-3.0",
+    "cc-by-nc-nd-4.0", "cc-by-nc-sa-2.0", "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0", "cdla-sharing-1.0",
+    "cdla-permissive-1.0", "cdla-permissive-2.0", "wtfpl", "ecl-2.0", "epl-1.0", "epl-2.0", "etalab-2.0", "eupl-1.1",
+    "eupl-1.2", "agpl-3.0", "gfdl", "gpl", "gpl-2.0", "gpl-3.0", "lgpl", "lgpl-2.1", "lgpl-3.0", "isc", "h-research",
+    "intel-research", "lppl-1.3c", "ms-pl", "apple-ascl", "apple-amlr", "mpl-2.0", "odc-by", "odbl", "openmdw-1.0",
+    "openmdw-1.1", "openrail++", "osl-3.0", "postgresql", "ofl-1.1", "ncsa", "unlicense", "zlib", "pddl", "lgpl-lr",
+    "deepfloyd-if-license", "fair-noncommercial-research-license", "llama2", "llama3", "llama3.1", "llama3.2",
+    "llama3.3", "llama4", "grok2-community", "gemma", "unknown", "other",
+)
 # The libraries a card reports, as pip names them.
 FRAMEWORKS = ("modeling_mmretrieval", "transformers", "torch", "accelerate", "huggingface_hub", "datasets")
 
@@ -208,6 +225,35 @@ def default_license(towers: Sequence[str]) -> str:
     if not licenses or None in licenses:
         return "unknown"
     return licenses.pop() if len(licenses) == 1 else "other"
+
+
+class UnknownLicenseError(argparse.ArgumentTypeError, ValueError):
+    """A licence the Hub does not know; a `ValueError`, and an `argparse` type error (the message is the usage
+    error of a flag that checks its value with [`hub_license`])."""
+
+
+def hub_license(value: str) -> str:
+    """`value` if it is one of the Hub's licence identifiers (`HUB_LICENSES`), else [`UnknownLicenseError`] with
+    one line saying what the Hub accepts; usable as an `argparse` type.
+
+    Example:
+    ```python
+    >>> hub_license("cc-by-4.0")
+    'cc-by-4.0'
+    >>> hub_license("Apache-2.0")
+    Traceback (most recent call last):
+    UnknownLicenseError: 'Apache-2.0' is not a Hub licence identifier (did you mean 'apache-2.0'?): use one of ...
+    ```
+    """
+    if value in HUB_LICENSES:
+        return value
+    close = difflib.get_close_matches(value.strip().lower(), HUB_LICENSES, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UnknownLicenseError(
+        f"{value!r} is not a Hub licence identifier{hint}: use one of the lowercase ids of "
+        "https://huggingface.co/docs/hub/repositories-licenses (e.g. apache-2.0, mit, cc-by-4.0), or 'other' with "
+        "a LICENSE file in the repository"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,6 +439,8 @@ def render_model_card(info: ModelCardInfo) -> str:
     config = info.config
     lineage = _lineage(info.towers)
     dataset, dataset_id = dataset_reference(info.dataset)
+    if info.license is not None:
+        hub_license(info.license)  # the Hub would not read any other licence
     license = info.license or lineage.license or default_license(
         [tower for role, tower in lineage.towers.items() if role != INITIAL_CHECKPOINT_ROLE]
     )
@@ -433,6 +481,6 @@ def render_model_card(info: ModelCardInfo) -> str:
 
 
 __all__ = [
-    "INITIAL_CHECKPOINT_ROLE", "TOWER_LICENSES", "ModelCardInfo", "dataset_reference", "default_license",
-    "public_name", "render_model_card", "usage_repo_id",
+    "HUB_LICENSES", "INITIAL_CHECKPOINT_ROLE", "TOWER_LICENSES", "ModelCardInfo", "UnknownLicenseError",
+    "dataset_reference", "default_license", "hub_license", "public_name", "render_model_card", "usage_repo_id",
 ]

@@ -63,6 +63,7 @@ from .optimization import (
 from .reporting import format_results_table
 from .training_data import build_collator, build_evaluator, load_training_data
 from .dual_encoder_alignment import prepare_aligned_pair
+from .visual_tagger import DEFAULT_MIN_PROBABILITY, VisualTaggerError, fit_visual_tagger
 from .visual_word_restoration import VisualWordRestorationLoss, restoration_weight
 
 logger = get_logger(__name__)
@@ -289,7 +290,7 @@ def train(args, run: PreparedRun, state: dict) -> None:
 
 
 def training_settings(args, accelerator, max_train_steps: int, num_epochs: int, image_size: int | None,
-                      cached_features: bool) -> dict:
+                      cached_features: bool, model_config=None) -> dict:
     """The settings the model card reports."""
     warmup = args.warmup_steps if args.warmup_steps is not None else f"{args.warmup_ratio:.0%}"
     processes, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
@@ -304,6 +305,8 @@ def training_settings(args, accelerator, max_train_steps: int, num_epochs: int, 
         "mixed precision": args.mixed_precision,
         "hard negatives per query": args.num_hard_negatives,
         "visual-word dropout / restoration weight": f"{args.visual_word_dropout} / {args.visual_word_restoration}",
+        "visual-word tagger": (f"{len(model_config.visual_tags)} colours, min probability "
+                               f"{model_config.visual_tag_min_probability}") if getattr(model_config, "visual_tags", None) else "none",
         "image size": image_size,
         "cached image features": cached_features,
         "seed": args.seed,
@@ -506,6 +509,39 @@ def relaunch_as_requested_processes() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def fit_visual_tags(args, model, processor, image_features, products, columns: CatalogueColumns):
+    """Fits the model's visual-word tagger (`--visual_tags`, on by default for models with a frozen, cached image
+    tower) on the training products' cached image features; its report, or `None` when no tagger is fitted.
+
+    Asked for explicitly, a tagger that cannot be fitted stops the run (`VisualTaggerError`); by default the run
+    goes on without one and says why.
+
+    Example: `report = fit_visual_tags(args, model, processor, collator.image_features, data.products, columns)`.
+    """
+    wanted = getattr(args, "visual_tags", None)
+    if not model.config.uses_images:
+        return None
+    # A starting checkpoint's tagger is never kept as it is: it is refitted on this catalogue, or dropped.
+    if model.visual_tagger is not None:
+        model.remove_visual_tagger()
+    if wanted is False:
+        return None
+    if image_features is None:
+        if wanted:
+            raise VisualTaggerError("--visual_tags reads the cached features of a frozen image tower; this run trains "
+                                    "the image tower or does not cache its features (--no_cache_image_features)")
+        return None
+    try:
+        return fit_visual_tagger(model, processor.tokenizer, image_features, products, columns,
+                                 min_probability=getattr(args, "visual_tag_min_probability", DEFAULT_MIN_PROBABILITY),
+                                 seed=args.seed)
+    except VisualTaggerError as error:
+        if wanted:
+            raise
+        logger.warning(f"{error}; training without visual tags")
+        return None
+
+
 def run_training(args) -> dict:
     """Train as the command line `args` say; returns what `results.json` holds.
 
@@ -559,6 +595,7 @@ def run_training(args) -> dict:
     if args.visual_word_restoration:
         loss_fn = VisualWordRestorationLoss(loss_fn, args.visual_word_restoration)
     collator = build_collator(args, accelerator, model, processor, data, columns)
+    tagger_report = fit_visual_tags(args, model, processor, collator.image_features, data.products, columns)
     image_checks = dict(max_failure_share=getattr(args, "max_image_failure_share", 0.5),
                         strict=getattr(args, "strict_images", False))
     cache_report = getattr(collator.image_features, "image_report", None)
@@ -595,27 +632,36 @@ def run_training(args) -> dict:
         "per_device_train_batch_size": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "num_processes": accelerator.num_processes,
+        # The tagger's weights are in every checkpoint: a run with other tags (or none) cannot load them.
+        "visual_tags": accelerator.unwrap_model(model).config.visual_tags,
     }
     state, checkpoint = initial_state(args, accelerator, checkpoints_dir, signature, max_train_steps, lr_scheduler)
     steps_before_this_run = state["completed_steps"]
     if trackers:
         accelerator.init_trackers("mmretrieval", config=tracker_config(args))
     if "before_metrics" not in state:
-        state["before_metrics"] = evaluate(accelerator, evaluator, model)
+        # "Before training" is the pretrained towers alone: the tagger is fitted on this catalogue, so it waits.
+        unwrapped = accelerator.unwrap_model(model)
+        tagger, unwrapped.visual_tagger = unwrapped.visual_tagger, None
+        try:
+            state["before_metrics"] = evaluate(accelerator, evaluator, model)
+        finally:
+            unwrapped.visual_tagger = tagger
         accelerator.log(state["before_metrics"], step=0)
     logger.info(f"{len(data.pairs)} training pairs, {steps_per_epoch} optimizer steps per epoch, {max_train_steps} "
                 f"steps ({num_epochs} epochs), batch {args.per_device_train_batch_size} x {accelerator.num_processes} "
                 f"processes x {args.gradient_accumulation_steps} accumulation")
 
     settings = training_settings(args, accelerator, max_train_steps, num_epochs, image_size,
-                                 cached_features=collator.image_features is not None)
+                                 cached_features=collator.image_features is not None,
+                                 model_config=accelerator.unwrap_model(model).config)
 
     def model_card(before: dict, after: dict, eval_split: str | None = args.eval_split) -> str:
         return render_model_card(ModelCardInfo(
             config=accelerator.unwrap_model(model).config, towers=towers, dataset=str(args.dataset),
             queries_are_derived=data.queries_are_derived, num_train_pairs=len(data.pairs), eval_split=eval_split,
             training_settings=settings, before=before, after=after, image_size=image_size,
-            repo_id=args.hub_model_id or output_dir.resolve().name,
+            repo_id=args.hub_model_id or output_dir.resolve().name, license=getattr(args, "license", None),
         ))
 
     def model_card_for_state(at: dict) -> str:  # a checkpoint's card: its step's evaluation, if one ran
@@ -660,6 +706,8 @@ def run_training(args) -> dict:
     }
     if earlier is not None:
         results["evaluation_kept_from_earlier_run"] = True
+    if tagger_report is not None:
+        results["visual_tagger"] = tagger_report.to_dict()
     image_report = collator.image_report.merge(cache_report) if cache_report is not None else collator.image_report
     if collator.uses_images:
         results["images"] = image_report.to_dict()

@@ -32,6 +32,7 @@ from ..data.query_column import evaluation_queries_from_column, unique_products
 from ..data.visual_words import StrippedTextView, VisualWordDropout, VisualWords
 from ..retrieval.evaluator import RetrievalEvaluator
 from ..retrieval.held_out_evaluation import HeldOutEvaluator
+from ..retrieval.image_feature_store import image_feature_store_from_args
 from .image_feature_cache import check_cached_image_features, precompute_image_features
 
 logger = get_logger(__name__)
@@ -141,13 +142,17 @@ def hard_negative_lookup(data: TrainingData, columns: CatalogueColumns, num_nega
 
 
 def image_feature_cache(args, accelerator, model, processor, products, columns: CatalogueColumns) -> dict:
-    """The frozen image tower's features of `products`, computed once (see `precompute_image_features`)."""
+    """The frozen image tower's features of `products`, computed once (see `precompute_image_features`), read
+    from and added to the persistent image-feature store unless `--no_image_feature_store`."""
     started = time.perf_counter()
+    store = image_feature_store_from_args(args)
     image_features = precompute_image_features(
         model, processor, products, columns=columns, batch_size=args.per_device_eval_batch_size,
         show_progress=accelerator.is_local_main_process, fetch_images=getattr(args, "fetch_images", False),
+        store=store,
     )
-    logger.info(f"Cached image features of {len(image_features)} products in {time.perf_counter() - started:.0f} s")
+    stored = f" ({store.summary()})" if store is not None else ""
+    logger.info(f"Cached image features of {len(image_features)} products in {time.perf_counter() - started:.0f} s{stored}")
     return image_features
 
 

@@ -1,0 +1,225 @@
+"""The visual-word tagger: reads a product's colour off its image features and writes it into product texts that
+name no colour (`VisualWordTagger`, `training.visual_tagger.fit_visual_tagger`)."""
+
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from tiny_towers import save_tiny_pretrained_towers
+from transformers import AutoTokenizer
+
+from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
+from modeling_mmretrieval.data.catalogue import CatalogueColumns
+from modeling_mmretrieval.modeling_mmretrieval import find_token_phrases, insert_tokens_before_end
+from modeling_mmretrieval.towers import get_minilm_path
+from modeling_mmretrieval.training.image_feature_cache import precompute_image_features
+from modeling_mmretrieval.training.visual_tagger import VisualTaggerError, colour_labels, fit_visual_tagger
+
+IMAGE_SIZE = 28
+COLOURS = {"red": (200, 30, 40), "blue": (30, 50, 190), "green": (40, 160, 60), "yellow": (230, 210, 40)}
+ARTICLES = ["Kurta", "Tshirt", "Shirt", "Dress", "Top", "Jeans"]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def product_image(rgb, seed: int) -> bytes:
+    """A real PNG of the colour, with per-pixel noise, so no two images are alike."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (60, 80))
+    image.putdata([tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in rgb) for _ in range(60 * 80)])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def catalogue(num_products: int, seed: int = 0, silent_share: float = 0.5) -> list[dict]:
+    """Products whose image shows their colour; a seeded share of titles never names it."""
+    rng = random.Random(seed)
+    rows = []
+    for position in range(num_products):
+        colour = list(COLOURS)[position % len(COLOURS)]
+        article = rng.choice(ARTICLES)
+        silent = rng.random() < silent_share
+        title = f"Roadster Women {article}" if silent else f"Roadster Women {colour.title()} {article}"
+        rows.append({"product_id": f"sku-{seed}-{position}", "title": title, "description": "Cotton, regular fit",
+                     "article_type": article, "gender": "Women",
+                     "base_colour": colour.title(), "image": {"bytes": product_image(COLOURS[colour], seed * 1000 + position)}})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    """The real MiniLM tokenizer, a tiny text tower of its vocabulary, and a tiny frozen DINOv2."""
+    root = tmp_path_factory.mktemp("tagger_towers")
+    save_tiny_pretrained_towers(root, IMAGE_SIZE, text_layers=1)
+    return root
+
+
+def model_and_processor(towers, architecture: str = "3tower"):
+    model = MultimodalRetrievalModel.from_towers_pretrained(
+        str(towers / "text"), str(towers / "vision"), architecture=architecture, fusion="residual",
+        max_product_length=32).eval()
+    processor = MultimodalRetrievalProcessor.from_towers_pretrained(str(towers / "text"), str(towers / "vision"),
+                                                                    config=model.config)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def fitted(towers):
+    model, processor = model_and_processor(towers)
+    train = catalogue(160, seed=0)
+    features = precompute_image_features(model, processor, train, show_progress=False)
+    report = fit_visual_tagger(model, processor.tokenizer, features, train, CatalogueColumns(), min_probability=0.5)
+    return model, processor, report
+
+
+def test_phrases_are_found_as_token_runs_erring_towards_found():
+    tokenizer = AutoTokenizer.from_pretrained(get_minilm_path())
+    texts = ["Nike Men Navy Blue Running Shoes", "Nike Men Running Shoes", "Roadster Bluebell Print Top"]
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    phrases = [tokenizer(" blue", add_special_tokens=False)["input_ids"],
+               tokenizer(" navy blue", add_special_tokens=False)["input_ids"]]
+    # "Bluebell" is "blue" + "##bell": counted as naming blue, so its text is left alone (the safe side).
+    assert find_token_phrases(inputs["input_ids"], inputs["attention_mask"], phrases).tolist() == [True, False, True]
+
+
+def test_tags_go_before_the_closing_token_and_padding_follows():
+    tokenizer = AutoTokenizer.from_pretrained(get_minilm_path())
+    inputs = tokenizer(["Kurta", "Roadster Women Kurta"], padding=True, return_tensors="pt")
+    red = tokenizer(" red", add_special_tokens=False)["input_ids"]
+    ids, mask, types = insert_tokens_before_end(inputs["input_ids"], inputs["attention_mask"],
+                                                inputs["token_type_ids"], [red, []], tokenizer.sep_token_id)
+    assert tokenizer.decode(ids[0][mask[0].bool()]) == "[CLS] kurta red [SEP]"
+    assert tokenizer.decode(ids[1][mask[1].bool()]) == "[CLS] roadster women kurta [SEP]"
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    assert ids.shape == mask.shape == types.shape and mask.sum(1).tolist() == [lengths[0] + len(red), lengths[1]]
+
+
+def test_colour_labels_come_from_the_column_else_from_the_titles():
+    rows = [{"title": "Navy Blue Kurta", "base_colour": " Navy  Blue "}, {"title": "Kurta", "base_colour": None}]
+    assert colour_labels(rows, CatalogueColumns()) == (["navy blue", None], "the `base_colour` column")
+    no_column = [{"title": "Navy Blue Kurta"}, {"title": "Off-White Top"}, {"title": "Kurta"}]
+    labels, source = colour_labels(no_column, CatalogueColumns(base_colour=None))
+    assert labels == ["navy", "off white", None] and source == "colour words in the product texts"
+
+
+def test_the_fitted_tagger_reads_held_out_colours(fitted):
+    _, _, report = fitted
+    assert report.tags == ("blue", "green", "red", "yellow")
+    assert report.held_out_accuracy >= 0.9 > report.majority_accuracy
+    assert "4 colours from the `base_colour` column" in report.summary()
+
+
+def test_silent_texts_get_the_colour_of_their_image_and_others_stay(fitted):
+    model, processor, _ = fitted
+    held_out = catalogue(8, seed=1, silent_share=0.0)
+    red = next(row for row in held_out if row["base_colour"] == "Red")
+    silent = {**red, "title": "Roadster Women Kurta"}
+    wrong = {**red, "title": "Roadster Women Blue Kurta"}  # the text names a colour: the image does not overrule it
+    with torch.no_grad():
+        tagged = model.get_product_embeddings(**processor.encode_products([silent, wrong], images=[
+            Image.open(io.BytesIO(red["image"]["bytes"]))] * 2))
+        by_hand = model.get_product_embeddings(**processor.encode_products(
+            [{**silent, "description": silent["description"] + " red"}, wrong],
+            images=[Image.open(io.BytesIO(red["image"]["bytes"]))] * 2))
+        untagged = model.get_product_embeddings(**processor.encode_products([silent], images=[
+            Image.open(io.BytesIO(red["image"]["bytes"]))]))
+    # The tag goes before the closing [SEP], after the last text field: the description.
+    torch.testing.assert_close(tagged, by_hand, rtol=1e-5, atol=1e-5)
+    model.visual_tagger, tagger = None, model.visual_tagger
+    try:
+        with torch.no_grad():
+            plain = model.get_product_embeddings(**processor.encode_products([silent], images=[
+                Image.open(io.BytesIO(red["image"]["bytes"]))]))
+    finally:
+        model.visual_tagger = tagger
+    assert not torch.allclose(untagged, plain, atol=1e-4)  # the tag changed the silent product's embedding
+
+
+def test_products_without_an_image_are_never_tagged(fitted):
+    model, processor, _ = fitted
+    inputs = processor.encode_products([{"title": "Roadster Women Kurta", "description": "Cotton"}])
+    tagger = model.visual_tagger
+    ids, mask, _ = tagger.write_tags(inputs["input_ids"], inputs["attention_mask"], None,
+                                     torch.zeros(1, model.image_feature_size), torch.tensor([False]))
+    assert torch.equal(ids, inputs["input_ids"])
+
+
+def test_a_saved_tagger_loads_with_the_checkpoint(fitted, tmp_path):
+    model, processor, _ = fitted
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    loaded = MultimodalRetrievalModel.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.visual_tags == ["blue", "green", "red", "yellow"]
+    rows = [{**row, "title": "Roadster Women Kurta"} for row in catalogue(6, seed=2)]  # silent: tags are written
+    images = [Image.open(io.BytesIO(row["image"]["bytes"])) for row in rows]
+    inputs = processor.encode_products(rows, images=images)
+    with torch.no_grad():
+        features = loaded.get_image_features(inputs["pixel_values"], inputs["image_mask"])
+        assert any(tag is not None for tag in loaded.visual_tagger.chosen_tags(
+            inputs["input_ids"], inputs["attention_mask"], features, inputs["image_mask"]))
+    assert not any(parameter.requires_grad for parameter in loaded.visual_tagger.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.get_product_embeddings(**processor.encode_products(rows, images=images)),
+                                   model.get_product_embeddings(**processor.encode_products(rows, images=images)))
+
+
+def test_a_catalogue_with_one_colour_cannot_teach_a_tagger(towers):
+    model, processor = model_and_processor(towers)
+    rows = [row for row in catalogue(80, seed=3) if row["base_colour"] == "Red"]
+    features = precompute_image_features(model, processor, rows, show_progress=False)
+    with pytest.raises(VisualTaggerError, match="1 colours with at least 10"):
+        fit_visual_tagger(model, processor.tokenizer, features, rows)
+    assert model.visual_tagger is None and model.config.visual_tags is None
+
+
+def test_the_train_command_fits_the_tagger_and_refuses_it_for_text_only(towers, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, seed, size in (("train", 0, 96), ("validation", 1, 24)):
+        pq.write_table(pa.Table.from_pylist(catalogue(size, seed=seed)), data / f"{split}.parquet")
+    common = [sys.executable, str(REPO_ROOT / "examples" / "train.py"), "--dataset", str(data), "--image_size",
+              str(IMAGE_SIZE), "--per_device_train_batch_size", "16", "--max_train_steps", "2", "--eval_split", "none"]
+    refused = subprocess.run([*common, "--output_dir", str(tmp_path / "text"), "--architecture", "text_only",
+                              "--visual_tags"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--visual_tags reads colours off product images" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    run = subprocess.run([*common, "--output_dir", str(tmp_path / "run"), "--architecture", "3tower",
+                          "--text_model", str(towers / "text"), "--vision_model", str(towers / "vision")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                              "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["visual_tagger"]["tags"] == ["blue", "green", "red", "yellow"]
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["visual_tags"] == ["blue", "green", "red", "yellow"]
+
+
+def test_tokens_past_the_position_limit_give_way_to_the_tag_and_left_padding_is_kept():
+    ids = torch.tensor([[0, 0, 101, 7, 8, 9, 102], [101, 5, 6, 7, 8, 9, 102]])
+    mask = (ids != 0).long()
+    new_ids, new_mask, _ = insert_tokens_before_end(ids, mask, None, [[42], [42, 43]], 102, max_length=7)
+    assert new_ids.tolist() == [[0, 101, 7, 8, 9, 42, 102], [101, 5, 6, 7, 42, 43, 102]]
+    assert new_mask.tolist() == [[0, 1, 1, 1, 1, 1, 1], [1] * 7]
+
+
+def test_training_without_tags_from_a_tagged_checkpoint_drops_the_tagger(fitted, tmp_path):
+    from types import SimpleNamespace
+
+    from modeling_mmretrieval.training.trainer import fit_visual_tags
+
+    model, processor, _ = fitted
+    model.save_pretrained(tmp_path / "tagged")
+    tagged = MultimodalRetrievalModel.from_pretrained(tmp_path / "tagged")
+    assert fit_visual_tags(SimpleNamespace(visual_tags=False, seed=0), tagged, processor, {}, [], CatalogueColumns()) is None
+    assert tagged.visual_tagger is None and tagged.config.visual_tags is None
