@@ -108,6 +108,16 @@ def model_identity(model) -> str:
     return model.config.name_or_path or model.__class__.__name__
 
 
+def index_provenance(model) -> dict:
+    """What an index records about the model that built it: `model_id` (where it was loaded from, for people),
+    `config_hash` and `model_fingerprint` (config and weights: what `ProductIndex.load` checks).
+
+    Example: `ProductIndex.build(rows, embed, **index_provenance(model))`.
+    """
+    return {"model_id": model_identity(model), "config_hash": config_fingerprint(model.config),
+            "model_fingerprint": model_fingerprint(model)}
+
+
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -344,9 +354,7 @@ def build_product_index(
         output_dir=output_dir,
         batch_size=rows_per_read,
         id_column=columns.product_id,
-        model_id=model_identity(model),
-        config_hash=config_fingerprint(model.config),
-        model_fingerprint=model_fingerprint(model),
+        **index_provenance(model),
         show_progress=show_progress,
         shard=shard,
         metadata_columns=metadata_columns,
@@ -544,6 +552,7 @@ __all__ = [
     "fused_image_queries_supported",
     "model_fingerprint",
     "model_identity",
+    "index_provenance",
     "product_embedder",
     "search_images",
     "search_text",

@@ -38,7 +38,7 @@ from ..data.rows import known_row_count, row_batches
 from .image_feature_store import ImageFeatureStore, with_image_feature_store
 from .index import ProductIndex
 from .index_files import META_FILENAME
-from .search import check_image_tower, config_fingerprint, model_fingerprint, model_identity
+from .search import check_image_tower, index_provenance
 
 # The visual index lives in this folder of the product index's folder.
 VISUAL_INDEX_DIRNAME = "visual"
@@ -170,9 +170,7 @@ def build_visual_index(
         overwrite=overwrite,
         batch_size=batch_size,
         id_column=columns.product_id,
-        model_id=model_identity(model),
-        config_hash=config_fingerprint(model.config),
-        model_fingerprint=model_fingerprint(model),
+        **index_provenance(model),
         show_progress=False,  # the rows' own bar counts the catalogue, image-less products included
     )
     if image_feature_store is not None:
