@@ -514,3 +514,33 @@ def test_demo_binds_only_to_loopback_and_frees_its_port_on_close(server):
     second.close()
     with pytest.raises(urllib.error.URLError):
         _DIRECT.open(second.url, timeout=HTTP_TIMEOUT_S)
+
+
+@requires_chromium
+def test_a_mark_made_in_the_browser_is_scored_by_evaluate(server, browser, catalogue, tmp_path, capsys):
+    from modeling_mmretrieval import cli
+
+    marks = tmp_path / "marks.jsonl"
+    # This test's own file (the page appends to whatever file it is given); the module's is put back after.
+    previous, server.app.judgements_path = server.app.judgements_path, marks
+    query = "black watch"
+    try:
+        browser.navigate(page_url(server, query))
+        top = ResultPage(browser.dom()).columns["dense"][0]["product_id"]
+        browser.click('section[data-ranker="dense"] li.result button[value="1"]')
+    finally:
+        server.app.judgements_path = previous
+    assert load_judgements(marks) == {query: {top: 1}}
+    checkpoint, shop = tmp_path / "model", tmp_path / "shop"
+    server.app.model.save_pretrained(checkpoint)
+    server.app.processor.save_pretrained(checkpoint)
+    shop.mkdir()
+    catalogue.to_parquet(str(shop / "validation.parquet"))
+    report_file = tmp_path / "report.json"
+    status = cli.main(["evaluate", "--model_name_or_path", str(checkpoint), "--dataset", str(shop), "--split",
+                       "validation", "--device", "cpu", "--judgements", str(marks), "--output_file", str(report_file)])
+    assert status == 0, capsys.readouterr().err[-2000:]
+    report = json.loads(report_file.read_text())
+    # The page ranked the marked product first with this very model, so evaluate finds it at rank 1.
+    assert report["queries"]["num_judged"] == 1
+    assert report["metrics"]["mrr@10"] == pytest.approx(1.0) and report["metrics"]["recall@10"] == pytest.approx(1.0)
