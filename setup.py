@@ -41,6 +41,8 @@ setup(
         "test": [
             "pytest", "hypothesis", "onnx", "onnxruntime", "pytrec_eval-terrier", "bm25s==0.3.16",
             "sentence-transformers==6.3.0",
+            # The browser tests drive headless Chromium over the DevTools protocol (a websocket client).
+            "aiohttp==3.14.5",
         ],
     },
     entry_points={"console_scripts": ["mmretrieval=modeling_mmretrieval.cli:main"]},

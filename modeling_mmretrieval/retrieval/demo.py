@@ -43,6 +43,7 @@ import select
 import socket
 import sys
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -73,6 +74,7 @@ from .search_page import (
 
 logger = logging.getLogger(__name__)
 
+WAIT_POLL_S = 0.5
 SERVER_STOP_TIMEOUT_S = 10.0
 REQUEST_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 32
@@ -457,8 +459,16 @@ class DemoServer(ThreadingHTTPServer):
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the server stops (or `timeout` seconds pass); Ctrl-C interrupts the wait."""
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is None:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Short joins, not one long one: the kernel may deliver Ctrl-C to another thread (torch's, the server's), and
+        # the main thread only runs Python's handler once its blocking wait returns.
+        while self._thread.is_alive():
+            left = WAIT_POLL_S if deadline is None else min(WAIT_POLL_S, deadline - time.monotonic())
+            if left <= 0:
+                return
+            self._thread.join(left)
 
     def close(self) -> None:
         """Stop answering, release the port and end the server thread."""
