@@ -31,10 +31,13 @@ mmretrieval search --model_name_or_path outputs/4tMM/final --index_dir indexes/t
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -584,10 +587,33 @@ def serve(
         if server.app.image_query_refusal is not None:
             marks += f"; photo search is off: {server.app.image_query_refusal}"
         print(f"Serving the search page on {server.url} (Ctrl-C to stop){marks}", flush=True)
-        try:
-            server.wait()
-        except KeyboardInterrupt:
-            pass
+        with stopped_by_signals():
+            try:
+                server.wait()
+            except KeyboardInterrupt:
+                pass
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stopped_by_signals():
+    """While the block runs, Ctrl-C (SIGINT) and SIGTERM raise `KeyboardInterrupt` in the main thread, even in a
+    process started with them ignored (a shell's background job inherits an ignored SIGINT), so a server stops.
+
+    Example: `with stopped_by_signals(): server.wait()`.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
