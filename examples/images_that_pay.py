@@ -254,6 +254,20 @@ def cached_result(path: Path, compute, fingerprint: str) -> dict:
     return result
 
 
+def evaluated_again(args, output: Path, row: str, name: str, evaluation: str, evaluate) -> list[dict]:
+    """The trained `row`'s seeds evaluated once more another way (`evaluate(final folder)`), each cached in
+    `references/<name>_seed<N>.json` and redone when the run or the evaluation changes; with `--report_only`,
+    only the cached ones."""
+    runs = []
+    for seed in args.seeds:
+        run_dir = row_dir(output, row) / f"seed{seed}"
+        path, flags_file = output / "references" / f"{name}_seed{seed}.json", run_dir / "train_flags.json"
+        if args.report_only and not is_cached(path, evaluation, flags_file):
+            continue
+        runs.append(cached_result(path, lambda: evaluate(run_dir / "final"), evaluation + flags_file.read_text()))
+    return runs
+
+
 def summarise(results: dict[str, list[dict]]) -> dict:
     """Per row: means of the seed-averaged per-query values, and paired intervals against the baseline."""
     averaged = {
@@ -418,26 +432,11 @@ def main(argv=None) -> dict:
             result["train_seconds"] = training["wall_seconds_this_run"]
             results[row].append(result)
     if DEFAULT_ROW in args.rows:  # the hybrid row: the default models fused with BM25
-        default_dir = row_dir(output, DEFAULT_ROW)
-        results[HYBRID_ROW] = [
-            cached_result(output / "references" / f"hybrid_seed{seed}.json",
-                          lambda f=default_dir / f"seed{seed}" / "final": evaluate_checkpoint(
-                              evaluator, f, feature_cache, with_bm25=True),
-                          evaluation + (default_dir / f"seed{seed}" / "train_flags.json").read_text())
-            for seed in args.seeds
-            if not args.report_only or is_cached(output / "references" / f"hybrid_seed{seed}.json", evaluation,
-                                                 default_dir / f"seed{seed}" / "train_flags.json")
-        ]
+        results[HYBRID_ROW] = evaluated_again(args, output, DEFAULT_ROW, "hybrid", evaluation, lambda final: (
+            evaluate_checkpoint(evaluator, final, feature_cache, with_bm25=True)))
     if BASELINE in args.rows:  # the colour ceiling: the text-only models told every product's true colour
-        results[COLOUR_CEILING] = [
-            cached_result(output / "references" / f"colour_ceiling_seed{seed}.json",
-                          lambda f=final: evaluate_checkpoint(evaluator, f, feature_cache, colour_oracle=True),
-                          evaluation + (output / "text-only" / f"seed{seed}" / "train_flags.json").read_text())
-            for seed in args.seeds
-            for final in [output / "text-only" / f"seed{seed}" / "final"]
-            if not args.report_only or is_cached(output / "references" / f"colour_ceiling_seed{seed}.json", evaluation,
-                                                 output / "text-only" / f"seed{seed}" / "train_flags.json")
-        ]
+        results[COLOUR_CEILING] = evaluated_again(args, output, BASELINE, "colour_ceiling", evaluation, lambda final: (
+            evaluate_checkpoint(evaluator, final, feature_cache, colour_oracle=True)))
     # The report lists the rows in ROWS order, whatever order they were run in.
     order = [*references, *pairs, *ROWS, HYBRID_ROW, COLOUR_CEILING]
     results = {row: results[row] for row in order if results.get(row)}
