@@ -38,9 +38,13 @@ setup(
         "lexical": ["bm25s==0.3.16"],
         # A saved checkpoint is also a sentence-transformers model (integrations_mmretrieval.py, modules.json).
         "sentence-transformers": ["sentence-transformers==6.3.0"],
+        # ONNX export of the towers and onnxruntime inference (modeling_mmretrieval.onnx, `mmretrieval export-onnx`).
+        "onnx": ["onnx==1.23.2", "onnxruntime==1.32.0", "onnxscript==0.7.2"],
+        # Indexing beyond one machine (Ray Data) and a vector database that loads the Parquet embeddings.
+        "scale": ["ray[data]==2.60.0", "lancedb==0.40.0", "pyarrow>=14"],
         "test": [
-            "pytest", "hypothesis", "onnx", "onnxruntime", "pytrec_eval-terrier", "bm25s==0.3.16",
-            "sentence-transformers==6.3.0",
+            "pytest", "hypothesis", "onnx==1.23.2", "onnxruntime==1.32.0", "onnxscript==0.7.2", "pytrec_eval-terrier",
+            "bm25s==0.3.16", "sentence-transformers==6.3.0", "ray[data]==2.60.0", "lancedb==0.40.0", "pyarrow>=14",
             # The browser tests drive headless Chromium over the DevTools protocol (a websocket client).
             "aiohttp==3.14.5",
         ],

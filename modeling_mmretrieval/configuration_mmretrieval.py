@@ -22,6 +22,8 @@ FUSIONS = ("concat", "alpha_concat", "mlp", "residual")
 # Fusions through a learned MLP (they own `query_fusion`/`product_fusion` layers and a missing-image embedding).
 MLP_FUSIONS = ("mlp", "residual")
 POOLINGS = ("mean", "cls")
+# 16 levels is already 4,096 colour cells; more would dwarf the tower's own features.
+MAX_COLOUR_HISTOGRAM_LEVELS = 16
 # Model types whose models expose both `get_text_features` and `get_image_features` in one space.
 DUAL_ENCODER_MODEL_TYPES = ("clip", "siglip", "siglip2", "vision-text-dual-encoder", "chinese_clip", "altclip")
 # A Hub model id ("name" or "owner/name"); anything else in a `_name_or_path` is a local path.
@@ -128,6 +130,18 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
             Padding id of the product tokenizer.
         visual_tag_min_probability (`float`, defaults to 0.5):
             A tag is written only when the tagger gives it more than this probability (at least 1 / number of tags).
+        colour_histogram_levels (`int`, defaults to 0):
+            When above 0, `get_image_features` appends a description of the image's colours to the image tower's
+            features: the share of the foreground (not near-white) pixels in each of `levels**3` RGB cells, square-
+            rooted, then their mean and standard deviation per channel. Image towers trained with colour jitter
+            (DINOv2) barely keep colour, which a photo of a product shows plainly. The visual-word tagger reads it,
+            and the `mlp`/`residual` fusions too when `colour_histogram_in_fusion`; concatenations and image queries
+            keep the tower's features alone.
+        colour_histogram_in_fusion (`bool`, defaults to `False`):
+            Whether the `mlp`/`residual` fusions read the colour description too, or only the visual-word tagger does.
+        colour_histogram_pixel_mean (`list[float]`, *optional*), colour_histogram_pixel_std (`list[float]`, *optional*):
+            The image processor's per-channel normalisation, undone to recover the pixels' colours in [0, 1]; required
+            when `colour_histogram_levels > 0`.
 
     Example:
 
@@ -181,6 +195,10 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
     visual_tag_end_token_id: int | None = None
     visual_tag_pad_token_id: int = 0
     visual_tag_min_probability: float = 0.5
+    colour_histogram_levels: int = 0
+    colour_histogram_pixel_mean: list[float] | None = None
+    colour_histogram_pixel_std: list[float] | None = None
+    colour_histogram_in_fusion: bool = False
 
     def __post_init__(self, **kwargs):
         if self.product_text_fields is None:
@@ -297,6 +315,22 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
                 f"`visual_tag_min_probability` must lie in [1 / {len(self.visual_tags)} tags, 1), so that a tagger that "
                 f"cannot tell the tags apart writes nothing; got {self.visual_tag_min_probability}."
             )
+
+    def validate_colour_histogram(self):
+        levels = self.colour_histogram_levels
+        if isinstance(levels, bool) or not isinstance(levels, int) or not 0 <= levels <= MAX_COLOUR_HISTOGRAM_LEVELS:
+            raise ValueError(f"`colour_histogram_levels` must be an integer in [0, {MAX_COLOUR_HISTOGRAM_LEVELS}], got "
+                             f"{levels!r}.")
+        if not levels:
+            return
+        if not self.uses_images:
+            raise ValueError("`colour_histogram_levels` describes product images; `architecture='text_only'` has none.")
+        for name in ("colour_histogram_pixel_mean", "colour_histogram_pixel_std"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
+                raise ValueError(f"`{name}` must be the image processor's three per-channel values, got {value!r}.")
+        if not all(value > 0 for value in self.colour_histogram_pixel_std):
+            raise ValueError(f"`colour_histogram_pixel_std` must be positive, got {self.colour_histogram_pixel_std}.")
 
     @property
     def uses_images(self) -> bool:

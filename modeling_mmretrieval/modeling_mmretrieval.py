@@ -143,11 +143,70 @@ def adopt_tower(tower: PreTrainedModel | None, sub_config: PreTrainedConfig, is_
     return tower
 
 
-def image_feature_size(config: MultimodalRetrievalConfig) -> int:
+# A pixel whose three channels all lie above this (in [0, 1]) is the white background of a product photo.
+COLOUR_HISTOGRAM_BACKGROUND = 0.92
+# With fewer foreground pixels than this (a white product on white), the colour description reads every pixel.
+COLOUR_HISTOGRAM_MIN_FOREGROUND = 20
+
+
+def image_tower_feature_size(config: MultimodalRetrievalConfig) -> int:
     """Width of the image tower's per-image vector (the dual encoder's space, or the vision hidden size)."""
     if config.architecture == "4tower":
         return dual_encoder_embedding_size(config.dual_encoder_config)
     return config.vision_config.hidden_size
+
+
+def colour_histogram_size(levels: int) -> int:
+    """Width of `colour_histogram_features` for `levels` per channel (0 when off)."""
+    return levels**3 + 6 if levels else 0
+
+
+def image_feature_size(config: MultimodalRetrievalConfig) -> int:
+    """Width of `get_image_features`: the image tower's vector, then the colour description when the config asks for
+    one (`colour_histogram_levels`)."""
+    return image_tower_feature_size(config) + colour_histogram_size(config.colour_histogram_levels)
+
+
+def fused_image_feature_size(config: MultimodalRetrievalConfig) -> int:
+    """How many leading columns of `get_image_features` the product fusion reads: the tower's vector, plus the colour
+    description for `mlp`/`residual` fusions when `config.colour_histogram_in_fusion` (a concatenation sets the tower's
+    vector beside the dual encoder's text half, so it never reads the colours)."""
+    if config.fusion in MLP_FUSIONS and config.colour_histogram_in_fusion:
+        return image_feature_size(config)
+    return image_tower_feature_size(config)
+
+
+def colour_histogram_features(
+    pixel_values: torch.Tensor, pixel_mean: list[float], pixel_std: list[float], levels: int
+) -> torch.Tensor:
+    """The colours of each image's product, `(num_images, levels**3 + 6)` float32: the share of its foreground pixels in
+    each of `levels**3` RGB cells (square-rooted, so that small coloured areas still count), then the foreground's
+    mean and standard deviation per channel. Foreground is every pixel that is not near-white (product photos are
+    shot on white), or every pixel when almost none is (a white product). `pixel_mean`/`pixel_std` undo the image
+    processor's normalisation.
+
+    Example:
+    ```python
+    >>> red = torch.zeros(1, 3, 8, 8); red[:, 0] = 1.0
+    >>> features = colour_histogram_features(red, [0.0] * 3, [1.0] * 3, levels=2)
+    >>> features[0, :8].tolist()  # all pixels in the (high red, low green, low blue) cell
+    [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    ```
+    """
+    shape = (1, 3, 1, 1)
+    mean = torch.tensor(pixel_mean, dtype=torch.float32, device=pixel_values.device).view(shape)
+    std = torch.tensor(pixel_std, dtype=torch.float32, device=pixel_values.device).view(shape)
+    rgb = (pixel_values.float() * std + mean).clamp(0.0, 1.0).flatten(2)  # (images, 3, pixels)
+    foreground = (rgb.min(dim=1).values <= COLOUR_HISTOGRAM_BACKGROUND).float()
+    too_few = foreground.sum(dim=-1, keepdim=True) < COLOUR_HISTOGRAM_MIN_FOREGROUND
+    weights = torch.where(too_few, torch.ones_like(foreground), foreground)
+    cells = (rgb * levels).long().clamp(max=levels - 1)
+    cell_index = (cells[:, 0] * levels + cells[:, 1]) * levels + cells[:, 2]
+    histogram = rgb.new_zeros((rgb.shape[0], levels**3)).scatter_add_(1, cell_index, weights)
+    total = weights.sum(dim=-1, keepdim=True)
+    channel_mean = (rgb * weights.unsqueeze(1)).sum(dim=-1) / total
+    channel_std = (((rgb - channel_mean.unsqueeze(-1)) ** 2 * weights.unsqueeze(1)).sum(dim=-1) / total).sqrt()
+    return torch.cat([(histogram / total).sqrt(), channel_mean, channel_std], dim=-1)
 
 
 def fusion_mlps(config: MultimodalRetrievalConfig, text_embedding_dim: int) -> tuple[nn.Module | None, nn.Module | None]:
@@ -161,7 +220,7 @@ def fusion_mlps(config: MultimodalRetrievalConfig, text_embedding_dim: int) -> t
     if not config.uses_images or config.fusion not in MLP_FUSIONS:
         return None, None
     sizes = dict(hidden_size=config.fusion_hidden_size, num_layers=config.fusion_num_layers, dropout=config.fusion_dropout)
-    product_input = text_embedding_dim + image_feature_size(config)
+    product_input = text_embedding_dim + fused_image_feature_size(config)
     if config.architecture == "3tower":
         return None, FusionMLP(product_input, output_size=text_embedding_dim, **sizes)
     output_size = text_embedding_dim if config.fusion == "residual" else config.fusion_output_dim or text_embedding_dim
@@ -650,7 +709,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         if self.product_fusion is not None:
             # A learned stand-in for the image half of image-less products, so the MLP never reads a feature
             # computed from a fake image.
-            size = image_feature_size(config)
+            size = fused_image_feature_size(config)
             self.missing_image_embedding = nn.Parameter(torch.randn(size) * size**-0.5)
 
         self.visual_tagger = VisualWordTagger(config, image_feature_size(config)) if config.visual_tags else None
@@ -776,8 +835,14 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
 
     @property
     def image_feature_size(self) -> int:
-        """Width of the image tower's per-image vector (the dual encoder's space, or the vision hidden size)."""
+        """Width of `get_image_features`: the image tower's vector plus the colour description, if any."""
         return image_feature_size(self.config)
+
+    @property
+    def image_tower_feature_size(self) -> int:
+        """Width of the image tower's own vector (the dual encoder's space, or the vision hidden size): the first
+        columns of `get_image_features`."""
+        return image_tower_feature_size(self.config)
 
     @property
     def residual_fusion(self) -> bool:
@@ -816,10 +881,22 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
                 return pooled_features(self.dual_encoder.get_image_features(pixel_values=pixel_values))
             return pooled_features(self.vision_model(pixel_values=pixel_values))
 
+    def _image_tower_and_colours(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self._run_image_tower(pixel_values)
+        levels = self.config.colour_histogram_levels
+        if not levels:
+            return features
+        colours = colour_histogram_features(
+            pixel_values, self.config.colour_histogram_pixel_mean, self.config.colour_histogram_pixel_std, levels
+        )
+        return torch.cat([features, colours.to(features.dtype)], dim=-1)
+
     def get_image_features(
         self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Raw image-tower features, shape `(num_images, image_feature_size)`, zero where `image_mask` is False.
+        """Raw image-tower features, shape `(num_images, image_feature_size)`, zero where `image_mask` is False; with
+        `config.colour_histogram_levels` the colour description (`colour_histogram_features`) follows the tower's
+        `image_tower_feature_size` columns.
 
         Only rows with a real image go through the tower. With a frozen tower these features can be
         computed once and passed back as `image_features=` to skip the tower on later epochs.
@@ -827,13 +904,13 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         if self.image_tower is None:
             raise ValueError("`architecture='text_only'` has no image tower.")
         if image_mask is None:
-            return self._run_image_tower(pixel_values)
+            return self._image_tower_and_colours(pixel_values)
         image_mask = image_mask.to(device=pixel_values.device, dtype=torch.bool)
         features = torch.zeros(
             (pixel_values.shape[0], self.image_feature_size), dtype=self.logit_scale.dtype, device=pixel_values.device
         )
         if image_mask.any():
-            features[image_mask] = self._run_image_tower(pixel_values[image_mask]).to(features.dtype)
+            features[image_mask] = self._image_tower_and_colours(pixel_values[image_mask]).to(features.dtype)
         return features
 
     def _dual_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -932,6 +1009,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             if image_mask.any():
                 raise ValueError("`image_mask` marks products with images but no `pixel_values` or `image_features` were given.")
             image_features = text_features.new_zeros((num_products, self.image_feature_size))
+        image_features = image_features[..., : fused_image_feature_size(self.config)]
         embeddings = fuse_features(
             text_features, image_features, self.fusion_alpha, self.product_fusion, image_mask,
             self.missing_image_embedding, residual=self.residual_fusion,
@@ -995,6 +1073,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             if pixel_values is None:
                 raise ValueError("Pass `pixel_values` or precomputed `image_features`.")
             image_features = self.get_image_features(pixel_values)
+        image_features = image_features[..., : self.image_tower_feature_size]
         text_half = image_features.new_zeros((image_features.shape[0], self.text_embedding_dim))
         embeddings = torch.cat([text_half, (1 - self.fusion_alpha) * F.normalize(image_features, dim=-1)], dim=-1)
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
@@ -1158,7 +1237,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         ```
         """
         processor = self.get_processor(processor)
-        rows = _product_rows(products, processor.product_text_fields[0])
+        rows = as_product_rows(products, processor.product_text_fields[0])
         if images is not None and len(images) != len(rows):
             raise ValueError(f"Got {len(images)} images for {len(rows)} products; pass None for missing images.")
         lengths = [len(text) for text in processor.product_texts(rows)]  # checks every row, naming its position
@@ -1378,8 +1457,12 @@ def compose_towers(
     return config, towers
 
 
-def _product_rows(products, text_field: str) -> list:
-    """Product rows from rows, texts (as the `text_field` of a row), a `datasets.Dataset` or a pandas DataFrame."""
+def as_product_rows(products, text_field: str) -> list:
+    """Product rows from rows, texts (as the `text_field` of a row), a `datasets.Dataset` or a pandas DataFrame: what
+    every `encode_products` accepts (this model's, and the ONNX encoder's).
+
+    Example: `as_product_rows(["Red Kurta"], "title")` is `[{"title": "Red Kurta"}]`.
+    """
     if hasattr(products, "to_dict") and hasattr(products, "columns"):  # a pandas DataFrame
         products = products.to_dict("records")
     if isinstance(products, (str, dict)):

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from tiny_towers import IMAGE_SIZE, make_config
-from transformers import AutoTokenizer, CLIPImageProcessorPil, pipeline
+from tiny_towers import make_config, real_tokenizers, save_tiny_checkpoint
+from transformers import pipeline
 
-from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
-from modeling_mmretrieval.towers import build_clip_tokenizer, get_minilm_path
+from modeling_mmretrieval import MultimodalRetrievalModel
 
 QUERIES = ["red running shoes for men", "black formal shoes", "blue denim jacket", "white cotton tee", "watch"]
 PRODUCTS = [
@@ -47,38 +46,13 @@ PHOTOS = [product_photo("red", "JPEG"), product_photo("black", "PNG"), None, pro
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    clip = AutoTokenizer.from_pretrained(build_clip_tokenizer(tmp_path_factory.mktemp("clip_tokenizer")))
-    return AutoTokenizer.from_pretrained(get_minilm_path()), clip
-
-
-def save_checkpoint(case: str, folder, tokenizers) -> tuple[MultimodalRetrievalModel, MultimodalRetrievalProcessor]:
-    """A tiny model of `case` with real tokenizers, saved with its processor into `folder`."""
-    tokenizer, clip_tokenizer = tokenizers
-    config = make_config(case)
-    config.text_config.vocab_size = tokenizer.vocab_size
-    dual_tokenizer = None
-    if config.architecture == "4tower":
-        dual_tokenizer = clip_tokenizer
-        dual_text = config.dual_encoder_config.text_config
-        dual_text.vocab_size = len(clip_tokenizer)
-        dual_text.bos_token_id, dual_text.eos_token_id = clip_tokenizer.bos_token_id, clip_tokenizer.eos_token_id
-        dual_text.pad_token_id = clip_tokenizer.pad_token_id
-    image_processor = None
-    if config.uses_images:
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-        )
-    processor = MultimodalRetrievalProcessor(tokenizer, image_processor, dual_tokenizer, max_dual_length=24)
-    model = MultimodalRetrievalModel(config).eval()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return model, processor
+    return real_tokenizers(tmp_path_factory.mktemp("clip_tokenizer"))
 
 
 @pytest.fixture(scope="module", params=["text_only", "4tower-concat", "3tower-dinov2"])
 def checkpoint(request, tmp_path_factory, tokenizers):
     folder = tmp_path_factory.mktemp(request.param.replace("-", "_")) / "checkpoint"
-    model, processor = save_checkpoint(request.param, folder, tokenizers)
+    model, processor = save_tiny_checkpoint(request.param, folder, tokenizers)
     return request.param, folder, model, processor
 
 
@@ -279,7 +253,7 @@ print(json.dumps({"module": type(model[0]).__module__, "queries": model.encode_q
 
 def test_sentence_transformers_loads_the_checkpoint_without_the_package(tmp_path, tokenizers):
     pytest.importorskip("sentence_transformers")
-    model, processor = save_checkpoint("4tower-concat", tmp_path / "checkpoint", tokenizers)
+    model, processor = save_tiny_checkpoint("4tower-concat", tmp_path / "checkpoint", tokenizers)
     environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1",
                    "HF_HOME": str(tmp_path / "hf_home"), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

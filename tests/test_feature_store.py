@@ -359,3 +359,19 @@ def test_a_second_training_run_computes_no_image_feature(towers, tmp_path):
     store = ImageFeatureStore(tmp_path / "store")
     build_product_index(model, processor, splits["train"], show_progress=False, image_feature_store=store)
     assert (store.hits, store.computed) == (23, 0)
+
+    # `mmretrieval evaluate` reads the same store: the evaluation products' features come back, none is computed, and
+    # the metrics equal those of an evaluation that embeds every photo afresh.
+    evaluate = [sys.executable, str(REPO_ROOT / "examples" / "evaluate.py"), "--model_name_or_path",
+                str(tmp_path / "second" / "final"), "--dataset", str(data), "--split", "validation", "--num_queries", "4"]
+    reports = {}
+    for name, flags in (("stored", ["--image_feature_store", str(tmp_path / "store")]),
+                        ("fresh", ["--no_image_feature_store"])):
+        done = subprocess.run([*evaluate, *flags, "--output_file", str(tmp_path / f"{name}.json")], capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        reports[name] = (json.loads((tmp_path / f"{name}.json").read_text()), done.stderr)
+    assert re.findall(r"image-feature store: (\d+) read, (\d+) computed", reports["stored"][1]) == [("7", "0")]
+    assert "image-feature store" not in reports["fresh"][1]
+    assert reports["stored"][0]["metrics"] == reports["fresh"][0]["metrics"]
+    assert reports["stored"][0]["images"]["ok"] == reports["fresh"][0]["images"]["ok"] == 6

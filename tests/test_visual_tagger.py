@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tiny_towers import save_tiny_pretrained_towers
+from tiny_towers import compose_from_tiny_towers, noisy_png, save_tiny_pretrained_towers
 from transformers import AutoTokenizer
 
-from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
+from modeling_mmretrieval import MultimodalRetrievalModel
 from modeling_mmretrieval.data.catalogue import CatalogueColumns
 from modeling_mmretrieval.modeling_mmretrieval import find_token_phrases, insert_tokens_before_end
 from modeling_mmretrieval.towers import get_minilm_path
@@ -30,12 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def product_image(rgb, seed: int) -> bytes:
     """A real PNG of the colour, with per-pixel noise, so no two images are alike."""
-    rng = random.Random(seed)
-    image = Image.new("RGB", (60, 80))
-    image.putdata([tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in rgb) for _ in range(60 * 80)])
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return noisy_png(rgb, seed)
 
 
 def catalogue(num_products: int, seed: int = 0, silent_share: float = 0.5) -> list[dict]:
@@ -62,12 +57,7 @@ def towers(tmp_path_factory):
 
 
 def model_and_processor(towers, architecture: str = "3tower"):
-    model = MultimodalRetrievalModel.from_towers_pretrained(
-        str(towers / "text"), str(towers / "vision"), architecture=architecture, fusion="residual",
-        max_product_length=32).eval()
-    processor = MultimodalRetrievalProcessor.from_towers_pretrained(str(towers / "text"), str(towers / "vision"),
-                                                                    config=model.config)
-    return model, processor
+    return compose_from_tiny_towers(towers, architecture)
 
 
 @pytest.fixture(scope="module")

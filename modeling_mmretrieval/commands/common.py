@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from datasets.exceptions import DatasetGenerationError
 
-from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, speedups
 from modeling_mmretrieval.data import CatalogueColumnError, CatalogueColumns, load_catalogue
 from modeling_mmretrieval.data.images import ImageFailureError, ImageReport
 from modeling_mmretrieval.data.product_checks import BadProduct, find_bad_products
+from modeling_mmretrieval.retrieval.search import load_retriever as load_checkpoint_retriever
 
 logger = logging.getLogger(__name__)
 
@@ -538,14 +538,8 @@ def load_retriever(name_or_path: str, device: str = "auto"):
 
     Example: `model, processor = load_retriever("outputs/run/final", device="cpu")`.
     """
-    if Path(name_or_path).is_dir():
-        name_or_path = str(Path(name_or_path).resolve())
     try:
-        model = MultimodalRetrievalModel.from_pretrained(name_or_path)
-        processor = MultimodalRetrievalProcessor.from_pretrained(name_or_path)
+        return load_checkpoint_retriever(name_or_path, resolve_device(device))
     except OSError as error:
-        raise CliError(f"cannot load a retriever from {name_or_path!r}: {error}") from error
-    model = model.to(resolve_device(device)).eval()
-    speedups.apply(model, processor)
-    return model, processor
+        raise CliError(f"cannot load a retriever from {str(name_or_path)!r}: {error}") from error
 

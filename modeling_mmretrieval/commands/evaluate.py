@@ -51,6 +51,7 @@ from modeling_mmretrieval.retrieval.evaluator import RetrievalEvaluator
 from modeling_mmretrieval.retrieval.exclusive_matches import exclusive_matches
 from modeling_mmretrieval.retrieval.filters import FilterError, ProductFilter, ProductTable
 from modeling_mmretrieval.retrieval.hybrid import Fusion, ProductRanker
+from modeling_mmretrieval.retrieval.image_feature_store import image_feature_store_from_args
 from modeling_mmretrieval.retrieval.index import ProductIndex
 from modeling_mmretrieval.retrieval.judgements import JudgementError, load_judgements
 from modeling_mmretrieval.retrieval.lexical import LexicalIndex
@@ -478,6 +479,7 @@ def ranker_runs(
             model, processor, catalogue, columns=columns, batch_size=evaluator.batch_size,
             show_progress=evaluator.show_progress, metadata_columns=(), image_features=evaluator.image_features,
             fetch_images=evaluator.fetch_images, image_report=evaluator.image_report,
+            image_feature_store=evaluator.image_feature_store,
         )
         embeddings = embed_queries(model, processor, texts)
     else:
@@ -524,10 +526,13 @@ def evaluate_checkpoint(
     evaluator = RetrievalEvaluator.with_colour_slice(
         catalogue, queries, processor, columns=columns, k_values=args.k_values, name=args.split,
         batch_size=args.batch_size, show_progress=args.progress, fetch_images=args.fetch_images,
+        image_feature_store=image_feature_store_from_args(args) if model.config.uses_images else None,
     )
     logger.info(f"Evaluating {model_identity(model)} ({', '.join(rankers)}): {evaluator}")
     k = max(*args.k_values, args.exclusive_k or 0)
     runs = ranker_runs(model, processor, evaluator, rankers, fusion_from_args(args), k, allowed_ids)
+    if evaluator.image_feature_store is not None and evaluator.image_feature_store.hits + evaluator.image_feature_store.computed:
+        logger.info(evaluator.image_feature_store.summary())
     reads_images = model.config.uses_images and any(ranker != "lexical" for ranker in rankers)
     image_report = evaluator.image_report if reads_images else None
     results = {ranker: evaluator.compute(run) for ranker, run in runs.items()}

@@ -21,6 +21,8 @@ mmretrieval search --model_name_or_path outputs/run/final --index_dir indexes/te
     --query "red running shoes for men" --top_k 5
 mmretrieval search --model_name_or_path outputs/run/final --index_dir indexes/test --query "red tshirt" \
     --ranker hybrid --fusion rrf --filter gender=Women --filter article_type=Tshirts --min_price 500 --max_price 2000
+mmretrieval search --model_name_or_path outputs/run/final --index_dir indexes/test --query "red tshirt" \
+    --index_backend int8 --rescore_candidates 8
 python examples/search.py --model_name_or_path outputs/run/final --index_dir indexes/test --image shoe.jpg
 mmretrieval search --model_name_or_path outputs/run/final --index_dir indexes/test --query "in red" --image shirt.jpg \
     --image_weight 0.4
@@ -71,7 +73,7 @@ from modeling_mmretrieval.retrieval.image_feature_store import (
     ImageFeatureStore,
     image_feature_store_from_args,
 )
-from modeling_mmretrieval.retrieval.index import ProductIndex
+from modeling_mmretrieval.retrieval.index import BACKENDS, ProductIndex
 from modeling_mmretrieval.retrieval.index_files import (
     META_FILENAME,
     IndexIntegrityError,
@@ -364,6 +366,84 @@ def add_filter_arguments(parser: argparse.ArgumentParser, *, applies_to: str = "
     group.add_argument("--min_price", type=float, default=None, help="keep products priced at least this")
     group.add_argument("--max_price", type=float, default=None, help="keep products priced at most this")
     group.add_argument("--price_column", default=DEFAULT_PRICE_COLUMN, help="the column --min/--max_price read")
+
+
+# Flags of the index backends: each applies to the backends listed, and is refused beside another backend.
+BACKEND_FLAGS = {
+    "rescore_candidates": ("int8", "binary", "faiss-ivfpq"),
+    "ivf_nlist": ("faiss-ivfpq",),
+    "ivf_m": ("faiss-ivfpq",),
+    "ivf_nbits": ("faiss-ivfpq",),
+    "ivf_nprobe": ("faiss-ivfpq",),
+    "ivf_training_rows": ("faiss-ivfpq",),
+    "hnsw_neighbors": ("faiss-hnsw",),
+    "hnsw_ef_construction": ("faiss-hnsw",),
+    "hnsw_ef_search": ("faiss-hnsw",),
+}
+
+
+def add_index_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--index_backend` and the settings of each backend (`BACKEND_FLAGS`), as one argument group; check them
+    with `check_index_backend_arguments`, apply them with `apply_index_backend`.
+
+    Example: `add_index_backend_arguments(parser); apply_index_backend(index, parser.parse_args([...]))`.
+    """
+    group = parser.add_argument_group("index backend (how the dense ranker searches the product index)")
+    group.add_argument(
+        "--index_backend", choices=BACKENDS, default="exact",
+        help="exact (default); faiss-flat (exact, faiss); faiss-hnsw (graph); faiss-ivfpq (clusters and product "
+             "codes); int8 (a byte per dimension) or binary (a bit per dimension). faiss-ivfpq, int8 and binary "
+             "rescore their candidates with the float vectors, so scores are exact cosines (docs/performance.md)",
+    )
+    group.add_argument("--rescore_candidates", type=int, default=None, metavar="N",
+                       help="int8, binary, faiss-ivfpq: rescore N x top_k candidates per query (default 4, 16, 8)")
+    group.add_argument("--ivf_nlist", type=int, default=None, help="faiss-ivfpq: clusters (default 1024)")
+    group.add_argument("--ivf_nprobe", type=int, default=None, help="faiss-ivfpq: clusters visited per query "
+                                                                       "(default 32)")
+    group.add_argument("--ivf_m", type=int, default=None,
+                       help="faiss-ivfpq: product-code sub-vectors, a divisor of the embedding dimension (default: "
+                            "sub-vectors of about 8 dimensions)")
+    group.add_argument("--ivf_nbits", type=int, default=None, help="faiss-ivfpq: bits per sub-vector code (default 8)")
+    group.add_argument("--ivf_training_rows", type=int, default=None,
+                       help="faiss-ivfpq: rows sampled to train the clusters and codes (default 65536)")
+    group.add_argument("--hnsw_neighbors", type=int, default=None, help="faiss-hnsw: graph degree (default 32)")
+    group.add_argument("--hnsw_ef_construction", type=int, default=None,
+                       help="faiss-hnsw: candidate list while building (default 200)")
+    group.add_argument("--hnsw_ef_search", type=int, default=None,
+                       help="faiss-hnsw: candidate list while searching (default 128)")
+
+
+def check_index_backend_arguments(args) -> str | None:
+    """The one-line complaint about the index backend flags of `args` (a non-positive value, or a flag of another
+    backend than `--index_backend`), or None when they are fine.
+
+    Example: `check_index_backend_arguments(parse_args([..., "--ivf_nprobe", "8"]))` names --index_backend faiss-ivfpq.
+    """
+    for name, backends in BACKEND_FLAGS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if value < 1:
+            return f"--{name} must be a positive integer, got {value}"
+        if args.index_backend not in backends:
+            return (f"--{name} applies to --index_backend {' or '.join(backends)}, not {args.index_backend}: drop it "
+                    "or choose that backend")
+    return None
+
+
+def apply_index_backend(index: ProductIndex, args) -> ProductIndex:
+    """`index` searching with `--index_backend` and its flags, its structure built now (`ProductIndex.set_backend`,
+    `prepare_backend`); `CliError` when faiss is missing or a setting does not fit this index.
+
+    Example: `index = apply_index_backend(index, parse_args([..., "--index_backend", "int8"]))`.
+    """
+    settings = {name: getattr(args, name) for name in BACKEND_FLAGS if getattr(args, name) is not None}
+    try:
+        return index.set_backend(args.index_backend, **settings).prepare_backend()
+    except ImportError as error:
+        raise CliError(str(error).splitlines()[0]) from error
+    except ValueError as error:
+        raise CliError(f"--index_backend {args.index_backend}: {error}") from error
 
 
 def add_ranker_arguments(parser: argparse.ArgumentParser, *, several: bool = False) -> None:
@@ -659,7 +739,11 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     add_ranker_arguments(parser)
     add_filter_arguments(parser)
     add_image_arguments(parser)
+    add_index_backend_arguments(parser)
     args = parser.parse_args(argv)
+    backend_problem = check_index_backend_arguments(args)
+    if backend_problem is not None:
+        parser.error(backend_problem)
     if not (args.query or args.image or args.serve):
         parser.error("give --query, --image or --serve")
     if args.top_k < 1:
@@ -723,6 +807,7 @@ def main(argv=None, prog: str | None = None) -> int:
             check_images=lambda: report_images(image_report, args, columns),
             image_feature_store=image_feature_store_from_args(args),
         )
+        index = apply_index_backend(index, args)
         ranker, allowed = ProductRanker(index), None
         if reads_catalogue:
             table, fields = catalogue_table(catalogue, index, columns, product_filter, args.ranker)

@@ -27,6 +27,7 @@ import math
 import sys
 from pathlib import Path
 
+from ..configuration_mmretrieval import MAX_COLOUR_HISTOGRAM_LEVELS
 from ..data import SAMPLE_DATA_DIR
 from ..data.catalogue import known_value
 from ..data.images import ImageFailureError
@@ -37,6 +38,7 @@ from ..training.model_builder import (
     DEFAULT_3TOWER_FUSION,
     DEFAULT_4TOWER_FUSION,
     DEFAULT_ARCHITECTURE,
+    DEFAULT_COLOUR_HISTOGRAM_LEVELS,
     DEFAULT_DINOV2_IMAGE_SIZE,
     DEFAULT_VISUAL_WORD_DROPOUT,
 )
@@ -153,6 +155,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--visual_tag_min_probability", type=float, default=DEFAULT_MIN_PROBABILITY,
                       help="The tagger writes a colour only at this probability or above "
                            f"(default {DEFAULT_MIN_PROBABILITY}).")
+    data.add_argument("--colour_histogram_levels", type=int, default=None, metavar="N",
+                      help="Append a description of each photo's colours (an N x N x N RGB histogram of the product's "
+                           "pixels, with their mean and spread) to the image features the visual-word tagger reads; "
+                           "0 turns it off. Only for models built from towers (default "
+                           f"{DEFAULT_COLOUR_HISTOGRAM_LEVELS} where the tagger is fitted, else 0; docs/training.md).")
+    data.add_argument("--colour_histogram_in_fusion", action="store_true",
+                      help="Let the mlp/residual fusion read the colour description too (default: the tagger alone).")
     data.add_argument("--max_eval_queries", type=int, default=500,
                       help="Evaluation queries (attribute-derived ones use the held-out phrasing family).")
     data.add_argument("--cache_image_features", dest="cache_image_features", action="store_true", default=None,
@@ -243,6 +252,17 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     if args.visual_tags and (args.freeze_image_towers is False or args.train_dual_text_tower):
         parser.error("--visual_tags reads the features of a frozen image tower: it cannot be combined with "
                      "--train_image_towers or --train_dual_text_tower")
+    if args.colour_histogram_levels is not None:
+        if not 0 <= args.colour_histogram_levels <= MAX_COLOUR_HISTOGRAM_LEVELS:
+            parser.error(f"--colour_histogram_levels must lie in [0, {MAX_COLOUR_HISTOGRAM_LEVELS}], got "
+                         f"{args.colour_histogram_levels}")
+        if args.model_name_or_path:
+            parser.error("--colour_histogram_levels shapes a new model's image features: a checkpoint "
+                         "(--model_name_or_path) keeps its own")
+        if args.colour_histogram_levels and args.architecture == "text_only":
+            parser.error("--colour_histogram_levels describes product photos: it needs --architecture 3tower or 4tower")
+    if args.colour_histogram_in_fusion and args.colour_histogram_levels == 0:
+        parser.error("--colour_histogram_in_fusion needs a colour description (--colour_histogram_levels N > 0)")
     if args.architecture == "3tower" and args.fusion not in (None, "mlp", "residual"):
         parser.error(f"--fusion {args.fusion} is not a 3tower fusion; 3tower takes mlp or residual")
     if args.architecture == "4tower" and not (args.clip_model or args.model_name_or_path):

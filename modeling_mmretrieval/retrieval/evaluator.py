@@ -11,6 +11,7 @@ import torch
 from ..data.catalogue import CatalogueColumns
 from ..data.images import ImageReport
 from ..data.queries import EvaluationQuery
+from .image_feature_store import ImageFeatureStore
 from .metrics import compute_retrieval_metrics
 from .search import build_product_index, embed_queries
 
@@ -38,6 +39,9 @@ class RetrievalEvaluator:
         image_report ([`ImageReport`], *optional*): counts how each product's image loaded (ok / missing /
             undecodable / refused, with example ids), once per product however often the evaluator runs; a new one
             when not given. Read it as `evaluator.image_report`.
+        image_feature_store ([`ImageFeatureStore`], *optional*): the persistent store of image-tower features
+            (`retrieval.image_feature_store`): photos this image tower embedded in any earlier run (training,
+            indexing, evaluation) are read back instead of embedded again. Unused with `image_features`.
 
     Example:
     ```python
@@ -64,6 +68,7 @@ class RetrievalEvaluator:
         image_features: Mapping[str, torch.Tensor | None] | None = None,
         fetch_images: bool = False,
         image_report: ImageReport | None = None,
+        image_feature_store: ImageFeatureStore | None = None,
     ):
         if not queries:
             raise ValueError("RetrievalEvaluator needs at least one evaluation query.")
@@ -79,6 +84,7 @@ class RetrievalEvaluator:
         self.image_features = image_features
         self.fetch_images = fetch_images
         self.image_report = image_report if image_report is not None else ImageReport()
+        self.image_feature_store = image_feature_store
         self.qrels = {query.query_id: set(query.relevant_ids) for query in self.queries}
 
     @classmethod
@@ -97,6 +103,7 @@ class RetrievalEvaluator:
             model, self.processor, self.catalogue, columns=self.columns, batch_size=self.batch_size,
             show_progress=self.show_progress, metadata_columns=(), image_features=self.image_features,
             fetch_images=self.fetch_images, image_report=self.image_report,
+            image_feature_store=self.image_feature_store,
         )
         query_embeddings = embed_queries(model, self.processor, [query.text for query in self.queries])
         _, ids = index.search(query_embeddings, k=k)

@@ -116,7 +116,7 @@ def _largest_columns(scores: np.ndarray, count: int, with_torch: bool) -> np.nda
     return torch.from_numpy(scores).topk(count, dim=1, sorted=False).indices.numpy()
 
 
-def _rescore(catalogue: np.ndarray, queries: np.ndarray, positions: np.ndarray) -> np.ndarray:
+def rescore_exactly(catalogue: np.ndarray, queries: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Each float64 query's inner products with its candidate rows, summed in float64, as float32.
 
     BLAS kernels round a row's product differently depending on where the row falls in their tiles, so
@@ -206,7 +206,7 @@ def exact_top_k(
         # At most `allowed_rows` candidates are real: asking for more would make the k-th score -inf and
         # turn the whole chunk into candidates.
         positions = _candidate_columns(score_block, min(k, allowed_rows), margin, with_torch) + start
-        rescored = _rescore(catalogue, queries_float64, positions)
+        rescored = rescore_exactly(catalogue, queries_float64, positions)
         if allowed_rows < len(chunk):
             rescored[~allowed[positions]] = -np.inf  # candidates beyond the allowed rows fill the slack: drop them
         best_scores, best_positions = order_candidates(

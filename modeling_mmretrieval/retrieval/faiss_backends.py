@@ -1,4 +1,5 @@
 """The faiss backends of `ProductIndex`: `"faiss-flat"` (exact, faiss kernels) and `"faiss-hnsw"` (a graph).
+The quantised backends, faiss IVF-PQ among them, are in `quantised_search.py`.
 
 faiss is optional (`pip install faiss-cpu`). Each backend's faiss index holds its own copy of the vectors,
 is built on the first search that uses it, and is rebuilt once rows were added or the HNSW options changed.
@@ -13,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import NamedTuple
@@ -36,10 +38,35 @@ def import_faiss():
         import faiss
     except ImportError as error:
         raise ImportError(
-            "the 'faiss-flat' and 'faiss-hnsw' index backends need faiss; install it with `pip install faiss-cpu` "
-            "(or use backend='exact')"
+            "the 'faiss-flat', 'faiss-hnsw', 'faiss-ivfpq', 'int8' and 'binary' index backends need faiss; install "
+            "it with `pip install faiss-cpu` (or use backend='exact')"
         ) from error
     return faiss
+
+
+@contextlib.contextmanager
+def faiss_threads_at_most(count: int):
+    """Runs the block with faiss using at most `count` OpenMP threads in this thread.
+
+    faiss searches these indexes in parallel over queries: with fewer queries than threads the extra threads
+    have nothing to do, yet waking them costs more than a small search, above all where torch's own OpenMP
+    threads spin on the same cores. The thread count is an OpenMP setting of the calling thread only, restored
+    after the block, so other threads and later searches keep theirs.
+
+    Example:
+        >>> with faiss_threads_at_most(1):  # doctest: +SKIP
+        ...     scores, labels = faiss_index.search(one_query, 10)
+    """
+    faiss = import_faiss()
+    threads = faiss.omp_get_max_threads()
+    if count >= threads:
+        yield
+        return
+    faiss.omp_set_num_threads(max(count, 1))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 class HNSWOptions(NamedTuple):
@@ -84,11 +111,12 @@ class FaissSearcher:
         orders them; slots a graph search could not fill have score -inf and position -1. `allowed` (a
         boolean mask over the rows) restricts the search to the rows it marks; a graph search with a selective
         mask may then fill fewer slots, as the graph is walked through rows the mask leaves out."""
-        if allowed is None:
-            scores, labels = self._index.search(queries.numpy(), k)
-        else:
-            parameters, _selector = self._filtered_parameters(allowed)
-            scores, labels = self._index.search(queries.numpy(), k, params=parameters)
+        with faiss_threads_at_most(len(queries)):
+            if allowed is None:
+                scores, labels = self._index.search(queries.numpy(), k)
+            else:
+                parameters, _selector = self._filtered_parameters(allowed)
+                scores, labels = self._index.search(queries.numpy(), k, params=parameters)
         scores, labels = torch.from_numpy(scores), torch.from_numpy(labels)
         # Graph search can come back short; missing slots (label -1) sort last.
         scores = scores.masked_fill(labels < 0, float("-inf"))
@@ -122,4 +150,4 @@ class FaissSearchers:
         return searcher
 
 
-__all__ = ["FAISS_BACKENDS", "FaissSearcher", "FaissSearchers", "HNSWOptions", "import_faiss"]
+__all__ = ["FAISS_BACKENDS", "FaissSearcher", "FaissSearchers", "HNSWOptions", "faiss_threads_at_most", "import_faiss"]

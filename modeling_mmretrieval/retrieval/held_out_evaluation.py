@@ -29,6 +29,7 @@ from ..data.held_out_phrasing import derive_held_out_query
 from ..data.images import ImageReport
 from ..data.queries import EvaluationQuery, make_evaluation_queries
 from ..data.visual_words import VisualWords, degrade_product_texts, degraded_product_ids, text_is_silent_about
+from .image_feature_store import ImageFeatureStore
 from .index import ProductIndex
 from .metrics import evaluate_run
 from .search import build_product_index, embed_queries
@@ -75,6 +76,8 @@ class HeldOutEvaluator:
             (refused by default: the product is then embedded from its text and counted as `refused`).
         image_report ([`ImageReport`], *optional*): counts how each product's image loaded when the evaluator is
             called with a model, once per product; a new one when not given (`evaluator.image_report`).
+        image_feature_store ([`ImageFeatureStore`], *optional*): the persistent image-feature store, read (and
+            filled) when the evaluator is called with a model and `image_features` are not given.
     """
 
     def __init__(
@@ -93,10 +96,12 @@ class HeldOutEvaluator:
         image_features: Mapping | None = None,
         fetch_images: bool = False,
         image_report: ImageReport | None = None,
+        image_feature_store: ImageFeatureStore | None = None,
     ):
         self.processor, self.name, self.batch_size, self.image_features = processor, name, batch_size, image_features
         self.fetch_images = fetch_images
         self.image_report = image_report if image_report is not None else ImageReport()
+        self.image_feature_store = image_feature_store
         self.columns = columns or CatalogueColumns()
         self.products = list(catalogue)
         self.k_values = tuple(k_values)
@@ -169,7 +174,7 @@ class HeldOutEvaluator:
         try:
             ranker = model_ranker(model, self.processor, columns=self.columns, batch_size=self.batch_size,
                                   image_features=self.image_features, fetch_images=self.fetch_images,
-                                  image_report=self.image_report)
+                                  image_report=self.image_report, image_feature_store=self.image_feature_store)
             means = self.evaluate(ranker).means()
         finally:
             model.train(was_training)
@@ -185,13 +190,15 @@ class HeldOutEvaluator:
 
 def model_ranker(model, processor, *, columns: CatalogueColumns | None = None, batch_size: int = 64,
                  image_features: Mapping | None = None, fetch_images: bool = False,
-                 image_report: ImageReport | None = None) -> Ranker:
+                 image_report: ImageReport | None = None,
+                 image_feature_store: ImageFeatureStore | None = None) -> Ranker:
     """A `Ranker` that indexes the products with `model` (exact cosine search) and embeds the queries.
 
     Products whose text is the same in a second call (the untouched part of a degraded catalogue) are not
     embedded again, so a ranker belongs to the model's current weights: make a new one after training it.
     `image_features` are the frozen image tower's features by product id, when cached; `fetch_images` downloads
-    `http(s)://` images; `image_report` counts how each product's image loaded (as `build_product_index` does).
+    `http(s)://` images; `image_report` counts how each product's image loaded (as `build_product_index` does);
+    `image_feature_store` keeps the image tower's features on disk between runs (`retrieval.image_feature_store`).
 
     Example:
     ```python
@@ -212,7 +219,8 @@ def model_ranker(model, processor, *, columns: CatalogueColumns | None = None, b
         if stale:
             index = build_product_index(model, processor, stale, columns=columns, batch_size=batch_size,
                                         show_progress=False, metadata_columns=(), image_features=image_features,
-                                        fetch_images=fetch_images, image_report=image_report)
+                                        fetch_images=fetch_images, image_report=image_report,
+                                        image_feature_store=image_feature_store)
             for product, vector in zip(stale, index.embeddings):
                 embedded[str(product[columns.product_id])] = (text_key(product), np.array(vector))
         ids = [str(product[columns.product_id]) for product in products]

@@ -157,7 +157,8 @@ def _config_dict(config) -> Any:
 
 def image_tower_fingerprint(model) -> str:
     """A hash of everything `model.get_image_features` depends on: the image tower's class, config and weights
-    (the dual encoder's vision model and visual projection for 4tower; nothing of the text towers or fusion).
+    (the dual encoder's vision model and visual projection for 4tower; nothing of the text towers or fusion), and the
+    colour description's settings when the model appends one.
 
     Example:
     ```python
@@ -171,8 +172,13 @@ def image_tower_fingerprint(model) -> str:
     )
 
     parts, config = _image_tower_parts(model)
+    described = {"config": _config_dict(config), "tower": type(model.image_tower).__name__}
+    levels = getattr(model.config, "colour_histogram_levels", 0)
+    if levels:  # the colour description follows the tower's features (absent: the namespaces stay those of before)
+        described["colour_histogram"] = [levels, model.config.colour_histogram_pixel_mean,
+                                         model.config.colour_histogram_pixel_std]
     # `config_fingerprint` takes anything with `to_dict` and drops load-time keys (paths, dtype) at any depth.
-    settings = SimpleNamespace(to_dict=lambda: {"config": _config_dict(config), "tower": type(model.image_tower).__name__})
+    settings = SimpleNamespace(to_dict=lambda: described)
     return _digest(STORE_FORMAT, config_fingerprint(settings), [weights_fingerprint(part) for part in parts])
 
 

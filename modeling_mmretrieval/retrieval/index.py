@@ -12,6 +12,7 @@ The index is the API over its parts, one module each:
 - `exact_search.py`: the exact top-k kernels, and the float16 screening (`speedups.float16_screening`)
   the index applies by default to searches of a few queries;
 - `faiss_backends.py`: the optional faiss backends;
+- `quantised_search.py`: the quantised backends (int8, binary, faiss IVF-PQ), rescored in float;
 - `sharding.py`: which rows each process of a sharded build encodes, and merging the shards;
 - `product_rows.py`: the rows themselves (embeddings, ids, metadata), which `ProductIndex` extends;
 - `embedding_checks.py`: the checks every embedding passes on its way in.
@@ -48,9 +49,16 @@ from .index_files import (
 )
 from .product_ids import ProductId, ProductIdTable, validated_product_id
 from .product_rows import ProductRows
+from .quantised_search import (
+    QUANTISED_BACKENDS,
+    QuantisedOptions,
+    QuantisedSearchers,
+    checked_quantised_options,
+    release_mapped_rows,
+)
 from .sharding import merge_order, merged_row_blocks, select_shard, shards_have_metadata
 
-BACKENDS = ("exact", *FAISS_BACKENDS)
+BACKENDS = ("exact", *FAISS_BACKENDS, *QUANTISED_BACKENDS)
 
 EmbedBatchFn = Callable[[list[dict]], torch.Tensor]
 
@@ -82,13 +90,15 @@ def _allowed_mask(allowed: Any, count: int) -> np.ndarray | None:
 def _check_loaded_rows(files: IndexFiles, directory: Path) -> None:
     """Raises `IndexIntegrityError` naming the first row of a loaded index that is not finite and unit-norm.
 
-    Checked block by block, so a memory-mapped matrix is read once without being held in memory."""
+    Checked block by block, so a memory-mapped matrix is read once without being held in memory (each block's
+    pages are dropped from the process once checked)."""
     embeddings = files.embeddings
     for start in range(0, len(embeddings), COPY_BLOCK_ROWS):
         block = np.asarray(embeddings[start : start + COPY_BLOCK_ROWS], dtype=np.float32)
         with np.errstate(invalid="ignore", over="ignore"):
             norms = np.linalg.norm(block, axis=1)
         bad = ~np.isfinite(block).all(axis=1) | ~(np.abs(norms - 1.0) <= NORM_TOLERANCE)
+        release_mapped_rows(embeddings, start, start + len(block))
         if bad.any():
             position = start + int(np.flatnonzero(bad)[0])
             what = "holds NaN or infinite values" if not np.isfinite(block[position - start]).all() else (
@@ -169,6 +179,7 @@ class ProductIndex(ProductRows):
         self.model_fingerprint = model_fingerprint
         self.shard_info = shard_info
         self._faiss = FaissSearchers(self._write_lock)
+        self._quantised = QuantisedSearchers(self._write_lock)
         self._screening = ScreeningCache(self._write_lock)
         self.set_backend(backend)
 
@@ -293,7 +304,8 @@ class ProductIndex(ProductRows):
         its checksum, or when a row is not finite or not L2-normalised (the checks `build` and `add` make; a
         NaN row would otherwise rank first for every query). `verify_checksums=False` skips hashing the
         embeddings for very large indexes; sizes, the ids' checksum and the rows' norms are still checked.
-        With `mmap` the matrix is paged in on demand (the norm check reads it once, block by block).
+        With `mmap` the matrix is paged in on demand (the norm check reads it once, block by block, and drops
+        each block's pages from the process: a loaded index does not hold the file in its resident memory).
 
         Example:
             >>> from modeling_mmretrieval.retrieval.search import model_fingerprint
@@ -375,12 +387,29 @@ class ProductIndex(ProductRows):
         hnsw_ef_construction: int = 200,
         hnsw_ef_search: int = 128,
         screening: bool | None = None,
+        rescore_candidates: int | None = None,
+        ivf_nlist: int = 1024,
+        ivf_m: int | None = None,
+        ivf_nbits: int = 8,
+        ivf_nprobe: int = 32,
+        ivf_training_rows: int = 1 << 16,
     ) -> ProductIndex:
-        """Chooses how `search` ranks: `"exact"` (default), `"faiss-flat"` (exact, faiss kernels) or
-        `"faiss-hnsw"` (approximate graph search). faiss indexes are built on first use, hold their own copy
-        of the vectors, and are rebuilt after `add`. faiss parallelises each call with OpenMP; where many
+        """Chooses how `search` ranks: `"exact"` (default), `"faiss-flat"` (exact, faiss kernels),
+        `"faiss-hnsw"` (approximate graph search), or one of the quantised backends `"int8"`, `"binary"` and
+        `"faiss-ivfpq"` (`retrieval/quantised_search.py`). faiss indexes are built on first use, hold their own
+        copy of the vectors, and are rebuilt after `add`. faiss parallelises each call with OpenMP; where many
         threads search at once, `faiss.omp_set_num_threads(1)` avoids oversubscribing the cores. Returns the
         index.
+
+        The quantised backends find `rescore_candidates * k` candidates per query on compressed codes (None:
+        4 for int8, 16 for binary, 8 for faiss-ivfpq) and rescore them exactly against the float vectors, so
+        their scores are true cosines. Their codes are built on first use and extended with the new rows after
+        `add`; the float vectors are only read for the candidates, so a memory-mapped index (`load`) keeps the
+        codes resident plus the rows searches touched. `"int8"`: one byte per dimension (per-dimension ranges);
+        `"binary"`: one bit per dimension (Hamming distance); `"faiss-ivfpq"`: `ivf_nlist` clusters trained on
+        `ivf_training_rows` sampled rows, of which a search visits `ivf_nprobe`, and product codes of `ivf_m`
+        sub-vectors (None: sub-vectors of about 8 dimensions) of `ivf_nbits` bits. Changing a faiss-ivfpq
+        structure setting (all but `ivf_nprobe`) retrains it on the next search.
 
         `screening` applies to `"exact"` searches of up to `SCREENING_MAX_QUERIES` queries: they score a
         float16 copy of the catalogue (half the bytes to stream) and rescore the rows that can still make the
@@ -392,17 +421,41 @@ class ProductIndex(ProductRows):
         Example:
             >>> index.set_backend("faiss-hnsw", hnsw_ef_search=256)  # doctest: +SKIP
             >>> index.set_backend("exact", screening=False)  # doctest: +SKIP
+            >>> index.set_backend("int8", rescore_candidates=8)  # doctest: +SKIP
+            >>> index.set_backend("faiss-ivfpq", ivf_nlist=4096, ivf_nprobe=64)  # doctest: +SKIP
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if screening not in (None, True, False):
             raise ValueError(f"screening must be None, True or False, got {screening!r}")
+        for name, value in (("hnsw_neighbors", hnsw_neighbors), ("hnsw_ef_construction", hnsw_ef_construction),
+                            ("hnsw_ef_search", hnsw_ef_search)):
+            _positive_int(value, name, integer_types=(int, np.integer))
+        quantised = checked_quantised_options(
+            QuantisedOptions(rescore_candidates, ivf_nlist, ivf_m, ivf_nbits, ivf_nprobe, ivf_training_rows),
+            self.dim,
+        )
         if backend != "exact":
             import_faiss()
         with self._write_lock:
             self._faiss.hnsw = HNSWOptions(hnsw_neighbors, hnsw_ef_construction, hnsw_ef_search)
+            self._quantised.options = quantised
             self.backend = backend
             self._screening.switch(screening)
+        return self
+
+    def prepare_backend(self) -> ProductIndex:
+        """Builds the current backend's search structure now (a faiss index, or the quantised codes) instead of on
+        the first search, so a server's first query is not slow and a setting that cannot be built (too few rows
+        to train faiss-ivfpq) fails here. Returns the index.
+
+        Example:
+            >>> index.set_backend("int8").prepare_backend()  # doctest: +SKIP
+        """
+        if self.backend == "exact" or not len(self):
+            return self
+        searchers = self._quantised if self.backend in QUANTISED_BACKENDS else self._faiss
+        searchers.for_backend(self.backend, self._latest_vectors)
         return self
 
     @property
@@ -430,8 +483,9 @@ class ProductIndex(ProductRows):
         Returns `(scores, ids)`: for `(Q, D)` queries a `(Q, k)` float tensor and Q lists of k product ids;
         for one `(D,)` vector a `(k,)` tensor and one list. `k` is capped at the catalogue size. Ties are
         broken by catalogue order. `chunk_size` (catalogue rows scored per step of the exact search) defaults
-        to a block of about 64 MiB of scores. Slots a faiss-hnsw search could not fill have score -inf and id
-        None. See `search_positions` for row positions instead of ids.
+        to a block of about 64 MiB of scores. Slots a faiss-hnsw or faiss-ivfpq search could not fill have score
+        -inf and id None. The quantised backends return the exact scores of the rows they found, ordered (ties
+        included) as the exact search orders them. See `search_positions` for row positions instead of ids.
 
         `allowed` filters inside the search: a boolean mask with one entry per indexed product, in row order
         (`retrieval.filters.ProductTable.allowed` makes one from catalogue metadata). Only the products it
@@ -479,11 +533,16 @@ class ProductIndex(ProductRows):
             chunk_rows = chunk_size or default_chunk_rows(len(queries))
             scores, positions = exact_top_k(state.vectors, queries, k, chunk_rows, screen, allowed)
         else:
-            searcher = self._faiss.for_backend(backend, self._latest_vectors)
+            quantised = backend in QUANTISED_BACKENDS
+            searchers = self._quantised if quantised else self._faiss
+            searcher = searchers.for_backend(backend, self._latest_vectors)
             if allowed is not None and searcher.count > len(allowed):
                 # Rows added since this search's snapshot sit past the mask: they are not allowed.
                 allowed = np.concatenate([allowed, np.zeros(searcher.count - len(allowed), dtype=bool)])
-            scores, positions = searcher.search(queries, k, allowed)
+            if quantised:
+                scores, positions = searcher.search(queries, k, allowed, self._quantised.options)
+            else:
+                scores, positions = searcher.search(queries, k, allowed)
         return (scores[0], positions[0]) if single else (scores, positions)
 
 

@@ -13,8 +13,10 @@ Example:
 
 import hashlib
 import json
+import os
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,6 +120,26 @@ def index_provenance(model) -> dict:
             "model_fingerprint": model_fingerprint(model)}
 
 
+def load_retriever(name_or_path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """`(model, processor)` of a checkpoint for search and indexing: the model in eval mode on `device`, with the CPU
+    speedups applied. A local folder is loaded by its absolute path, so the model id an index records does not
+    depend on the directory a command was started from (or on the node of a cluster that loads it). Raises `OSError`
+    when nothing loads from `name_or_path`.
+
+    Example: `model, processor = load_retriever("outputs/run/final", "cpu")`.
+    """
+    from .. import MultimodalRetrievalModel, MultimodalRetrievalProcessor
+
+    name_or_path = str(name_or_path)
+    if Path(name_or_path).is_dir():
+        name_or_path = str(Path(name_or_path).resolve())
+    model = MultimodalRetrievalModel.from_pretrained(name_or_path)
+    processor = MultimodalRetrievalProcessor.from_pretrained(name_or_path)
+    model = model.to(device).eval()
+    speedups.apply(model, processor)
+    return model, processor
+
+
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -209,8 +231,8 @@ def embed_images(model, processor, images: Sequence) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_image_features(model, processor, images: Sequence) -> torch.Tensor:
-    """L2-normalised image-tower features of query images, `(len(images), model.image_feature_size)` float32 on the
-    CPU: the space of a visual index (`retrieval.visual_index`), for every model with an image tower.
+    """L2-normalised image-tower features of query images, `(len(images), model.image_tower_feature_size)` float32 on
+    the CPU: the space of a visual index (`retrieval.visual_index`), for every model with an image tower.
 
     The features are `model.get_image_features` (DINOv2 or the dual encoder's image embedding), the same the visual
     index holds for the catalogue's product images, so their dot product is image-to-image cosine similarity.
@@ -223,7 +245,8 @@ def embed_image_features(model, processor, images: Sequence) -> torch.Tensor:
     """
     check_image_tower(model)
     pixel_values = _query_pixel_values(model, processor, images)
-    return torch.nn.functional.normalize(model.get_image_features(pixel_values).float(), dim=-1).cpu()
+    features = model.get_image_features(pixel_values)[..., : model.image_tower_feature_size]
+    return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
 
 
 def product_embedder(model, collator: RetrievalCollator) -> Callable[[list[dict]], torch.Tensor]:
@@ -266,6 +289,62 @@ def _autocast_embedder(embed_batch: Callable[[list[dict]], torch.Tensor], device
             return embed_batch(rows)
 
     return embed_in_dtype
+
+
+def catalogue_embedder(
+    model,
+    processor,
+    *,
+    columns: CatalogueColumns | None = None,
+    batch_size: int = 64,
+    sort_by_length: bool = True,
+    dtype: torch.dtype | None = None,
+    image_features: Mapping[str, torch.Tensor | None] | None = None,
+    fetch_images: bool = False,
+    image_report: ImageReport | None = None,
+    on_image_error: str = "mask",
+    image_feature_store: ImageFeatureStore | None = None,
+) -> tuple[Callable[[list[dict]], torch.Tensor], int]:
+    """`(embed_window, rows_per_read)`: how `build_product_index` embeds catalogue rows (collation, image decoding or
+    the image-feature store, length-sorted batches, autocast), for callers that feed rows themselves, such as the
+    replicas of `retrieval.ray_indexing`. `embed_window(rows)` returns their float32 CPU embeddings in row order; give
+    it `rows_per_read` rows at a time for the length sorting to pay. The arguments are `build_product_index`'s; flush
+    `image_feature_store` when done.
+
+    Example:
+    ```python
+    >>> embed_window, rows_per_read = catalogue_embedder(model, processor, batch_size=64)
+    >>> embeddings = embed_window(rows[:rows_per_read])
+    ```
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    columns = columns or CatalogueColumns()
+    model.eval()
+    if processor.fast_image_processing and processor.batched_image_processor is None:
+        speedups.apply_to_processor(processor)  # the saved preference: same pixels within tolerance, faster
+    collator = RetrievalCollator(
+        processor, columns, with_queries=False, uses_images=model.config.uses_images, image_features=image_features,
+        fetch_images=fetch_images, image_feature_size=getattr(model, "image_feature_size", None),
+        image_report=image_report, on_image_error=on_image_error,
+    )
+    collator = with_image_feature_store(collator, model, processor, image_feature_store)
+    embed_batch = product_embedder(model, collator)
+    if dtype is not None:
+        embed_batch = _autocast_embedder(embed_batch, _model_device(model), dtype)
+    rows_per_read = batch_size
+    if sort_by_length:
+        fields, separator = processor.product_text_fields, processor.product_text_separator
+
+        def text_length(row: Mapping) -> int:
+            try:
+                return len(join_product_text(product_fields(row, columns), fields, separator))
+            except (TypeError, ValueError):
+                return 0  # still embedded: the collator then raises the error that names the product
+
+        embed_batch = _length_sorted_embedder(embed_batch, text_length, batch_size)
+        rows_per_read = batch_size * LENGTH_SORT_WINDOW_BATCHES
+    return embed_batch, rows_per_read
 
 
 def build_product_index(
@@ -321,36 +400,15 @@ def build_product_index(
     >>> scores, ids = index.search(embed_queries(model, processor, ["white sneakers"]), k=10)
     ```
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     columns = columns or CatalogueColumns()
-    model.eval()
-    if processor.fast_image_processing and processor.batched_image_processor is None:
-        speedups.apply_to_processor(processor)  # the saved preference: same pixels within tolerance, faster
-    collator = RetrievalCollator(
-        processor, columns, with_queries=False, uses_images=model.config.uses_images, image_features=image_features,
-        fetch_images=fetch_images, image_feature_size=getattr(model, "image_feature_size", None),
-        image_report=image_report, on_image_error=on_image_error,
+    embed_window, rows_per_read = catalogue_embedder(
+        model, processor, columns=columns, batch_size=batch_size, sort_by_length=sort_by_length, dtype=dtype,
+        image_features=image_features, fetch_images=fetch_images, image_report=image_report,
+        on_image_error=on_image_error, image_feature_store=image_feature_store,
     )
-    collator = with_image_feature_store(collator, model, processor, image_feature_store)
-    embed_batch = product_embedder(model, collator)
-    if dtype is not None:
-        embed_batch = _autocast_embedder(embed_batch, _model_device(model), dtype)
-    rows_per_read = batch_size
-    if sort_by_length:
-        fields, separator = processor.product_text_fields, processor.product_text_separator
-
-        def text_length(row: Mapping) -> int:
-            try:
-                return len(join_product_text(product_fields(row, columns), fields, separator))
-            except (TypeError, ValueError):
-                return 0  # still embedded: the collator then raises the error that names the product
-
-        embed_batch = _length_sorted_embedder(embed_batch, text_length, batch_size)
-        rows_per_read = batch_size * LENGTH_SORT_WINDOW_BATCHES
     index = ProductIndex.build(
         catalogue,
-        embed_batch,
+        embed_window,
         output_dir=output_dir,
         batch_size=rows_per_read,
         id_column=columns.product_id,
@@ -402,10 +460,10 @@ def _check_visual_index(model, visual_index: ProductIndex | None, what: str) -> 
             "answered by its visual index (the image tower's features of the product images): pass "
             "visual_index=build_visual_index(model, processor, catalogue) or load_visual_index(index_dir, ...)"
         )
-    if visual_index.dim is not None and visual_index.dim != model.image_feature_size:
+    if visual_index.dim is not None and visual_index.dim != model.image_tower_feature_size:
         raise ValueError(
             f"the visual index holds {visual_index.dim}-wide vectors but this model's image tower gives "
-            f"{model.image_feature_size}: it is a product index, or another model's visual index; rebuild it with "
+            f"{model.image_tower_feature_size}: it is a product index, or another model's visual index; rebuild it with "
             "build_visual_index"
         )
     return visual_index
@@ -544,12 +602,14 @@ def search_text_and_image(
 __all__ = [
     "DEFAULT_IMAGE_WEIGHT",
     "build_product_index",
+    "catalogue_embedder",
     "check_image_tower",
     "config_fingerprint",
     "embed_image_features",
     "embed_images",
     "embed_queries",
     "fused_image_queries_supported",
+    "load_retriever",
     "model_fingerprint",
     "model_identity",
     "index_provenance",

@@ -265,10 +265,10 @@ def _checked_visual_index(model, index: ProductIndex, visual_index: ProductIndex
     if visual_index is None:
         return None
     check_image_tower(model)
-    if visual_index.dim is not None and visual_index.dim != model.image_feature_size:
+    if visual_index.dim is not None and visual_index.dim != model.image_tower_feature_size:
         raise ValueError(
             f"the visual index holds {visual_index.dim}-wide vectors but this model's image tower gives "
-            f"{model.image_feature_size}: pass the visual index built by this model (build_visual_index)"
+            f"{model.image_tower_feature_size}: pass the visual index built by this model (build_visual_index)"
         )
     stranger = next((product_id for product_id in visual_index.ids if product_id not in index), None)
     if stranger is not None:

@@ -56,15 +56,17 @@ def visual_index_dir(index_dir: str | os.PathLike) -> Path:
 
 @torch.no_grad()
 def _batch_features(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-    """The image features of a collated product batch (cached, or run through the tower), float32 on the CPU;
-    None when no product of the batch has an image."""
+    """The image tower's features of a collated product batch (cached, or run through the tower; without the colour
+    description a model may append), float32 on the CPU; None when no product of the batch has an image."""
     image_mask = batch["image_mask"]
     if not bool(image_mask.any()):
         return None
     if "image_features" in batch:
-        return batch["image_features"].float().cpu()
-    device = next(model.parameters()).device
-    return model.get_image_features(batch["pixel_values"].to(device), image_mask.to(device)).float().cpu()
+        features = batch["image_features"]
+    else:
+        device = next(model.parameters()).device
+        features = model.get_image_features(batch["pixel_values"].to(device), image_mask.to(device))
+    return features[..., : model.image_tower_feature_size].float().cpu()
 
 
 def _rows_with_image_features(

@@ -14,6 +14,8 @@ Example:
 
 from typing import NamedTuple
 
+from transformers import AutoImageProcessor
+
 from .. import speedups
 from ..modeling_mmretrieval import MultimodalRetrievalModel
 from ..processing_mmretrieval import MultimodalRetrievalProcessor
@@ -37,6 +39,9 @@ DEFAULT_ARCHITECTURE = "4tower"
 # Share of training products whose colour and pattern words are stripped, so the image has to carry them: off,
 # since at the main job's budget it costs more on all queries than it gains on text-silent ones (docs/results.md).
 DEFAULT_VISUAL_WORD_DROPOUT = 0.0
+# Colour levels per channel of the colour description new image models append to their image features for the
+# visual-word tagger (`config.colour_histogram_levels`; 0: none). See docs/results.md for the rows that decided it.
+DEFAULT_COLOUR_HISTOGRAM_LEVELS = 6
 # Settings of a loaded retriever that the command line may override (the processor's; the weights stay).
 PROCESSOR_OVERRIDES = ("max_query_length", "max_product_length", "product_text_fields")
 
@@ -70,6 +75,33 @@ def _load_trained(args) -> tuple[MultimodalRetrievalModel, MultimodalRetrievalPr
     return model, processor, {"initial checkpoint": args.model_name_or_path}
 
 
+def colour_histogram_settings(image_processor, levels: int) -> dict:
+    """The config settings of a colour description with `levels` per channel (`config.colour_histogram_levels`) for
+    pixels made by `image_processor`, whose normalisation it undoes.
+
+    Example: `colour_histogram_settings(AutoImageProcessor.from_pretrained(path), 6)["colour_histogram_levels"]` is 6.
+    """
+    normalised = getattr(image_processor, "do_normalize", True)
+    mean = image_processor.image_mean if normalised else (0.0, 0.0, 0.0)
+    std = image_processor.image_std if normalised else (1.0, 1.0, 1.0)
+    return {"colour_histogram_levels": levels, "colour_histogram_pixel_mean": [float(value) for value in mean],
+            "colour_histogram_pixel_std": [float(value) for value in std]}
+
+
+def colour_histogram_levels(args) -> int:
+    """The colour description's levels a new image model gets: `--colour_histogram_levels` when given, else
+    `DEFAULT_COLOUR_HISTOGRAM_LEVELS` where something will read it (the visual-word tagger, fitted by default on a
+    frozen image tower, or a fusion told to), else 0.
+
+    Example: `colour_histogram_levels(parse_args(["--output_dir", "out", "--no_visual_tags"]))` is 0.
+    """
+    if args.colour_histogram_levels is not None:
+        return args.colour_histogram_levels
+    tagger = (args.visual_tags is not False and args.freeze_image_towers is not False
+              and not args.train_dual_text_tower)
+    return DEFAULT_COLOUR_HISTOGRAM_LEVELS if tagger or args.colour_histogram_in_fusion else 0
+
+
 def _compose_from_towers(args) -> tuple[MultimodalRetrievalModel, MultimodalRetrievalProcessor, dict[str, str]]:
     text_path, text_name = resolve_tower(args.text_model)
     towers = {"text": text_name}
@@ -94,6 +126,10 @@ def _compose_from_towers(args) -> tuple[MultimodalRetrievalModel, MultimodalRetr
         )
     elif args.architecture == "3tower":
         settings.update(fusion=args.fusion or DEFAULT_3TOWER_FUSION)
+    levels = colour_histogram_levels(args)
+    if levels and image_path is not None:
+        settings.update(colour_histogram_settings(AutoImageProcessor.from_pretrained(image_path), levels),
+                        colour_histogram_in_fusion=args.colour_histogram_in_fusion)
     model = MultimodalRetrievalModel.from_towers_pretrained(
         text_path, image_path, architecture=args.architecture, **settings
     )
@@ -144,4 +180,4 @@ def build_model_and_processor(args) -> ModelSetup:
     return ModelSetup(model, processor, towers, image_size)
 
 
-__all__ = ["DEFAULT_3TOWER_FUSION", "DEFAULT_4TOWER_FUSION", "DEFAULT_ARCHITECTURE", "DEFAULT_DINOV2_IMAGE_SIZE", "DEFAULT_VISUAL_WORD_DROPOUT", "OFFLINE_TOWERS", "ModelSetup", "build_model_and_processor", "resolve_tower"]
+__all__ = ["DEFAULT_COLOUR_HISTOGRAM_LEVELS", "colour_histogram_settings", "colour_histogram_levels", "DEFAULT_3TOWER_FUSION", "DEFAULT_4TOWER_FUSION", "DEFAULT_ARCHITECTURE", "DEFAULT_DINOV2_IMAGE_SIZE", "DEFAULT_VISUAL_WORD_DROPOUT", "OFFLINE_TOWERS", "ModelSetup", "build_model_and_processor", "resolve_tower"]

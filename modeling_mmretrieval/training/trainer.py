@@ -307,6 +307,8 @@ def training_settings(args, accelerator, max_train_steps: int, num_epochs: int, 
         "visual-word dropout / restoration weight": f"{args.visual_word_dropout} / {args.visual_word_restoration}",
         "visual-word tagger": (f"{len(model_config.visual_tags)} colours, min probability "
                                f"{model_config.visual_tag_min_probability}") if getattr(model_config, "visual_tags", None) else "none",
+        "colour description of the photos": (f"{model_config.colour_histogram_levels} levels per channel"
+                                             if getattr(model_config, "colour_histogram_levels", 0) else "none"),
         "image size": image_size,
         "cached image features": cached_features,
         "seed": args.seed,
@@ -635,6 +637,9 @@ def run_training(args) -> dict:
         # The tagger's weights are in every checkpoint: a run with other tags (or none) cannot load them.
         "visual_tags": accelerator.unwrap_model(model).config.visual_tags,
     }
+    colour_levels = accelerator.unwrap_model(model).config.colour_histogram_levels
+    if colour_levels:  # the cached image features (and the fusion's width) depend on it
+        signature["colour_histogram_levels"] = colour_levels
     state, checkpoint = initial_state(args, accelerator, checkpoints_dir, signature, max_train_steps, lr_scheduler)
     steps_before_this_run = state["completed_steps"]
     if trackers:
