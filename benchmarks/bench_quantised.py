@@ -156,8 +156,8 @@ def mapped_resident_bytes(path: Path) -> int:
 def touched_page_bytes(index: ProductIndex, queries: torch.Tensor) -> int:
     """Bytes of the distinct 4 KiB pages of the float32 matrix holding the rows int8 rescores for `queries`."""
     searcher = index._quantised._searchers["int8"]
-    candidates = index._quantised.options.candidates_per_query("int8", K)
-    _, labels = searcher._index.search(queries.numpy(), candidates)
+    labels = np.concatenate([searcher.candidate_positions(query[None], K, None, index._quantised.options)
+                             for query in queries], axis=0)  # one at a time, as the timed searches run
     row_bytes = 4 * index.dim
     rows = labels[labels >= 0].astype(np.int64)
     pages = np.union1d(rows * row_bytes // 4096, ((rows + 1) * row_bytes - 1) // 4096)

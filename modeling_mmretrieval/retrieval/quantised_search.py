@@ -307,10 +307,11 @@ class _FaissCodesSearcher:
         del keep_alive  # faiss read the bitmap during the search only
         return np.where(labels >= 0, labels + first, -1)
 
-    def search(
+    def candidate_positions(
         self, queries: torch.Tensor, k: int, allowed: np.ndarray | None, options: QuantisedOptions
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(scores, positions)` of the top `k` rows, scored in float among the code search's candidates."""
+    ) -> np.ndarray:
+        """The rows the codes propose for each query's top `k` (catalogue positions, -1: none), before rescoring:
+        `options.candidates_per_query` of them from each shard."""
         available = self.count if allowed is None else int(np.count_nonzero(allowed))
         candidates = max(k, min(options.candidates_per_query(self.backend, k), available))
         matrix = np.ascontiguousarray(queries.numpy())
@@ -321,7 +322,13 @@ class _FaissCodesSearcher:
         else:
             with faiss_threads_at_most(len(queries)):
                 labels = [self._shard_candidates(*job) for job in jobs]
-        return rescored_top_k(self._vectors, queries, np.concatenate(labels, axis=1), k)
+        return np.concatenate(labels, axis=1)
+
+    def search(
+        self, queries: torch.Tensor, k: int, allowed: np.ndarray | None, options: QuantisedOptions
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(scores, positions)` of the top `k` rows, scored in float among the code search's candidates."""
+        return rescored_top_k(self._vectors, queries, self.candidate_positions(queries, k, allowed, options), k)
 
 
 class _BinarySearcher:
