@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..data.catalogue import CatalogueColumns
 from ..data.held_out_phrasing import derive_held_out_query
@@ -191,14 +192,17 @@ class HeldOutEvaluator:
 def model_ranker(model, processor, *, columns: CatalogueColumns | None = None, batch_size: int = 64,
                  image_features: Mapping | None = None, fetch_images: bool = False,
                  image_report: ImageReport | None = None,
-                 image_feature_store: ImageFeatureStore | None = None) -> Ranker:
+                 image_feature_store: ImageFeatureStore | None = None,
+                 query_encoder: Callable[[list[str]], np.ndarray | torch.Tensor] | None = None) -> Ranker:
     """A `Ranker` that indexes the products with `model` (exact cosine search) and embeds the queries.
 
     Products whose text is the same in a second call (the untouched part of a degraded catalogue) are not
     embedded again, so a ranker belongs to the model's current weights: make a new one after training it.
     `image_features` are the frozen image tower's features by product id, when cached; `fetch_images` downloads
     `http(s)://` images; `image_report` counts how each product's image loaded (as `build_product_index` does);
-    `image_feature_store` keeps the image tower's features on disk between runs (`retrieval.image_feature_store`).
+    `image_feature_store` keeps the image tower's features on disk between runs (`retrieval.image_feature_store`);
+    `query_encoder` (texts -> L2-normalised embeddings) replaces the model's query side, e.g. an ONNX export's
+    `encode_queries`, so that only the query encoder differs between two rankers.
 
     Example:
     ```python
@@ -225,7 +229,8 @@ def model_ranker(model, processor, *, columns: CatalogueColumns | None = None, b
                 embedded[str(product[columns.product_id])] = (text_key(product), np.array(vector))
         ids = [str(product[columns.product_id]) for product in products]
         index = ProductIndex.from_embeddings(np.stack([embedded[pid][1] for pid in ids]), ids)
-        _, ranked = index.search(embed_queries(model, processor, list(texts)), k=k)
+        queries = embed_queries(model, processor, list(texts)) if query_encoder is None else query_encoder(list(texts))
+        _, ranked = index.search(torch.as_tensor(queries), k=k)
         return [[str(pid) for pid in row] for row in ranked]
 
     return rank
