@@ -171,6 +171,14 @@ def test_held_out_evaluator_is_a_training_evaluator(sample):
     assert {"eval/ndcg@10", "eval/recall@100", "eval/text_silent/ndcg@10", "eval/degraded/recall@100"} <= set(metrics)
     ranker = model_ranker(model.eval(), processor)
     assert len(ranker(evaluator.products, ["red shirt"], 5)[0]) == 5
+    # Another query encoder over the same products: the model's own gives the same ranking; one that embeds other
+    # texts ranks for those texts.
+    from modeling_mmretrieval.retrieval.search import embed_queries
+
+    own = model_ranker(model, processor, query_encoder=lambda texts: embed_queries(model, processor, texts))
+    assert own(evaluator.products, ["red shirt", "blue jeans"], 5) == ranker(evaluator.products, ["red shirt", "blue jeans"], 5)
+    swapped = model_ranker(model, processor, query_encoder=lambda texts: embed_queries(model, processor, texts[::-1]))
+    assert swapped(evaluator.products, ["red shirt", "blue jeans"], 5) == ranker(evaluator.products, ["blue jeans", "red shirt"], 5)
 
 
 # ----- paired bootstrap -----------------------------------------------------------------------------------------------
