@@ -6,7 +6,6 @@ The library parts run on random unit vectors and small generated catalogues; the
 made with PIL) with a tiny text-only retriever built from the MiniLM tokenizer.
 """
 
-import csv
 import io
 import json
 import logging
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_towers import make_config
+from tiny_towers import make_config, write_csv_catalogue
 from transformers import AutoTokenizer
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, cli
@@ -76,11 +75,7 @@ def shop(tmp_path_factory) -> Path:
     for product in products:
         colour = COLOURS.get(product["base_colour"], (128, 128, 128))
         (folder / product["image"]).write_bytes(png_bytes(colour))
-    with (folder / "products.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(products[0]))
-        writer.writeheader()
-        writer.writerows(products)
-    return folder / "products.csv"
+    return write_csv_catalogue(folder / "products.csv", products)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ image processor) over a generated shop catalogue whose image column points to re
 command-line cases run `mmretrieval search` in-process.
 """
 
-import csv
 import io
 import json
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tiny_towers import IMAGE_SIZE, make_config
+from tiny_towers import IMAGE_SIZE, make_config, write_csv_catalogue
 from transformers import AutoTokenizer, CLIPImageProcessorPil
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, cli
@@ -67,11 +66,7 @@ def shop(tmp_path_factory) -> Path:
             "description": f"A {colour.lower()} {article_type.lower()} in soft cotton",
             "image": image,
         })
-    with (folder / "products.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(products[0]))
-        writer.writeheader()
-        writer.writerows(products)
-    return folder / "products.csv"
+    return write_csv_catalogue(folder / "products.csv", products)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ metrics are those of that filtered ranking against the matching relevant product
 ends the command in one line, before the model is loaded.
 """
 
-import csv
 import io
 import json
 import math
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_towers import save_tiny_pretrained_towers
+from tiny_towers import save_tiny_pretrained_towers, write_csv_catalogue
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, cli
 from modeling_mmretrieval.commands import evaluate as evaluate_command
@@ -66,11 +65,7 @@ def shop(tmp_path_factory) -> Path:
             "brand": BRANDS[number % 3], "description": f"A {colour.lower()} {article_type.lower()} in soft cotton",
             "image": f"images/{number}.png", "price": 100 + 50 * number,
         })
-    with (folder / "products.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(products[0]))
-        writer.writeheader()
-        writer.writerows(products)
-    return folder / "products.csv"
+    return write_csv_catalogue(folder / "products.csv", products)
 
 
 @pytest.fixture(scope="module")

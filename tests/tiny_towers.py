@@ -207,3 +207,14 @@ def compose_from_tiny_towers(towers: Path, architecture: str = "3tower", **setti
     processor = MultimodalRetrievalProcessor.from_towers_pretrained(str(towers / "text"), str(towers / "vision"),
                                                                     config=model.config)
     return model, processor
+
+
+def write_csv_catalogue(path: Path, products: list[dict]) -> Path:
+    """Writes `products` (dicts with the same keys) as a CSV catalogue at `path`, the way a shop exports one."""
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(products[0]))
+        writer.writeheader()
+        writer.writerows(products)
+    return path
