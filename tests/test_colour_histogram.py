@@ -178,3 +178,10 @@ def test_the_train_command_refuses_a_colour_setting_it_cannot_honour(tmp_path, f
 ])
 def test_new_image_models_get_a_colour_description_where_something_reads_it(flags, levels):
     assert colour_histogram_levels(parse_args(["--output_dir", "unused", *flags])) == levels
+
+
+def test_a_catalogue_that_cannot_teach_the_tagger_leaves_out_what_only_the_tagger_reads():
+    args = parse_args(["--output_dir", "unused"])
+    assert colour_histogram_levels(args, tagger_can_learn=False) == 0
+    fused = parse_args(["--output_dir", "unused", "--colour_histogram_in_fusion"])
+    assert colour_histogram_levels(fused, tagger_can_learn=False) == DEFAULT_COLOUR_HISTOGRAM_LEVELS  # the fusion reads it

@@ -20,7 +20,13 @@ from modeling_mmretrieval.data.catalogue import CatalogueColumns
 from modeling_mmretrieval.modeling_mmretrieval import find_token_phrases, insert_tokens_before_end
 from modeling_mmretrieval.towers import get_minilm_path
 from modeling_mmretrieval.training.image_feature_cache import precompute_image_features
-from modeling_mmretrieval.training.visual_tagger import VisualTaggerError, colour_labels, fit_visual_tagger
+from modeling_mmretrieval.training.model_builder import DEFAULT_COLOUR_HISTOGRAM_LEVELS
+from modeling_mmretrieval.training.visual_tagger import (
+    VisualTaggerError,
+    colour_labels,
+    colours_to_learn,
+    fit_visual_tagger,
+)
 
 IMAGE_SIZE = 28
 COLOURS = {"red": (200, 30, 40), "blue": (30, 50, 190), "green": (40, 160, 60), "yellow": (230, 210, 40)}
@@ -193,6 +199,37 @@ def test_the_train_command_fits_the_tagger_and_refuses_it_for_text_only(towers, 
     assert results["visual_tagger"]["tags"] == ["blue", "green", "red", "yellow"]
     config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert config["visual_tags"] == ["blue", "green", "red", "yellow"]
+    assert config["colour_histogram_levels"] == DEFAULT_COLOUR_HISTOGRAM_LEVELS  # what the tagger reads
+
+
+def test_a_catalogue_that_cannot_teach_the_tagger_trains_a_model_without_its_colour_description(towers, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, seed, size in (("train", 0, 64), ("validation", 1, 16)):  # one colour: nothing for a tagger to tell
+        rows = [{**row, "base_colour": "Red"} for row in catalogue(size, seed=seed)]
+        pq.write_table(pa.Table.from_pylist(rows), data / f"{split}.parquet")
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "train.py"), "--dataset", str(data),
+                          "--image_size", str(IMAGE_SIZE), "--per_device_train_batch_size", "16", "--max_train_steps",
+                          "1", "--eval_split", "none", "--output_dir", str(tmp_path / "run"), "--architecture",
+                          "3tower", "--text_model", str(towers / "text"), "--vision_model", str(towers / "vision")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                              "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "training without visual tags" in run.stderr
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["visual_tags"] is None and config["colour_histogram_levels"] == 0
+
+
+def test_the_colours_a_tagger_could_learn_are_decided_from_the_labels_alone():
+    rows = catalogue(80, seed=4)
+    assert colours_to_learn(rows) == ["blue", "green", "red", "yellow"]  # 20 of each
+    assert colours_to_learn(rows, min_examples=21) == []
+    silent = [{**row, "title": "Roadster Women Kurta"} for row in rows]
+    assert colours_to_learn(silent, CatalogueColumns(base_colour=None)) == []  # no column and no colour words
 
 
 def test_tokens_past_the_position_limit_give_way_to_the_tag_and_left_padding_is_kept():

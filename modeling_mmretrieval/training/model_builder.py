@@ -88,21 +88,22 @@ def colour_histogram_settings(image_processor, levels: int) -> dict:
             "colour_histogram_pixel_std": [float(value) for value in std]}
 
 
-def colour_histogram_levels(args) -> int:
+def colour_histogram_levels(args, tagger_can_learn: bool = True) -> int:
     """The colour description's levels a new image model gets: `--colour_histogram_levels` when given, else
     `DEFAULT_COLOUR_HISTOGRAM_LEVELS` where something will read it (the visual-word tagger, fitted by default on a
-    frozen image tower, or a fusion told to), else 0.
+    frozen image tower when the catalogue can teach it, `tagger_can_learn`; or a fusion told to), else 0.
 
     Example: `colour_histogram_levels(parse_args(["--output_dir", "out", "--no_visual_tags"]))` is 0.
     """
     if args.colour_histogram_levels is not None:
         return args.colour_histogram_levels
-    tagger = (args.visual_tags is not False and args.freeze_image_towers is not False
+    tagger = (tagger_can_learn and args.visual_tags is not False and args.freeze_image_towers is not False
               and not args.train_dual_text_tower)
     return DEFAULT_COLOUR_HISTOGRAM_LEVELS if tagger or args.colour_histogram_in_fusion else 0
 
 
-def _compose_from_towers(args) -> tuple[MultimodalRetrievalModel, MultimodalRetrievalProcessor, dict[str, str]]:
+def _compose_from_towers(args, tagger_can_learn: bool) -> tuple[MultimodalRetrievalModel, MultimodalRetrievalProcessor,
+                                                                  dict[str, str]]:
     text_path, text_name = resolve_tower(args.text_model)
     towers = {"text": text_name}
     image_path = None
@@ -126,7 +127,7 @@ def _compose_from_towers(args) -> tuple[MultimodalRetrievalModel, MultimodalRetr
         )
     elif args.architecture == "3tower":
         settings.update(fusion=args.fusion or DEFAULT_3TOWER_FUSION)
-    levels = colour_histogram_levels(args)
+    levels = colour_histogram_levels(args, tagger_can_learn)
     if levels and image_path is not None:
         settings.update(colour_histogram_settings(AutoImageProcessor.from_pretrained(image_path), levels),
                         colour_histogram_in_fusion=args.colour_histogram_in_fusion)
@@ -153,15 +154,18 @@ def fast_image_processing_setting(args, processor: MultimodalRetrievalProcessor)
     return args.fast_image_processing
 
 
-def build_model_and_processor(args) -> ModelSetup:
+def build_model_and_processor(args, tagger_can_learn: bool = True) -> ModelSetup:
     """The model to train, its processor, the towers it is made of and the image size its processor uses.
+    `tagger_can_learn=False` (the catalogue has too few colour labels for the visual-word tagger) leaves out of a
+    new model the colour description only the tagger would read.
 
     Example:
     ```python
     >>> model, processor, towers, image_size = build_model_and_processor(args)
     ```
     """
-    model, processor, towers = _load_trained(args) if args.model_name_or_path else _compose_from_towers(args)
+    model, processor, towers = (_load_trained(args) if args.model_name_or_path
+                                else _compose_from_towers(args, tagger_can_learn))
     if args.freeze_image_towers is not None:
         model.lock_image_tower(args.freeze_image_towers)
 

@@ -63,7 +63,7 @@ from .optimization import (
 from .reporting import format_results_table
 from .training_data import build_collator, build_evaluator, load_training_data
 from .dual_encoder_alignment import prepare_aligned_pair
-from .visual_tagger import DEFAULT_MIN_PROBABILITY, VisualTaggerError, fit_visual_tagger
+from .visual_tagger import DEFAULT_MIN_PROBABILITY, VisualTaggerError, colours_to_learn, fit_visual_tagger
 from .visual_word_restoration import VisualWordRestorationLoss, restoration_weight
 
 logger = get_logger(__name__)
@@ -589,7 +589,11 @@ def run_training(args) -> dict:
     if args.architecture == "4tower" and not args.model_name_or_path:
         with accelerator.main_process_first():  # `--clip_model aligned`: one process aligns, the others reuse it
             args.clip_model = prepare_aligned_pair(args, data.products, columns)
-    model, processor, towers, image_size = build_model_and_processor(args)
+    # Decided from the labels before the model exists: a colour description only the tagger would read is left out
+    # of a new model (and of its cached features) where the catalogue cannot teach the tagger.
+    tagger_can_learn = (args.architecture == "text_only" or bool(args.model_name_or_path)
+                        or len(colours_to_learn(data.products, columns)) >= 2)
+    model, processor, towers, image_size = build_model_and_processor(args, tagger_can_learn)
     # On the accelerator before the frozen image features are cached: `accelerator.prepare` moves it only later,
     # and caching would then run the image tower on the CPU.
     model.to(accelerator.device)

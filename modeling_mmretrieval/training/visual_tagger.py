@@ -108,6 +108,32 @@ def colour_labels(products: Sequence[Mapping], columns: CatalogueColumns) -> tup
     return labels, "colour words in the product texts"
 
 
+def _label_rows(products, columns: CatalogueColumns) -> list[Mapping]:
+    """The catalogue's rows with only what labelling reads (a `datasets.Dataset` then decodes no image)."""
+    if hasattr(products, "select_columns"):
+        wanted = (columns.product_id, columns.base_colour, columns.title, columns.description)
+        products = products.select_columns([name for name in wanted if name and name in products.column_names])
+    return list(products)
+
+
+def colours_to_learn(products, columns: CatalogueColumns | None = None,
+                     min_examples: int = DEFAULT_MIN_EXAMPLES) -> list[str]:
+    """The colours a tagger fitted on `products` could learn: those with at least `min_examples` labelled products
+    (`colour_labels`). Decided from the labels alone, before any image is read, so that a run can leave out what
+    only the tagger would use when fewer than two colours qualify (images missing later can still make the fit
+    fail).
+
+    Example:
+    ```python
+    >>> colours_to_learn([{"title": "Red Kurta"}] * 10 + [{"title": "Blue Kurta"}] * 10, CatalogueColumns(base_colour=None))
+    ['blue', 'red']
+    ```
+    """
+    labels, _ = colour_labels(_label_rows(products, columns or CatalogueColumns()), columns or CatalogueColumns())
+    counts = Counter(label for label in labels if label is not None)
+    return sorted(label for label, count in counts.items() if count >= min_examples)
+
+
 def phrase_token_ids(tokenizer, phrases: Sequence[str]) -> list[list[int]]:
     """Each phrase's token ids as it reads inside a text (after a space), without special tokens."""
     return [list(tokenizer(" " + phrase, add_special_tokens=False)["input_ids"]) for phrase in phrases]
@@ -199,10 +225,7 @@ def fit_visual_tagger(
         raise VisualTaggerError("a text-only model has no image to read colours from")
     started = time.perf_counter()
     columns = columns or CatalogueColumns()
-    if hasattr(products, "select_columns"):  # a `datasets.Dataset`: leave the images out of the rows read here
-        wanted = (columns.product_id, columns.base_colour, columns.title, columns.description)
-        products = products.select_columns([name for name in wanted if name and name in products.column_names])
-    rows = list(products)
+    rows = _label_rows(products, columns)
     labels, source = colour_labels(rows, columns)
     examples = [(image_features.get(str(row[columns.product_id])), label) for row, label in zip(rows, labels)]
     examples = [(feature, label) for feature, label in examples if feature is not None and label is not None]
@@ -241,5 +264,5 @@ def fit_visual_tagger(
     return report
 
 
-__all__ = ["DEFAULT_MIN_PROBABILITY", "VisualTaggerError", "VisualTaggerReport", "colour_labels", "fit_visual_tagger",
-           "phrase_token_ids"]
+__all__ = ["DEFAULT_MIN_PROBABILITY", "VisualTaggerError", "VisualTaggerReport", "colour_labels", "colours_to_learn",
+           "fit_visual_tagger", "phrase_token_ids"]
