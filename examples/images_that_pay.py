@@ -358,9 +358,9 @@ def markdown(args, summary: dict, exclusive: dict, evaluator: HeldOutEvaluator, 
         "held-out family (`data.held_out_phrasing`, never used in training); text-silent slice: visual queries "
         "judged on the relevant products whose title and description never name the colour or pattern; degraded: "
         "visual queries over the catalogue with visual words stripped from a seeded half of the products.",
-        f"- **Budget** (every trained row): `examples/train.py` defaults (the committed sample's training split, one "
-        f"epoch of batch 32, MiniLM text tower, frozen DINOv2-small at 112 px), plus `{' '.join(budget_flags(args))}`;"
-        f" seeds {args.seeds}.",
+        f"- **Budget** (every trained row): `examples/train.py` defaults (one epoch of batch 32, MiniLM text tower, "
+        f"frozen DINOv2-small at 112 px) on {training_catalogue(args)}, plus `{' '.join(budget_flags(args))}`; "
+        f"seeds {args.seeds}.",
         f"- **The 4tMM rows' dual encoder** (built once, shared by their seeds): {pair_budget(args)}",
         "- **Intervals**: mean difference to the text-only row, paired bootstrap over queries (2,000 resamples, "
         "95%), per-query values averaged over the seeds first; the percentage is relative to text-only.", "",
@@ -376,12 +376,34 @@ def markdown(args, summary: dict, exclusive: dict, evaluator: HeldOutEvaluator, 
         "add; where a target lies above it, no image model of this budget can reach it by colour alone. The visual "
         "tags move the text-silent slice most: they put the colour read off the photo where the text tower reads "
         "words. On the degraded variant they help less, since half of all products are then tagged and a wrong tag "
-        "misleads other colour queries (the tagger's held-out accuracy on the training products, in each run's "
-        "`results.json` under `visual_tagger`, is below 0.6 over all of them; it writes only where it is surer).",
+        f"misleads other colour queries (the tagger's held-out accuracy on the training products is "
+        f"{tagger_accuracy(Path(args.output_dir))}, in each run's `results.json` under `visual_tagger`; it writes only "
+        "where it is surer).",
         "", "## Best row per reported number", "", *best_rows(summary), "",
         "## Targets (issue 14) against text-only", "", *target_lines, "",
         "## Exclusive matches (top-100, against text-only)", "", *exclusive_lines, "",
     ])
+
+
+def training_catalogue(args) -> str:
+    """Where the trained rows' products and queries came from, and how many pairs they trained on."""
+    runs = sorted(row_dir(Path(args.output_dir), BASELINE).glob("seed*/results.json"))
+    training = json.loads(runs[0].read_text())["training"] if runs else {}
+    source = f"the training split of `{args.dataset}`" if args.dataset else "the committed sample's training split"
+    if not training:
+        return source
+    return (f"{source} ({training['train_pairs']:,} attribute-derived (query, product) training pairs, of which "
+            f"{training['completed_steps']} steps of 32 were trained)")
+
+
+def tagger_accuracy(output: Path) -> str:
+    """The default row's visual-word tagger accuracy on its held-out training products, over its seeds."""
+    values = [json.loads(path.read_text()).get("visual_tagger", {}).get("held_out_accuracy")
+              for path in sorted(row_dir(output, DEFAULT_ROW).glob("seed*/results.json"))]
+    values = [value for value in values if value is not None]
+    if not values:
+        return "not measured in this report"
+    return f"{min(values):.2f}" if min(values) == max(values) else f"{min(values):.2f} to {max(values):.2f}"
 
 
 def pair_budget(args) -> str:

@@ -2,6 +2,7 @@
 stripping (training augmentation and degraded-text variant), the text-silent slice, the held-out evaluator, BM25
 and the paired bootstrap."""
 
+import json
 import random
 import re
 import subprocess
@@ -238,6 +239,28 @@ def test_the_comparison_report_pairs_rows_with_text_only_and_checks_the_targets(
     evaluator = HeldOutEvaluator(sample["test"], num_queries=20, seed=0)
     text = report.markdown(args, summary, {}, evaluator, seconds=60.0)
     assert f"| {report.DEFAULT_ROW} | 3 |" in text and "all/ndcg@10 +0." in text and " met (needs +0.02)" in text
+
+
+def test_the_report_states_the_training_budget_and_the_tagger_accuracy_of_its_own_runs(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("images_that_pay", REPO_ROOT / "examples" / "images_that_pay.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    args = report.parse_args(["--output_dir", str(tmp_path), "--dataset", "shop/catalogue", "--max_train_steps", "250"])
+    assert report.training_catalogue(args) == "the training split of `shop/catalogue`"  # nothing trained yet
+    assert report.tagger_accuracy(tmp_path) == "not measured in this report"
+    for row, accuracies in ((report.BASELINE, [None]), (report.DEFAULT_ROW, [0.64, 0.61])):
+        for seed, accuracy in enumerate(accuracies):
+            run = report.row_dir(tmp_path, row) / f"seed{seed}"
+            run.mkdir(parents=True)
+            results = {"training": {"train_pairs": 33410, "completed_steps": 250}}
+            if accuracy is not None:
+                results["visual_tagger"] = {"held_out_accuracy": accuracy}
+            (run / "results.json").write_text(json.dumps(results))
+    assert report.training_catalogue(args) == ("the training split of `shop/catalogue` (33,410 attribute-derived "
+                                               "(query, product) training pairs, of which 250 steps of 32 were trained)")
+    assert report.tagger_accuracy(tmp_path) == "0.61 to 0.64"
 
 
 def test_visual_words_keep_unrelated_joiners_and_agree_with_silence():
