@@ -419,6 +419,42 @@ _CARD_HEADER = re.compile(r"\A---\r?\n(.*?)\r?\n---\r?\n", re.DOTALL)  # the YAM
 _FILE_LOOKUP_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 
+def embed_in_length_order(items: list, lengths: list[int], embed, *, batch_size: int, show_progress_bar: bool = False,
+                          to_cpu: bool = True) -> torch.Tensor:
+    """Runs `embed` (a batch of items to a tensor or array of rows) over `items` in batches of similar `lengths`
+    (less padding) and returns the float32 rows in input order, on the CPU unless `to_cpu=False`.
+
+    Example:
+    ```python
+    >>> embed_in_length_order(["a", "ccc", "bb"], [1, 3, 2], lambda batch: [[len(x)] for x in batch], batch_size=2)
+    tensor([[1.],
+            [3.],
+            [2.]])
+    ```
+    """
+    from transformers.utils.logging import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+    order = sorted(range(len(items)), key=lambda index: -lengths[index])
+    chunks = []
+    for start in tqdm(range(0, len(order), batch_size), desc="Batches", disable=not show_progress_bar):
+        rows = torch.as_tensor(embed([items[index] for index in order[start : start + batch_size]])).float()
+        chunks.append(rows.cpu() if to_cpu else rows)
+    return torch.cat(chunks)[torch.argsort(torch.tensor(order))]
+
+
+def as_requested_embeddings(embeddings: torch.Tensor, *, single: bool, convert_to_numpy: bool,
+                            convert_to_tensor: bool):
+    """The `encode_*` return value: the first row alone for a `single` input, as a numpy array unless a tensor is
+    asked for (`convert_to_tensor`, or `convert_to_numpy=False`), as sentence-transformers' `encode` returns."""
+    if single:
+        embeddings = embeddings[0]
+    if convert_to_tensor or not convert_to_numpy:
+        return embeddings
+    return embeddings.numpy()
+
+
 def is_package_model_card(text: str) -> bool:
     r"""Whether a README.md is a model card written by this package (its YAML tags hold `MODEL_CARD_TAG`).
 
@@ -1311,32 +1347,19 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         self, items: list, lengths: list[int], embed, *, single: bool, batch_size: int, show_progress_bar: bool,
         convert_to_numpy: bool, convert_to_tensor: bool, device,
     ):
-        """Runs `embed` over `items` in batches of similar length (less padding), in eval mode without gradients,
-        and returns the embeddings in input order."""
-        from transformers.utils.logging import tqdm
-
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+        """Runs `embed` over `items` (`embed_in_length_order`) in eval mode without gradients, on `device`."""
         if device is not None:
             self.to(device)
-        order = sorted(range(len(items)), key=lambda index: -lengths[index])
         was_training = self.training
         self.eval()
-        chunks = []
         try:
             with torch.inference_mode():
-                starts = range(0, len(order), batch_size)
-                for start in tqdm(starts, desc="Batches", disable=not show_progress_bar):
-                    embeddings = embed([items[index] for index in order[start : start + batch_size]])
-                    chunks.append(embeddings.float() if convert_to_tensor else embeddings.float().cpu())
+                embeddings = embed_in_length_order(items, lengths, embed, batch_size=batch_size,
+                                                   show_progress_bar=show_progress_bar, to_cpu=not convert_to_tensor)
         finally:
             self.train(was_training)
-        embeddings = torch.cat(chunks)[torch.argsort(torch.tensor(order))]
-        if single:
-            embeddings = embeddings[0]
-        if convert_to_tensor or not convert_to_numpy:
-            return embeddings
-        return embeddings.numpy()
+        return as_requested_embeddings(embeddings, single=single, convert_to_numpy=convert_to_numpy,
+                                       convert_to_tensor=convert_to_tensor)
 
     # ----- saving: a checkpoint is also a sentence-transformers model --------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):

@@ -15,6 +15,7 @@ from tiny_towers import make_config, real_tokenizers, save_tiny_checkpoint
 from transformers import pipeline
 
 from modeling_mmretrieval import MultimodalRetrievalModel
+from modeling_mmretrieval.modeling_mmretrieval import as_requested_embeddings, embed_in_length_order
 
 QUERIES = ["red running shoes for men", "black formal shoes", "blue denim jacket", "white cotton tee", "watch"]
 PRODUCTS = [
@@ -90,6 +91,24 @@ def test_encode_matches_the_low_level_api_and_finds_the_checkpoint_processor(che
     scores = loaded.similarity(queries, products)
     torch.testing.assert_close(scores, torch.from_numpy(queries) @ products.t(), atol=1e-5, rtol=0)
     assert not loaded.training  # left in the mode it was in
+
+
+def test_batches_go_longest_first_and_rows_come_back_in_input_order():
+    texts = ["red kurta", "a very long query about black running shoes", "tee", "blue denim jeans for men"]
+    seen = []
+
+    def embed(batch):
+        seen.append(list(batch))
+        return np.array([[len(text), 1.0] for text in batch])
+
+    rows = embed_in_length_order(texts, [len(text) for text in texts], embed, batch_size=2)
+    assert seen == [[texts[1], texts[3]], [texts[0], texts[2]]]  # similar lengths share a batch: less padding
+    assert rows.dtype == torch.float32 and rows[:, 0].tolist() == [len(text) for text in texts]
+    assert as_requested_embeddings(rows, single=True, convert_to_numpy=True, convert_to_tensor=False).tolist() == [9.0, 1.0]
+    assert isinstance(as_requested_embeddings(rows, single=False, convert_to_numpy=True, convert_to_tensor=True),
+                      torch.Tensor)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        embed_in_length_order(texts, [1] * 4, embed, batch_size=0)
 
 
 def test_encode_products_accepts_a_dataframe_and_names_bad_rows(checkpoint):

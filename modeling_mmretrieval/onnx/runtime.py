@@ -244,24 +244,16 @@ class OnnxRetrievalEncoder:
 
 def _encode_in_batches(items: list, lengths: list[int], embed, *, single: bool, batch_size: int,
                        show_progress_bar: bool, convert_to_numpy: bool, convert_to_tensor: bool, device):
-    """Runs `embed` over `items` in batches of similar length and returns the float32 rows in input order, as
-    `MultimodalRetrievalModel.encode_*` return them."""
-    from transformers.utils.logging import tqdm
+    """`embed_in_length_order` on onnxruntime (CPU arrays), returned as `MultimodalRetrievalModel.encode_*` return."""
+    from ..modeling_mmretrieval import as_requested_embeddings, embed_in_length_order
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
     if device is not None and torch.device(device).type != "cpu":
         raise ValueError(f"device={device!r}: the ONNX encoder runs where its onnxruntime providers run; pass "
                          "providers= to OnnxRetrievalEncoder.from_pretrained instead")
-    order = sorted(range(len(items)), key=lambda index: -lengths[index])
-    chunks = [np.asarray(embed([items[index] for index in order[start : start + batch_size]]), dtype=np.float32)
-              for start in tqdm(range(0, len(order), batch_size), desc="Batches", disable=not show_progress_bar)]
-    embeddings = np.concatenate(chunks)[np.argsort(np.asarray(order))]
-    if single:
-        embeddings = embeddings[0]
-    if convert_to_tensor or not convert_to_numpy:
-        return torch.from_numpy(np.ascontiguousarray(embeddings))
-    return embeddings
+    embeddings = embed_in_length_order(items, lengths, lambda batch: np.asarray(embed(batch), dtype=np.float32),
+                                       batch_size=batch_size, show_progress_bar=show_progress_bar)
+    return as_requested_embeddings(embeddings.contiguous(), single=single, convert_to_numpy=convert_to_numpy,
+                                   convert_to_tensor=convert_to_tensor)
 
 
 def load_encoder(path: str | Path, backend: str = "torch", *, intra_op_threads: int | None = None, providers=None):
