@@ -406,19 +406,6 @@ class VisualWordTagger(nn.Module):
         )
 
 
-# The package's model cards (`modeling_mmretrieval.training.model_card`) carry this tag. A model keeps such a card
-# (`model.model_card`) and writes it in `save_pretrained` and uploads it in `push_to_hub`, in place of transformers'
-# placeholder card; any other README is left alone.
-MODEL_CARD_TAG = "mmretrieval"
-MODEL_CARD_NAME = "README.md"
-# Namespace a card's usage snippet names while the repository is not known yet; pushing fills in the real one.
-PLACEHOLDER_NAMESPACE = "your-namespace"
-_PLACEHOLDER_REPO_ID = re.compile(rf"\b{PLACEHOLDER_NAMESPACE}/[\w.-]+")
-_CARD_HEADER = re.compile(r"\A---\r?\n(.*?)\r?\n---\r?\n", re.DOTALL)  # the YAML metadata block
-# `from_pretrained` keywords that say where (and how) to read a file of the checkpoint.
-_FILE_LOOKUP_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-
-
 def embed_in_length_order(items: list, lengths: list[int], embed, *, batch_size: int, show_progress_bar: bool = False,
                           to_cpu: bool = True) -> torch.Tensor:
     """Runs `embed` (a batch of items to a tensor or array of rows) over `items` in batches of similar `lengths`
@@ -453,6 +440,19 @@ def as_requested_embeddings(embeddings: torch.Tensor, *, single: bool, convert_t
     if convert_to_tensor or not convert_to_numpy:
         return embeddings
     return embeddings.numpy()
+
+
+# The package's model cards (`modeling_mmretrieval.training.model_card`) carry this tag. A model keeps such a card
+# (`model.model_card`) and writes it in `save_pretrained` and uploads it in `push_to_hub`, in place of transformers'
+# placeholder card; any other README is left alone.
+MODEL_CARD_TAG = "mmretrieval"
+MODEL_CARD_NAME = "README.md"
+# Namespace a card's usage snippet names while the repository is not known yet; pushing fills in the real one.
+PLACEHOLDER_NAMESPACE = "your-namespace"
+_PLACEHOLDER_REPO_ID = re.compile(rf"\b{PLACEHOLDER_NAMESPACE}/[\w.-]+")
+_CARD_HEADER = re.compile(r"\A---\r?\n(.*?)\r?\n---\r?\n", re.DOTALL)  # the YAML metadata block
+# `from_pretrained` keywords that say where (and how) to read a file of the checkpoint.
+_FILE_LOOKUP_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 
 def is_package_model_card(text: str) -> bool:
