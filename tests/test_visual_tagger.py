@@ -112,6 +112,21 @@ def test_the_fitted_tagger_reads_held_out_colours(fitted):
     assert "4 colours from the `base_colour` column" in report.summary()
 
 
+def test_the_learning_curve_judges_the_fitted_tagger_on_other_products(fitted):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("curve", REPO_ROOT / "examples" / "visual_tagger_learning_curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    model, processor, _ = fitted
+    held_out = catalogue(40, seed=7)
+    held_out[0]["base_colour"] = "Mauve"  # a colour outside the vocabulary can only be wrong
+    features = precompute_image_features(model, processor, held_out, show_progress=False)
+    result = curve.judged(model, features, held_out, CatalogueColumns())
+    assert result["evaluated_products"] == 40
+    assert 0.9 <= result["accuracy"] <= 39 / 40 + 1e-6 and result["written"] > 0.8 and result["precision"] > 0.9
+
+
 def test_silent_texts_get_the_colour_of_their_image_and_others_stay(fitted):
     model, processor, _ = fitted
     held_out = catalogue(8, seed=1, silent_share=0.0)
