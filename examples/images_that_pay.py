@@ -359,7 +359,7 @@ def markdown(args, summary: dict, exclusive: dict, evaluator: HeldOutEvaluator, 
         "judged on the relevant products whose title and description never name the colour or pattern; degraded: "
         "visual queries over the catalogue with visual words stripped from a seeded half of the products.",
         f"- **Budget** (every trained row): `examples/train.py` defaults (one epoch of batch 32, MiniLM text tower, "
-        f"frozen DINOv2-small at 112 px) on {training_catalogue(args)}, plus `{' '.join(budget_flags(args))}`; "
+        f"frozen DINOv2-small at 112 px) on {training_catalogue(args)}; flags `{' '.join(budget_flags(args))}`; "
         f"seeds {args.seeds}.",
         f"- **The 4tMM rows' dual encoder** (built once, shared by their seeds): {pair_budget(args)}",
         "- **Intervals**: mean difference to the text-only row, paired bootstrap over queries (2,000 resamples, "
@@ -376,9 +376,7 @@ def markdown(args, summary: dict, exclusive: dict, evaluator: HeldOutEvaluator, 
         "add; where a target lies above it, no image model of this budget can reach it by colour alone. The visual "
         "tags move the text-silent slice most: they put the colour read off the photo where the text tower reads "
         "words. On the degraded variant they help less, since half of all products are then tagged and a wrong tag "
-        f"misleads other colour queries (the tagger's held-out accuracy on the training products is "
-        f"{tagger_accuracy(Path(args.output_dir))}, in each run's `results.json` under `visual_tagger`; it writes only "
-        "where it is surer).",
+        f"misleads other colour queries.{tagger_accuracy(args)}",
         "", "## Best row per reported number", "", *best_rows(summary), "",
         "## Targets (issue 14) against text-only", "", *target_lines, "",
         "## Exclusive matches (top-100, against text-only)", "", *exclusive_lines, "",
@@ -386,24 +384,29 @@ def markdown(args, summary: dict, exclusive: dict, evaluator: HeldOutEvaluator, 
 
 
 def training_catalogue(args) -> str:
-    """Where the trained rows' products and queries came from, and how many pairs they trained on."""
-    runs = sorted(row_dir(Path(args.output_dir), BASELINE).glob("seed*/results.json"))
-    training = json.loads(runs[0].read_text())["training"] if runs else {}
+    """Where the trained rows' products and queries came from, how many pairs there were and how many steps the
+    text-only runs of this report trained."""
+    runs = [row_dir(Path(args.output_dir), BASELINE) / f"seed{seed}" / "results.json" for seed in args.seeds]
+    training = next((json.loads(path.read_text())["training"] for path in runs if path.is_file()), None)
     source = f"the training split of `{args.dataset}`" if args.dataset else "the committed sample's training split"
-    if not training:
+    if training is None:
         return source
-    return (f"{source} ({training['train_pairs']:,} attribute-derived (query, product) training pairs, of which "
-            f"{training['completed_steps']} steps of 32 were trained)")
+    return (f"{source}: {training['train_pairs']:,} (query, product) training pairs, trained for "
+            f"{training['completed_steps']} steps of 32 pairs")
 
 
-def tagger_accuracy(output: Path) -> str:
-    """The default row's visual-word tagger accuracy on its held-out training products, over its seeds."""
+def tagger_accuracy(args) -> str:
+    """A sentence on the default row's visual-word tagger: its accuracy on held-out training products, over this
+    report's seeds ("" where this report has no such run)."""
+    runs = [row_dir(Path(args.output_dir), DEFAULT_ROW) / f"seed{seed}" / "results.json" for seed in args.seeds]
     values = [json.loads(path.read_text()).get("visual_tagger", {}).get("held_out_accuracy")
-              for path in sorted(row_dir(output, DEFAULT_ROW).glob("seed*/results.json"))]
-    values = [value for value in values if value is not None]
+              for path in runs if DEFAULT_ROW in args.rows and path.is_file()]
+    values = sorted(f"{value:.2f}" for value in values if value is not None)
     if not values:
-        return "not measured in this report"
-    return f"{min(values):.2f}" if min(values) == max(values) else f"{min(values):.2f} to {max(values):.2f}"
+        return ""
+    accuracy = values[0] if values[0] == values[-1] else f"{values[0]} to {values[-1]}"
+    return (f" The default row's tagger reads {accuracy} of its held-out training products' colours right (each "
+            "run's `results.json`, under `visual_tagger`), and writes only where it is surer.")
 
 
 def pair_budget(args) -> str:

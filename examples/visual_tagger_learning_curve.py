@@ -26,7 +26,12 @@ from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalPr
 from modeling_mmretrieval.data.catalogue import CatalogueColumns, load_catalogue
 from modeling_mmretrieval.retrieval.image_feature_store import ImageFeatureStore
 from modeling_mmretrieval.training.image_feature_cache import precompute_image_features
-from modeling_mmretrieval.training.visual_tagger import colour_labels, fit_visual_tagger
+from modeling_mmretrieval.training.visual_tagger import (
+    VisualTaggerError,
+    colour_labels,
+    fit_visual_tagger,
+    label_rows,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,18 +51,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def judged(model, features: dict, products, columns: CatalogueColumns) -> dict:
-    """The fitted tagger's accuracy, written share and precision on `products` with an image and a colour."""
-    labels, _ = colour_labels(products, columns)
+    """The fitted tagger's accuracy, written share and precision on `products` with an image and a colour (`None`
+    where there is nothing to judge)."""
+    labels, _ = colour_labels(label_rows(products, columns), columns)
     rows = [(features[str(row[columns.product_id])], label) for row, label in zip(products, labels)
             if label is not None and features.get(str(row[columns.product_id])) is not None]
+    if not rows:
+        return {"evaluated_products": 0, "accuracy": None, "written": None, "precision": None}
     probabilities = model.visual_tagger(torch.stack([feature for feature, _ in rows]))
     best, chosen = probabilities.max(dim=-1)
     tags = model.config.visual_tags
     right = torch.tensor([tags[index] == label for index, (_, label) in zip(chosen.tolist(), rows)])
-    written = best > model.config.visual_tag_min_probability
+    written = best > model.config.visual_tag_min_probability  # as the model decides to write
     return {"evaluated_products": len(rows), "accuracy": right.float().mean().item(),
             "written": written.float().mean().item(),
-            "precision": right[written].float().mean().item() if written.any() else float("nan")}
+            "precision": right[written].float().mean().item() if written.any() else None}
+
+
+def _figure(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def main(argv=None) -> list[dict]:
@@ -65,26 +77,31 @@ def main(argv=None) -> list[dict]:
     model = MultimodalRetrievalModel.from_pretrained(args.model)
     processor = MultimodalRetrievalProcessor.from_pretrained(args.model)
     if not model.config.visual_tags or model.image_tower is None:
-        sys.exit(f"--model {args.model}: not a checkpoint with a visual-word tagger")
+        print(f"error: --model {args.model}: not a checkpoint with a visual-word tagger", file=sys.stderr)
+        sys.exit(2)
     columns, store = CatalogueColumns(), ImageFeatureStore()
-    train = load_catalogue(args.dataset, split=args.train_split)
-    evaluation = load_catalogue(args.dataset, split=args.evaluation_split)
+    train = load_catalogue(args.dataset, split=args.train_split, needs_queries=False)
+    evaluation = load_catalogue(args.dataset, split=args.evaluation_split, needs_queries=False)
     order = list(range(len(train)))
     random.Random(args.seed).shuffle(order)
     train = train.select(order[: max(args.sizes)])
     train_features = precompute_image_features(model, processor, train, store=store)
     evaluation_features = precompute_image_features(model, processor, evaluation, store=store)
-    evaluation_rows = list(evaluation.select_columns([columns.product_id, columns.base_colour]))
     rows = []
     for size in sorted(set(args.sizes)):
         subset = train.select(range(min(size, len(train))))
-        report = fit_visual_tagger(model, processor.tokenizer, train_features, subset, columns, seed=args.seed,
-                                   min_probability=model.config.visual_tag_min_probability)
-        row = {"labelled_products": report.fitted_products, "colours": len(report.tags),
-               **judged(model, evaluation_features, evaluation_rows, columns)}
+        try:
+            report = fit_visual_tagger(model, processor.tokenizer, train_features, subset, columns, seed=args.seed,
+                                       min_probability=model.config.visual_tag_min_probability)
+        except VisualTaggerError as error:  # too few labelled products at this size: said, and the curve goes on
+            rows.append({"products": len(subset), "labelled_products": None, "colours": None, "error": str(error)})
+            print(f"{len(subset):>6} products: {error}", flush=True)
+            continue
+        row = {"products": len(subset), "labelled_products": report.fitted_products, "colours": len(report.tags),
+               **judged(model, evaluation_features, evaluation, columns)}
         rows.append(row)
-        print(f"{row['labelled_products']:>6} labelled products, {row['colours']} colours: accuracy "
-              f"{row['accuracy']:.3f}, written {row['written']:.3f}, precision {row['precision']:.3f} "
+        print(f"{len(subset):>6} products ({row['labelled_products']} labelled, {row['colours']} colours): accuracy "
+              f"{_figure(row['accuracy'])}, written {_figure(row['written'])}, precision {_figure(row['precision'])} "
               f"(on {row['evaluated_products']} {args.evaluation_split} products)", flush=True)
     if args.output:
         with open(args.output, "w") as handle:

@@ -423,6 +423,8 @@ def embed_in_length_order(items: list, lengths: list[int], embed, *, batch_size:
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+    if not items:
+        raise ValueError("Nothing to encode: got an empty list.")
     order = sorted(range(len(items)), key=lambda index: -lengths[index])
     chunks = []
     for start in tqdm(range(0, len(order), batch_size), desc="Batches", disable=not show_progress_bar):
@@ -1495,6 +1497,6 @@ def as_product_rows(products, text_field: str) -> list:
 
 __all__ = [
     "MODEL_CARD_NAME", "MODEL_CARD_TAG", "PLACEHOLDER_NAMESPACE", "MultimodalRetrievalModel",
-    "MultimodalRetrievalOutput", "MultimodalRetrievalPreTrainedModel", "card_for_repo", "is_package_model_card",
-    "read_package_model_card",
+    "MultimodalRetrievalOutput", "MultimodalRetrievalPreTrainedModel", "as_requested_embeddings", "card_for_repo",
+    "embed_in_length_order", "is_package_model_card", "read_package_model_card",
 ]

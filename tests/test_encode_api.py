@@ -104,9 +104,13 @@ def test_batches_go_longest_first_and_rows_come_back_in_input_order():
     rows = embed_in_length_order(texts, [len(text) for text in texts], embed, batch_size=2)
     assert seen == [[texts[1], texts[3]], [texts[0], texts[2]]]  # similar lengths share a batch: less padding
     assert rows.dtype == torch.float32 and rows[:, 0].tolist() == [len(text) for text in texts]
-    assert as_requested_embeddings(rows, single=True, convert_to_numpy=True, convert_to_tensor=False).tolist() == [9.0, 1.0]
-    assert isinstance(as_requested_embeddings(rows, single=False, convert_to_numpy=True, convert_to_tensor=True),
-                      torch.Tensor)
+    first = as_requested_embeddings(rows, single=True, convert_to_numpy=True, convert_to_tensor=False)
+    assert isinstance(first, np.ndarray) and first.tolist() == [9.0, 1.0]
+    for numpy, tensor in ((True, True), (False, False)):  # a tensor asked for, or numpy declined
+        assert isinstance(as_requested_embeddings(rows, single=False, convert_to_numpy=numpy, convert_to_tensor=tensor),
+                          torch.Tensor)
+    with pytest.raises(ValueError, match="Nothing to encode: got an empty list"):
+        embed_in_length_order([], [], embed, batch_size=2)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         embed_in_length_order(texts, [1] * 4, embed, batch_size=0)
 

@@ -127,6 +127,32 @@ def test_the_learning_curve_judges_the_fitted_tagger_on_other_products(fitted):
     assert 0.9 <= result["accuracy"] <= 39 / 40 + 1e-6 and result["written"] > 0.8 and result["precision"] > 0.9
 
 
+def test_the_learning_curve_refits_the_tagger_per_size_and_goes_on_past_a_size_too_small(fitted, tmp_path,
+                                                                                         monkeypatch):
+    import importlib.util
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    spec = importlib.util.spec_from_file_location("curve", REPO_ROOT / "examples" / "visual_tagger_learning_curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    model, processor, _ = fitted
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, seed, size in (("train", 5, 120), ("validation", 6, 40)):
+        pq.write_table(pa.Table.from_pylist(catalogue(size, seed=seed)), data / f"{split}.parquet")
+    monkeypatch.setenv("MMRETRIEVAL_CACHE", str(tmp_path / "cache"))
+    rows = curve.main(["--model", str(tmp_path / "ckpt"), "--dataset", str(data), "--sizes", "12", "120",
+                       "--output", str(tmp_path / "curve.json")])
+    assert rows[0]["products"] == 12 and "cannot fit the visual-word tagger" in rows[0]["error"]
+    assert rows[1]["labelled_products"] == 120 and rows[1]["colours"] == 4 and rows[1]["evaluated_products"] == 40
+    assert rows[1]["accuracy"] > 0.9 and rows[1]["precision"] > 0.9
+    assert json.loads((tmp_path / "curve.json").read_text())["rows"] == rows
+
+
 def test_silent_texts_get_the_colour_of_their_image_and_others_stay(fitted):
     model, processor, _ = fitted
     held_out = catalogue(8, seed=1, silent_share=0.0)
@@ -226,17 +252,22 @@ def test_a_catalogue_that_cannot_teach_the_tagger_trains_a_model_without_its_col
     for split, seed, size in (("train", 0, 64), ("validation", 1, 16)):  # one colour: nothing for a tagger to tell
         rows = [{**row, "base_colour": "Red"} for row in catalogue(size, seed=seed)]
         pq.write_table(pa.Table.from_pylist(rows), data / f"{split}.parquet")
-    run = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "train.py"), "--dataset", str(data),
-                          "--image_size", str(IMAGE_SIZE), "--per_device_train_batch_size", "16", "--max_train_steps",
-                          "1", "--eval_split", "none", "--output_dir", str(tmp_path / "run"), "--architecture",
-                          "3tower", "--text_model", str(towers / "text"), "--vision_model", str(towers / "vision")],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                              "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+    command = [sys.executable, str(REPO_ROOT / "examples" / "train.py"), "--dataset", str(data), "--image_size",
+               str(IMAGE_SIZE), "--per_device_train_batch_size", "16", "--max_train_steps", "1", "--eval_split", "none",
+               "--architecture", "3tower", "--text_model", str(towers / "text"), "--vision_model", str(towers / "vision")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO_ROOT)}
+    run = subprocess.run([*command, "--output_dir", str(tmp_path / "run")], capture_output=True, text=True,
+                         timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "training without visual tags" in run.stderr
     config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert config["visual_tags"] is None and config["colour_histogram_levels"] == 0
+    asked = subprocess.run([*command, "--output_dir", str(tmp_path / "asked"), "--visual_tags"], capture_output=True,
+                           text=True, timeout=300, env=env)
+    assert asked.returncode == 2 and "Traceback" not in asked.stderr
+    assert "cannot fit the visual-word tagger: 1 colours with at least 10 labelled products" in asked.stderr
+    assert "Caching image features" not in asked.stderr  # refused before any image is read
 
 
 def test_the_colours_a_tagger_could_learn_are_decided_from_the_labels_alone():

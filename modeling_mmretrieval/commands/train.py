@@ -153,7 +153,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                            "and 4tower models with a frozen image tower; docs/training.md).")
     data.add_argument("--no_visual_tags", dest="visual_tags", action="store_false")
     data.add_argument("--visual_tag_min_probability", type=float, default=DEFAULT_MIN_PROBABILITY,
-                      help="The tagger writes a colour only at this probability or above "
+                      help="The tagger writes a colour only above this probability "
                            f"(default {DEFAULT_MIN_PROBABILITY}).")
     data.add_argument("--colour_histogram_levels", type=int, default=None, metavar="N",
                       help="Append a description of each photo's colours (an N x N x N RGB histogram of the product's "

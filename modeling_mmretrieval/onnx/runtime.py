@@ -250,9 +250,9 @@ def _encode_in_batches(items: list, lengths: list[int], embed, *, single: bool, 
     if device is not None and torch.device(device).type != "cpu":
         raise ValueError(f"device={device!r}: the ONNX encoder runs where its onnxruntime providers run; pass "
                          "providers= to OnnxRetrievalEncoder.from_pretrained instead")
-    embeddings = embed_in_length_order(items, lengths, lambda batch: np.asarray(embed(batch), dtype=np.float32),
-                                       batch_size=batch_size, show_progress_bar=show_progress_bar)
-    return as_requested_embeddings(embeddings.contiguous(), single=single, convert_to_numpy=convert_to_numpy,
+    embeddings = embed_in_length_order(items, lengths, embed, batch_size=batch_size,
+                                       show_progress_bar=show_progress_bar)
+    return as_requested_embeddings(embeddings, single=single, convert_to_numpy=convert_to_numpy,
                                    convert_to_tensor=convert_to_tensor)
 
 

@@ -25,6 +25,7 @@ from .. import speedups
 from ..data.catalogue import CatalogueColumns
 from ..data.collator import RetrievalCollator, product_fields
 from ..data.images import ImageReport, load_product_image
+from ..modeling_mmretrieval import embed_in_length_order
 from ..processing_mmretrieval import join_product_text, validate_texts
 from .exact_search import order_candidates
 from .image_feature_store import ImageFeatureStore, with_image_feature_store
@@ -269,16 +270,7 @@ def _length_sorted_embedder(
     first, so each batch pads to a similar length; the embeddings come back in the window's row order."""
 
     def embed_window(rows: list[dict]) -> torch.Tensor:
-        if len(rows) <= batch_size:
-            return embed_batch(rows)
-        order = sorted(range(len(rows)), key=lambda position: text_length(rows[position]), reverse=True)
-        in_length_order = torch.cat(
-            [embed_batch([rows[position] for position in order[start : start + batch_size]])
-             for start in range(0, len(rows), batch_size)]
-        )
-        embeddings = torch.empty_like(in_length_order)
-        embeddings[torch.tensor(order)] = in_length_order
-        return embeddings
+        return embed_in_length_order(rows, [text_length(row) for row in rows], embed_batch, batch_size=batch_size)
 
     return embed_window
 

@@ -63,7 +63,14 @@ from .optimization import (
 from .reporting import format_results_table
 from .training_data import build_collator, build_evaluator, load_training_data
 from .dual_encoder_alignment import prepare_aligned_pair
-from .visual_tagger import DEFAULT_MIN_PROBABILITY, VisualTaggerError, colours_to_learn, fit_visual_tagger
+from .visual_tagger import (
+    DEFAULT_MIN_EXAMPLES,
+    DEFAULT_MIN_PROBABILITY,
+    MIN_COLOURS,
+    VisualTaggerError,
+    colours_to_learn,
+    fit_visual_tagger,
+)
 from .visual_word_restoration import VisualWordRestorationLoss, restoration_weight
 
 logger = get_logger(__name__)
@@ -511,6 +518,25 @@ def relaunch_as_requested_processes() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def tagger_can_learn(args, products, columns: CatalogueColumns) -> bool:
+    """Whether the catalogue's colour labels can teach a new image model's visual-word tagger, decided before the
+    model is built, so that a colour description only the tagger would read is left out of it (and of its cached
+    features). An explicit `--visual_tags` the labels cannot honour stops here, before any image is read.
+
+    Example: `build_model_and_processor(args, tagger_can_learn(args, data.products, columns))`.
+    """
+    asked = args.visual_tags or (args.visual_tags is None and args.colour_histogram_levels is None)
+    if args.model_name_or_path or args.architecture == "text_only" or not asked:
+        return True  # nothing of the model depends on it
+    colours = colours_to_learn(products, columns)
+    if len(colours) >= MIN_COLOURS:
+        return True
+    if args.visual_tags:
+        raise VisualTaggerError(f"cannot fit the visual-word tagger: {len(colours)} colours with at least "
+                                f"{DEFAULT_MIN_EXAMPLES} labelled products; it needs {MIN_COLOURS}")
+    return False
+
+
 def fit_visual_tags(args, model, processor, image_features, products, columns: CatalogueColumns):
     """Fits the model's visual-word tagger (`--visual_tags`, on by default for models with a frozen, cached image
     tower) on the training products' cached image features; its report, or `None` when no tagger is fitted.
@@ -589,11 +615,7 @@ def run_training(args) -> dict:
     if args.architecture == "4tower" and not args.model_name_or_path:
         with accelerator.main_process_first():  # `--clip_model aligned`: one process aligns, the others reuse it
             args.clip_model = prepare_aligned_pair(args, data.products, columns)
-    # Decided from the labels before the model exists: a colour description only the tagger would read is left out
-    # of a new model (and of its cached features) where the catalogue cannot teach the tagger.
-    tagger_can_learn = (args.architecture == "text_only" or bool(args.model_name_or_path)
-                        or len(colours_to_learn(data.products, columns)) >= 2)
-    model, processor, towers, image_size = build_model_and_processor(args, tagger_can_learn)
+    model, processor, towers, image_size = build_model_and_processor(args, tagger_can_learn(args, data.products, columns))
     # On the accelerator before the frozen image features are cached: `accelerator.prepare` moves it only later,
     # and caching would then run the image tower on the CPU.
     model.to(accelerator.device)

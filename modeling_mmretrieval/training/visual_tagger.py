@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 # A colour needs this many labelled products with an image to become a tag: rarer ones cannot be learned.
 DEFAULT_MIN_EXAMPLES = 10
+# A tagger needs this many colours to choose between.
+MIN_COLOURS = 2
 # The tagger writes its most probable colour only when that colour is more likely right than wrong, so that an image
 # it cannot read leaves the text as it is.
 DEFAULT_MIN_PROBABILITY = 0.5
@@ -108,8 +110,11 @@ def colour_labels(products: Sequence[Mapping], columns: CatalogueColumns) -> tup
     return labels, "colour words in the product texts"
 
 
-def _label_rows(products, columns: CatalogueColumns) -> list[Mapping]:
-    """The catalogue's rows with only what labelling reads (a `datasets.Dataset` then decodes no image)."""
+def label_rows(products, columns: CatalogueColumns) -> list[Mapping]:
+    """The catalogue's rows with only what `colour_labels` reads (a `datasets.Dataset` then decodes no image).
+
+    Example: `colour_labels(label_rows(catalogue, columns), columns)`.
+    """
     if hasattr(products, "select_columns"):
         wanted = (columns.product_id, columns.base_colour, columns.title, columns.description)
         products = products.select_columns([name for name in wanted if name and name in products.column_names])
@@ -120,7 +125,7 @@ def colours_to_learn(products, columns: CatalogueColumns | None = None,
                      min_examples: int = DEFAULT_MIN_EXAMPLES) -> list[str]:
     """The colours a tagger fitted on `products` could learn: those with at least `min_examples` labelled products
     (`colour_labels`). Decided from the labels alone, before any image is read, so that a run can leave out what
-    only the tagger would use when fewer than two colours qualify (images missing later can still make the fit
+    only the tagger would use when fewer than `MIN_COLOURS` qualify (images missing later can still make the fit
     fail).
 
     Example:
@@ -129,7 +134,12 @@ def colours_to_learn(products, columns: CatalogueColumns | None = None,
     ['blue', 'red']
     ```
     """
-    labels, _ = colour_labels(_label_rows(products, columns or CatalogueColumns()), columns or CatalogueColumns())
+    columns = columns or CatalogueColumns()
+    labels, _ = colour_labels(label_rows(products, columns), columns)
+    return _frequent_colours(labels, min_examples)
+
+
+def _frequent_colours(labels: Sequence[str | None], min_examples: int) -> list[str]:
     counts = Counter(label for label in labels if label is not None)
     return sorted(label for label, count in counts.items() if count >= min_examples)
 
@@ -210,7 +220,7 @@ def fit_visual_tagger(
         products (`datasets.Dataset` or rows): the catalogue the features belong to.
         columns ([`CatalogueColumns`]): where the id, colour, title and description are.
         min_examples (`int`): a colour needs this many labelled products with an image to become a tag.
-        min_probability (`float`): the tagger writes a colour only at this probability or above.
+        min_probability (`float`): the tagger writes a colour only above this probability.
         seed (`int`): seeds the held-out split and the fit (the same seed gives the same tagger).
 
     Raises `VisualTaggerError` when fewer than two colours have `min_examples` labelled products with an image.
@@ -225,16 +235,15 @@ def fit_visual_tagger(
         raise VisualTaggerError("a text-only model has no image to read colours from")
     started = time.perf_counter()
     columns = columns or CatalogueColumns()
-    rows = _label_rows(products, columns)
+    rows = label_rows(products, columns)
     labels, source = colour_labels(rows, columns)
     examples = [(image_features.get(str(row[columns.product_id])), label) for row, label in zip(rows, labels)]
     examples = [(feature, label) for feature, label in examples if feature is not None and label is not None]
-    counts = Counter(label for _, label in examples)
-    tags = sorted(label for label, count in counts.items() if count >= min_examples)
-    if len(tags) < 2:
+    tags = _frequent_colours([label for _, label in examples], min_examples)
+    if len(tags) < MIN_COLOURS:
         raise VisualTaggerError(
             f"cannot fit the visual-word tagger: {len(examples)} products with an image and a colour (from "
-            f"{source}), and {len(tags)} colours with at least {min_examples} of them; it needs two"
+            f"{source}), and {len(tags)} colours with at least {min_examples} of them; it needs {MIN_COLOURS}"
         )
     examples = [(feature, label) for feature, label in examples if label in tags]
     features = torch.stack([torch.as_tensor(feature).float().flatten() for feature, _ in examples])
@@ -264,5 +273,5 @@ def fit_visual_tagger(
     return report
 
 
-__all__ = ["DEFAULT_MIN_PROBABILITY", "VisualTaggerError", "VisualTaggerReport", "colour_labels", "colours_to_learn",
-           "fit_visual_tagger", "phrase_token_ids"]
+__all__ = ["DEFAULT_MIN_EXAMPLES", "DEFAULT_MIN_PROBABILITY", "MIN_COLOURS", "VisualTaggerError", "VisualTaggerReport",
+           "colour_labels", "colours_to_learn", "fit_visual_tagger", "label_rows", "phrase_token_ids"]
