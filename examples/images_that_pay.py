@@ -17,6 +17,7 @@ python examples/images_that_pay.py --output_dir outputs/images_that_pay --markdo
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -318,7 +319,8 @@ def summarise(results: dict[str, list[dict]]) -> dict:
 
 def markdown(args, summary: dict, exclusive: dict, evaluator: HeldOutEvaluator, seconds: float) -> str:
     """The report: how it was produced, the table with intervals, the targets and the exclusive matches."""
-    command = "python examples/images_that_pay.py " + " ".join(sys.argv[1:])
+    # The command that trains and evaluates it all: `--report_only` only re-reads what that command cached.
+    command = "python examples/images_that_pay.py " + shlex.join(arg for arg in sys.argv[1:] if arg != "--report_only")
     header = ["model", "seeds"] + [f"{s} {m}" for s, m in REPORTED]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, entries in summary.items():

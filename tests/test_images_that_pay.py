@@ -216,7 +216,7 @@ def test_residual_fusion_batch_runs_through_forward():
 
 
 # ----- the comparison report ------------------------------------------------------------------------------------------
-def test_the_comparison_report_pairs_rows_with_text_only_and_checks_the_targets(sample):
+def test_the_comparison_report_pairs_rows_with_text_only_and_checks_the_targets(sample, monkeypatch):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("images_that_pay", REPO_ROOT / "examples" / "images_that_pay.py")
@@ -237,8 +237,11 @@ def test_the_comparison_report_pairs_rows_with_text_only_and_checks_the_targets(
     assert entry["seeds"] == 3 and entry["excludes_zero"] and entry["relative"] > 0.25
     args = report.parse_args(["--seeds", "0", "1", "2"])
     evaluator = HeldOutEvaluator(sample["test"], num_queries=20, seed=0)
+    monkeypatch.setattr(sys, "argv", ["images_that_pay.py", "--rows", "text-only", report.DEFAULT_ROW, "--report_only"])
     text = report.markdown(args, summary, {}, evaluator, seconds=60.0)
     assert f"| {report.DEFAULT_ROW} | 3 |" in text and "all/ndcg@10 +0." in text and " met (needs +0.02)" in text
+    # the command that produced it, copy-pastable: row names quoted, the re-reading flag left out
+    assert f"python examples/images_that_pay.py --rows text-only '{report.DEFAULT_ROW}'\n" in text
 
 
 def test_the_report_states_the_training_budget_and_the_tagger_accuracy_of_its_own_runs(tmp_path):
