@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
+from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, speedups
 from modeling_mmretrieval.data.catalogue import CatalogueColumns, load_catalogue
 from modeling_mmretrieval.retrieval.image_feature_store import ImageFeatureStore
 from modeling_mmretrieval.training.image_feature_cache import precompute_image_features
@@ -79,6 +79,8 @@ def main(argv=None) -> list[dict]:
     if not model.config.visual_tags or model.image_tower is None:
         print(f"error: --model {args.model}: not a checkpoint with a visual-word tagger", file=sys.stderr)
         sys.exit(2)
+    if processor.fast_image_processing:  # the saved preference: the training run's pixels, so its stored features
+        speedups.apply_to_processor(processor)
     columns, store = CatalogueColumns(), ImageFeatureStore()
     train = load_catalogue(args.dataset, split=args.train_split, needs_queries=False)
     evaluation = load_catalogue(args.dataset, split=args.evaluation_split, needs_queries=False)
