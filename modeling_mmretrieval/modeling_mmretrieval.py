@@ -425,7 +425,10 @@ def embed_in_length_order(items: list, lengths: list[int], embed, *, batch_size:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
     if not items:
         raise ValueError("Nothing to encode: got an empty list.")
-    order = sorted(range(len(items)), key=lambda index: -lengths[index])
+    # One batch pads to its longest item whatever the order: it goes as given (what it reports, too, stays in order).
+    order = list(range(len(items)))
+    if len(items) > batch_size:
+        order.sort(key=lambda index: -lengths[index])
     chunks = []
     for start in tqdm(range(0, len(order), batch_size), desc="Batches", disable=not show_progress_bar):
         rows = torch.as_tensor(embed([items[index] for index in order[start : start + batch_size]])).float()

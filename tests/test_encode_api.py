@@ -109,6 +109,9 @@ def test_batches_go_longest_first_and_rows_come_back_in_input_order():
     for numpy, tensor in ((True, True), (False, False)):  # a tensor asked for, or numpy declined
         assert isinstance(as_requested_embeddings(rows, single=False, convert_to_numpy=numpy, convert_to_tensor=tensor),
                           torch.Tensor)
+    seen.clear()
+    embed_in_length_order(texts, [len(text) for text in texts], embed, batch_size=4)
+    assert seen == [texts]  # a single batch goes in the given order
     with pytest.raises(ValueError, match="Nothing to encode: got an empty list"):
         embed_in_length_order([], [], embed, batch_size=2)
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
