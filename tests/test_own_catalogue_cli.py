@@ -475,3 +475,24 @@ def test_evaluate_reports_the_images_of_both_compared_models(shop, tmp_path, cap
     for images in (report["images"], report["comparison"]["images"]):
         assert {status: images[status] for status in expected} == expected
     assert sum(line.split(": ", 1)[-1].startswith("images: ") for line in err.splitlines()) == 2
+
+
+def test_an_evaluation_split_that_gives_no_query_is_said_and_training_goes_on(caplog):
+    from types import SimpleNamespace
+
+    import datasets
+    from accelerate import PartialState
+
+    from modeling_mmretrieval.data.catalogue import CatalogueColumns
+    from modeling_mmretrieval.training.training_data import TrainingData, build_evaluator
+
+    # A shop's small validation split with no attribute a query could be derived from.
+    products = datasets.Dataset.from_list([{"product_id": f"sku-{i}", "title": f"Gift card {i}", "description": "",
+                                            "image": None} for i in range(24)])
+    data = TrainingData(products=products, pairs=products, queries_are_derived=True, eval_products=products)
+    args = SimpleNamespace(max_eval_queries=100, seed=0, per_device_eval_batch_size=8, eval_split="validation")
+    accelerator = SimpleNamespace(is_main_process=True)
+    PartialState()  # the trainer's logger is accelerate's
+    with caplog.at_level("WARNING"):
+        assert build_evaluator(args, accelerator, None, None, data, CatalogueColumns(), cache_image_features=True) is None
+    assert "No evaluation: the 24 products of --eval_split validation give no attribute-derived evaluation query" in caplog.text

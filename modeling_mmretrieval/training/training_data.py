@@ -235,17 +235,25 @@ def build_evaluator(args, accelerator, model, processor, data: TrainingData, col
     """
     if data.eval_products is None or (data.eval_queries is not None and not data.eval_queries):
         return None
+    if data.eval_queries is None:
+        # Attribute-derived queries, phrased by the family training never uses, with the text-silent slice and
+        # the degraded-text variant: the evaluation that shows whether the image pays.
+        evaluator = HeldOutEvaluator(
+            data.eval_products, num_queries=args.max_eval_queries, seed=args.seed, columns=columns,
+            processor=processor, name="eval", batch_size=args.per_device_eval_batch_size,
+            fetch_images=getattr(args, "fetch_images", False),
+        )
+        if not evaluator.queries:  # nothing to derive a query from: said, and training goes on
+            logger.warning(f"No evaluation: the {len(data.eval_products)} products of --eval_split {args.eval_split} "
+                           "give no attribute-derived evaluation query (`mmretrieval data-stats` shows which "
+                           "queries a catalogue gives); training goes on without evaluation", main_process_only=True)
+            return None
     image_features = None
     if cache_image_features and accelerator.is_main_process:
         image_features = image_feature_cache(args, accelerator, model, processor, data.eval_products, columns)
     if data.eval_queries is None:
-        # Attribute-derived queries, phrased by the family training never uses, with the text-silent slice and
-        # the degraded-text variant: the evaluation that shows whether the image pays.
-        return HeldOutEvaluator(
-            data.eval_products, num_queries=args.max_eval_queries, seed=args.seed, columns=columns,
-            processor=processor, name="eval", batch_size=args.per_device_eval_batch_size,
-            image_features=image_features, fetch_images=getattr(args, "fetch_images", False),
-        )
+        evaluator.image_features = image_features
+        return evaluator
     return RetrievalEvaluator.with_colour_slice(
         data.eval_products, data.eval_queries, processor, columns=columns, name="eval",
         batch_size=args.per_device_eval_batch_size, image_features=image_features,
