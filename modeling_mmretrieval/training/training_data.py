@@ -248,17 +248,14 @@ def build_evaluator(args, accelerator, model, processor, data: TrainingData, col
                            "give no attribute-derived evaluation query (`mmretrieval data-stats` shows which "
                            "queries a catalogue gives); training goes on without evaluation", main_process_only=True)
             return None
-    image_features = None
-    if cache_image_features and accelerator.is_main_process:
-        image_features = image_feature_cache(args, accelerator, model, processor, data.eval_products, columns)
-    if data.eval_queries is None:
-        evaluator.image_features = image_features
-        return evaluator
-    return RetrievalEvaluator.with_colour_slice(
-        data.eval_products, data.eval_queries, processor, columns=columns, name="eval",
-        batch_size=args.per_device_eval_batch_size, image_features=image_features,
-        fetch_images=getattr(args, "fetch_images", False),
-    )
+    else:
+        evaluator = RetrievalEvaluator.with_colour_slice(
+            data.eval_products, data.eval_queries, processor, columns=columns, name="eval",
+            batch_size=args.per_device_eval_batch_size, fetch_images=getattr(args, "fetch_images", False),
+        )
+    if cache_image_features and accelerator.is_main_process:  # once, not at every evaluation; after the queries
+        evaluator.image_features = image_feature_cache(args, accelerator, model, processor, data.eval_products, columns)
+    return evaluator
 
 
 __all__ = [
