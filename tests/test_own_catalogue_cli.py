@@ -316,6 +316,22 @@ def test_a_file_that_does_not_parse_is_named_with_the_parser_reason(shop, tmp_pa
     assert str(data_file) in line and "surrogate" in line and "row 4" in line and "(--dataset)" in line
 
 
+def test_splits_whose_columns_differ_name_the_split_and_the_column(tmp_path, capsys):
+    folder = tmp_path / "splits"
+    write_shop(folder, product_rows(12), name="train")
+    renamed = [{("title" if key == "name" else key): value for key, value in row.items()} for row in product_rows(6)]
+    write_shop(folder, renamed, name="validation")  # this split calls its title column `title`
+    line = refused(capsys, "data-stats", "--dataset", folder, *CATALOGUE_FLAGS, "--query_column", "none")
+    assert "split 'validation' has no column 'name' (--title_column)" in line
+    # Splits that differ only in columns nobody asked for load, each with its own columns.
+    extra = [{**row, "material": "steel"} for row in product_rows(6)]
+    write_shop(folder, extra, name="validation")
+    status, out, err = run_cli(capsys, "data-stats", "--dataset", folder, *CATALOGUE_FLAGS, "--query_column", "none")
+    assert status == 0, err
+    assert [line.split()[:2] for line in out.splitlines() if line.split()[:1] in (["train"], ["validation"])] == [
+        ["train", "12"], ["validation", "6"]]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_device_cuda_without_cuda_is_refused(shop, tmp_path, capsys):
     line = refused(capsys, "index", "--model_name_or_path", NO_MODEL, "--dataset", shop, *CATALOGUE_FLAGS,

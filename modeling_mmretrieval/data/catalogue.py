@@ -451,6 +451,15 @@ def _prepare_split(
     return dataset
 
 
+def _splits_disagree(error: Exception) -> bool:
+    """Whether a `datasets` generation error comes from a data file whose columns differ from the first file's
+    (`datasets` says so with its own error type or through the cast error behind it, depending on the format)."""
+    if isinstance(error, datasets.exceptions.DatasetGenerationCastError):
+        return True
+    cause = error.__cause__ or error.__context__
+    return isinstance(cause, datasets.table.CastError) and "column names don't match" in str(cause)
+
+
 def load_catalogue(
     source: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     *,
@@ -529,7 +538,17 @@ def load_catalogue(
     def base_dir(name: str) -> Path | None:
         return next(iter(folders[name])) if len(folders.get(name, ())) == 1 else None
 
-    loaded = datasets.load_dataset(os.fspath(source), data_files=data_files, split=split, cache_dir=cache_dir)
+    try:
+        loaded = datasets.load_dataset(os.fspath(source), data_files=data_files, split=split, cache_dir=cache_dir)
+    except datasets.exceptions.DatasetGenerationError as error:
+        if split is not None or not isinstance(data_files, Mapping) or not _splits_disagree(error):
+            raise
+        # One `load_dataset` call gives every split the first one's columns; splits whose columns differ are read
+        # one by one instead, so that the column checks below name the split that lacks a column.
+        loaded = datasets.DatasetDict({
+            name: datasets.load_dataset(os.fspath(source), data_files={name: files}, split=name, cache_dir=cache_dir)
+            for name, files in data_files.items()
+        })
     if isinstance(loaded, datasets.Dataset):
         return _prepare_split(loaded, columns, f"split {split!r}", base_dir(split), needs_queries)
     # Listed train, validation, test whatever order the `datasets` cache recorded them in.
