@@ -537,6 +537,8 @@ class MultimodalRetrievalOutput(ModelOutput):
         query_embeds (`torch.FloatTensor` of shape `(num_queries, embedding_dim)`): L2-normalised.
         product_embeds (`torch.FloatTensor` of shape `(num_products, embedding_dim)`): L2-normalised.
         logit_scale (`torch.FloatTensor`): the scale `1 / temperature` used.
+        query_text_embeds, product_text_embeds (`torch.FloatTensor`, *optional*): the text towers' vectors before
+            any fusion, L2-normalised; returned with `output_text_embeds=True`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -544,6 +546,8 @@ class MultimodalRetrievalOutput(ModelOutput):
     query_embeds: torch.FloatTensor | None = None
     product_embeds: torch.FloatTensor | None = None
     logit_scale: torch.FloatTensor | None = None
+    query_text_embeds: torch.FloatTensor | None = None
+    product_text_embeds: torch.FloatTensor | None = None
 
 
 class MultimodalRetrievalPreTrainedModel(PreTrainedModel):
@@ -983,6 +987,13 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         ```
         """
         text = self._encode_text(input_ids, attention_mask, token_type_ids, side="query")
+        return self._fuse_query_features(text, dual_input_ids, dual_attention_mask, normalize)
+
+    def _fuse_query_features(
+        self, text: torch.Tensor, dual_input_ids: torch.Tensor | None, dual_attention_mask: torch.Tensor | None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """The query embedding from the query text tower's vector (and, for 4tower, the dual encoder's text side)."""
         if self.config.architecture != "4tower":
             embeddings = text
         else:
@@ -1081,9 +1092,18 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         >>> model.get_product_embeddings(**inputs).shape
         ```
         """
+        _, embeddings = self._product_text_and_embeddings(
+            input_ids, attention_mask, token_type_ids, pixel_values, image_mask, image_features, normalize
+        )
+        return embeddings
+
+    def _product_text_and_embeddings(
+        self, input_ids, attention_mask, token_type_ids, pixel_values, image_mask, image_features, normalize=True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(the product text tower's vector, the product embedding)` of one forward pass over the text tower."""
         if not self.config.uses_images:
             text = self.get_product_text_features(input_ids, attention_mask, token_type_ids)
-            return F.normalize(text, dim=-1) if normalize else text
+            return text, (F.normalize(text, dim=-1) if normalize else text)
         if image_mask is None:
             has_images = pixel_values is not None or image_features is not None
             image_mask = torch.full((input_ids.shape[0],), has_images, dtype=torch.bool)
@@ -1091,7 +1111,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         if image_features is None and pixel_values is not None:
             image_features = self.get_image_features(pixel_values, image_mask)
         text = self.get_product_text_features(input_ids, attention_mask, token_type_ids, image_features, image_mask)
-        return self.fuse_product_features(text, image_features, image_mask, normalize=normalize)
+        return text, self.fuse_product_features(text, image_features, image_mask, normalize=normalize)
 
     def get_image_query_embeddings(
         self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None, normalize: bool = True
@@ -1134,6 +1154,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         image_features: torch.Tensor | None = None,
         false_negative_mask: torch.Tensor | None = None,
         return_loss: bool = True,
+        output_text_embeds: bool = False,
         **kwargs,
     ) -> MultimodalRetrievalOutput:
         r"""
@@ -1144,6 +1165,8 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         negatives; `scale = 1 / temperature = exp(logit_scale)`, clamped to `max_logit_scale`.
         `false_negative_mask` (bool, `(num_queries, num_products)`) marks in-batch products that also satisfy
         a query (e.g. another product of the same type and colour); the loss leaves them out of the softmax.
+        `output_text_embeds=True` also returns the text towers' own vectors, before any fusion, L2-normalised
+        (`query_text_embeds`, `product_text_embeds`), from the same pass.
 
         Example:
         ```python
@@ -1151,18 +1174,16 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         >>> model(**batch).loss
         ```
         """
-        query_embeds = self.get_query_embeddings(
-            query_input_ids, query_attention_mask, query_token_type_ids, query_dual_input_ids, query_dual_attention_mask
+        query_text = self._encode_text(query_input_ids, query_attention_mask, query_token_type_ids, side="query")
+        query_embeds = self._fuse_query_features(query_text, query_dual_input_ids, query_dual_attention_mask)
+        product_text, product_embeds = self._product_text_and_embeddings(
+            product_input_ids, product_attention_mask, product_token_type_ids, pixel_values, image_mask, image_features
         )
-        product_embeds = self.get_product_embeddings(
-            product_input_ids,
-            product_attention_mask,
-            product_token_type_ids,
-            pixel_values=pixel_values,
-            image_mask=image_mask,
-            image_features=image_features,
-        )
-        return self.score(query_embeds, product_embeds, return_loss=return_loss, false_negative_mask=false_negative_mask)
+        output = self.score(query_embeds, product_embeds, return_loss=return_loss, false_negative_mask=false_negative_mask)
+        if output_text_embeds:
+            output.query_text_embeds = F.normalize(query_text, dim=-1)
+            output.product_text_embeds = F.normalize(product_text, dim=-1)
+        return output
 
     def score(
         self,

@@ -349,6 +349,9 @@ def test_device_cuda_without_cuda_is_refused(shop, tmp_path, capsys):
         (["--max_product_length", "4096"], "--max_product_length"),
         (["--title_column", "nope"], "--title_column"),
         (["--eval_split", "dev", "--validation_share", "0"], "--eval_split"),
+        (["--text_tower_anchor", "-1"], "--text_tower_anchor"),
+        (["--text_tower_anchor", "1", "--mini_batch_size", "8"], "--text_tower_anchor"),
+        (["--architecture", "text_only", "--text_tower_anchor", "1"], "--text_tower_anchor"),
     ],
 )
 def test_train_refuses_bad_flags_before_loading_a_model(shop, tmp_path, capsys, towers, flags, named):

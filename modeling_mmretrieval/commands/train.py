@@ -44,6 +44,7 @@ from ..training.model_builder import (
 )
 from ..training.model_card import hub_license
 from ..training.visual_tagger import DEFAULT_MIN_PROBABILITY, VisualTaggerError
+from ..training.text_tower_anchor import DEFAULT_TEXT_TOWER_ANCHOR
 from ..training.visual_word_restoration import DEFAULT_VISUAL_WORD_RESTORATION, TRAINED_FUSIONS
 from ..training.optimization import SCHEDULER_TYPES, NonFiniteLossError
 from ..training.trainer import run_training, trackers_for
@@ -146,6 +147,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                            "pattern words stripped from every training product's text; the text towers are left "
                            f"alone (default {DEFAULT_VISUAL_WORD_RESTORATION} for 3tower and 4tower models with a "
                            "residual or mlp fusion, 0 otherwise; 0 turns it off; docs/training.md).")
+    data.add_argument("--text_tower_anchor", type=float,
+                      help="Weight of the text-only model's loss on the text towers' own vectors, added to the fused "
+                           "model's loss, so that the towers stay retrievers of their own while the image fusion "
+                           f"trains (default {DEFAULT_TEXT_TOWER_ANCHOR} for 3tower and 4tower models with the "
+                           "residual fusion, else 0, and 0 with --mini_batch_size; 0 turns it off; docs/training.md).")
     data.add_argument("--visual_tags", dest="visual_tags", action="store_true", default=None,
                       help="Fit a visual-word tagger on the frozen image features (colour from the catalogue's colour "
                            "column, else from the colour words of the titles) that writes the colour it reads off a "
@@ -239,6 +245,13 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
         parser.error(f"--visual_word_dropout must lie in [0, 1], got {args.visual_word_dropout}")
     if args.visual_word_restoration is not None and not args.visual_word_restoration >= 0:
         parser.error(f"--visual_word_restoration must be >= 0, got {args.visual_word_restoration}")
+    if args.text_tower_anchor is not None and not args.text_tower_anchor >= 0:
+        parser.error(f"--text_tower_anchor must be >= 0, got {args.text_tower_anchor}")
+    if args.text_tower_anchor and args.architecture == "text_only" and not args.model_name_or_path:
+        parser.error("--text_tower_anchor keeps a fused model's text tower a retriever of its own: it needs "
+                     "--architecture 3tower or 4tower")
+    if args.text_tower_anchor and args.mini_batch_size:
+        parser.error("--text_tower_anchor does not combine with --mini_batch_size (GradCache); drop one of them")
     fusion = args.fusion or (DEFAULT_4TOWER_FUSION if args.architecture == "4tower" else DEFAULT_3TOWER_FUSION)
     if args.visual_word_restoration and not args.model_name_or_path and (
             args.architecture == "text_only" or fusion not in TRAINED_FUSIONS):

@@ -71,6 +71,7 @@ from .visual_tagger import (
     colours_to_learn,
     fit_visual_tagger,
 )
+from .text_tower_anchor import TextTowerAnchorLoss, text_tower_anchor_weight
 from .visual_word_restoration import VisualWordRestorationLoss, restoration_weight
 
 logger = get_logger(__name__)
@@ -312,6 +313,7 @@ def training_settings(args, accelerator, max_train_steps: int, num_epochs: int, 
         "mixed precision": args.mixed_precision,
         "hard negatives per query": args.num_hard_negatives,
         "visual-word dropout / restoration weight": f"{args.visual_word_dropout} / {args.visual_word_restoration}",
+        "text-tower anchor weight": getattr(args, "text_tower_anchor", 0.0),
         "visual-word tagger": (f"{len(model_config.visual_tags)} colours, min probability "
                                f"{model_config.visual_tag_min_probability}") if getattr(model_config, "visual_tags", None) else "none",
         "colour description of the photos": (f"{model_config.colour_histogram_levels} levels per channel"
@@ -619,6 +621,12 @@ def run_training(args) -> dict:
     # On the accelerator before the frozen image features are cached: `accelerator.prepare` moves it only later,
     # and caching would then run the image tower on the CPU.
     model.to(accelerator.device)
+    args.text_tower_anchor = text_tower_anchor_weight(getattr(args, "text_tower_anchor", None), model.config)
+    if args.text_tower_anchor and args.mini_batch_size:  # the default, not a request: GradCache keeps its own loss
+        logger.info("The text-tower anchor is off: it does not combine with --mini_batch_size (GradCache).")
+        args.text_tower_anchor = 0.0
+    if args.text_tower_anchor:
+        loss_fn = TextTowerAnchorLoss(args.text_tower_anchor)
     args.visual_word_restoration = restoration_weight(args.visual_word_restoration, model.config)
     if args.visual_word_restoration:
         loss_fn = VisualWordRestorationLoss(loss_fn, args.visual_word_restoration)

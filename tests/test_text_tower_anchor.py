@@ -1,0 +1,97 @@
+"""The text-tower anchor: the fused model's loss plus the text-only model's loss on the text towers' own vectors,
+from one forward pass."""
+
+import copy
+
+import pytest
+import torch
+from tiny_towers import make_batch, make_config
+
+from modeling_mmretrieval import MultimodalRetrievalModel
+from modeling_mmretrieval.training.text_tower_anchor import TextTowerAnchorLoss, text_tower_anchor_weight
+from modeling_mmretrieval.training.trainer import model_loss
+
+
+def with_trained_fusion(model: MultimodalRetrievalModel, seed: int = 0) -> MultimodalRetrievalModel:
+    """The model with its residual fusions' zero-initialised last layers set to random values, as after training."""
+    generator = torch.Generator().manual_seed(seed)
+    for fusion in (model.query_fusion, model.product_fusion):
+        if fusion is not None:
+            last = fusion.layers[-1]
+            with torch.no_grad():
+                last.weight.copy_(0.3 * torch.randn(last.weight.shape, generator=generator))
+                last.bias.copy_(0.3 * torch.randn(last.bias.shape, generator=generator))
+    return model
+
+
+def without_fusion(model: MultimodalRetrievalModel) -> MultimodalRetrievalModel:
+    """A copy whose residual branches are zero again: it ranks by its text towers alone."""
+    text_only = copy.deepcopy(model)
+    for fusion in (text_only.query_fusion, text_only.product_fusion):
+        if fusion is not None:
+            torch.nn.init.zeros_(fusion.layers[-1].weight)
+            torch.nn.init.zeros_(fusion.layers[-1].bias)
+    return text_only
+
+
+@pytest.mark.parametrize("case", ["3tower-residual", "4tower-residual"])
+def test_the_anchor_adds_the_text_towers_own_loss(case):
+    config = make_config(case)
+    model = with_trained_fusion(MultimodalRetrievalModel(config).eval())
+    batch = make_batch(config, num_negatives=1)
+    batch["false_negative_mask"] = torch.zeros(4, 8, dtype=torch.bool)
+    batch["false_negative_mask"][0, 2] = True
+    with torch.no_grad():
+        fused = model(**batch).loss
+        text_alone = without_fusion(model)(**batch).loss
+        anchored = TextTowerAnchorLoss(weight=0.5)(model, batch)
+    assert not torch.isclose(fused, text_alone)  # the trained fusion changes the ranking
+    torch.testing.assert_close(anchored, fused + 0.5 * text_alone)
+
+
+def test_the_text_vectors_come_from_the_same_pass_and_are_normalised():
+    config = make_config("4tower-residual")
+    model = with_trained_fusion(MultimodalRetrievalModel(config).eval())
+    batch = make_batch(config)
+    with torch.no_grad():
+        output = model(**batch, output_text_embeds=True)
+        plain = model(**batch)
+        text_model = without_fusion(model)
+        expected_queries = text_model.get_query_embeddings(
+            batch["query_input_ids"], batch["query_attention_mask"], dual_input_ids=batch["query_dual_input_ids"],
+            dual_attention_mask=batch["query_dual_attention_mask"])
+    torch.testing.assert_close(output.query_embeds, plain.query_embeds)  # asking for them changes nothing else
+    assert plain.query_text_embeds is None and plain.product_text_embeds is None
+    torch.testing.assert_close(output.query_text_embeds, expected_queries)
+    torch.testing.assert_close(output.product_text_embeds.norm(dim=-1), torch.ones(4))
+
+
+def test_the_anchor_trains_the_text_tower_and_not_an_unused_parameter():
+    config = make_config("3tower-residual")
+    model = with_trained_fusion(MultimodalRetrievalModel(config).train())
+    model.lock_image_tower()
+    batch = make_batch(config)
+
+    def gradients(loss_fn):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        loss_fn(model, batch).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    base, anchored = gradients(model_loss), gradients(TextTowerAnchorLoss(weight=1.0))
+    assert sorted(base) == sorted(anchored)
+    changed = {name for name in base if not torch.allclose(base[name], anchored[name], atol=1e-7)}
+    assert any(name.startswith("text_model.") for name in changed)
+    assert not any(name.startswith("product_fusion") for name in changed)  # the text term never reads the fusion
+
+
+def test_the_weight_defaults_on_for_fused_models_and_refuses_text_only():
+    assert text_tower_anchor_weight(None, make_config("4tower-residual")) == 1.0
+    assert text_tower_anchor_weight(None, make_config("text_only")) == 0.0
+    assert text_tower_anchor_weight(None, make_config("4tower-mlp")) == 0.0  # the paper's fusions, as the paper
+    assert text_tower_anchor_weight(2.0, make_config("4tower-concat")) == 2.0
+    assert text_tower_anchor_weight(0, make_config("3tower-residual")) == 0.0
+    with pytest.raises(ValueError, match="text_only model has no fusion"):
+        text_tower_anchor_weight(1.0, make_config("text_only"))
+    with pytest.raises(ValueError, match="must be positive"):
+        TextTowerAnchorLoss(weight=0)
