@@ -28,6 +28,7 @@ import torch
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, speedups
 from modeling_mmretrieval.atomic_files import write_json_atomically
 from modeling_mmretrieval.data import default_data_dir, load_catalogue
+from modeling_mmretrieval.data.visual_words import VisualWords
 from modeling_mmretrieval.retrieval.exclusive_matches import exclusive_matches
 from modeling_mmretrieval.retrieval.held_out_evaluation import HeldOutEvaluator, model_ranker
 from modeling_mmretrieval.retrieval.hybrid import fused_ranker
@@ -57,6 +58,13 @@ TARGETS = {"all/ndcg@10": ("absolute", 0.02), "text_silent/ndcg@10": ("relative"
 ALIGNED_PAIR = "ALIGNED_PAIR"
 LIT_STEPS = 40
 COLOUR_CEILING = "ceiling: text-only told each product's colour"
+UNNAMED_COLOUR_CEILING = "ceiling: text-only told each product's colour where its text does not name it"
+# Rows also evaluated with their fusions' image branch off at search time (their text tower and tags alone).
+TOWER_ALONE_ROWS = (
+    "4tMM residual + restoration + visual tags + colour histogram for the tagger",
+    "4tMM residual + restoration + visual tags + colour histogram for the tagger + text-tower anchor",
+)
+TOWER_ALONE = ", image branch off at search"
 HYBRID_ROW = "hybrid: the 4tMM tags row's models + BM25 (RRF)"
 # (row name, train.py flags); every row also gets the budget flags of `budget_flags`.
 # What each row tries, for the report.
@@ -79,6 +87,10 @@ ROW_NOTES = {
     "ranks",
     COLOUR_CEILING: "not a model: the text-only models evaluated with the catalogue's colour value appended to "
     "every product title, as a perfect reader of the image's colour would add it; the most colour can give",
+    UNNAMED_COLOUR_CEILING: "not a model: the same, with the colour appended only to the products whose title and "
+    "description do not name it (as a perfect visual-word tagger that writes only what the text lacks would add "
+    "it); the gap to the row above is what telling a product's own colour apart from the other colours its text "
+    "names is worth",
     "4tMM concat (paper)": "[MiniLM(q) ; pair-text(q)] against [MiniLM(product) ; pair-image], equal weights",
     "4tMM alpha_concat 0.7 (paper)": "the same, text halves weighted 0.7 and pair halves 0.3",
     "4tMM mlp (paper)": "MLPs of [text ; pair] on both sides, randomly initialised",
@@ -97,10 +109,19 @@ ROW_NOTES = {
     "description",
     "4tMM residual + restoration + visual tags + colour histogram for the tagger": "the same colour description, read "
     "by the tagger only: the residual fusion keeps the pair's image features alone (`--no_colour_histogram_in_fusion`)",
+    "4tMM residual + restoration + visual tags + colour histogram for the tagger + text-tower anchor": "the same, plus "
+    "the text-only model's loss on the text towers' own vectors (before the fusion) added to the fused loss, so that "
+    "the shared text tower keeps learning what a text-only run learns (`training.text_tower_anchor`, weight 1)",
     "3tMM residual + visual-word restoration": "residual fusion, plus a second loss in which the fusion alone "
     "(text towers untouched) learns to restore from the image the colour/pattern words stripped from every training "
     "product text (`training.visual_word_restoration`, weight 1)",
 }
+ROW_NOTES.update({
+    row + TOWER_ALONE: f"not trained again: the models of `{row}` with the last layer of both residual fusions zeroed "
+    "at search time, as at initialisation, so that they rank by their text tower and the visual tags written into "
+    "the product texts alone; the gap to that row is what the fusion's image branch adds"
+    for row in TOWER_ALONE_ROWS
+})
 ROWS = {
     "text-only": ["--architecture", "text_only"],
     "3tMM residual + visual-word dropout 0.5": ["--architecture", "3tower", "--fusion", "residual",
@@ -136,11 +157,16 @@ ROWS = {
     "4tMM residual + restoration + visual tags + colour histogram for the tagger": [
         "--architecture", "4tower", "--clip_model", "ALIGNED_PAIR", "--fusion", "residual",
         "--visual_word_restoration", "1", "--visual_tags", "--colour_histogram_levels", "6"],
+    "4tMM residual + restoration + visual tags + colour histogram for the tagger + text-tower anchor": [
+        "--architecture", "4tower", "--clip_model", "ALIGNED_PAIR", "--fusion", "residual",
+        "--visual_word_restoration", "1", "--visual_tags", "--colour_histogram_levels", "6",
+        "--text_tower_anchor", "1"],
 }
 # The rows above that do not ask for the visual-word tagger (or the colour description) were trained before it
 # existed: they run without it.
 WITHOUT_VISUAL_TAGS = "--no_visual_tags"
 WITHOUT_COLOUR_HISTOGRAM = ["--colour_histogram_levels", "0"]
+WITHOUT_TEXT_TOWER_ANCHOR = ["--text_tower_anchor", "0"]
 REPORTED = (("all", "ndcg@10"), ("all", "recall@100"), ("text_silent", "ndcg@10"), ("text_silent", "recall@100"),
             ("degraded", "ndcg@10"), ("degraded", "recall@100"))
 
@@ -220,6 +246,8 @@ def train_row(args, flags: list[str], seed: int, run_dir: Path) -> Path:
         implicit = [WITHOUT_VISUAL_TAGS] if image_row and "--visual_tags" not in flags else []
         if image_row and "--colour_histogram_levels" not in flags:
             implicit += WITHOUT_COLOUR_HISTOGRAM
+        if image_row and "--text_tower_anchor" not in flags:
+            implicit += WITHOUT_TEXT_TOWER_ANCHOR
         command = [sys.executable, str(TRAIN_SCRIPT), "--output_dir", str(run_dir), "--seed", str(seed),
                    *budget_flags(args), *flags, *implicit]
         print("+", " ".join(command), flush=True)
@@ -228,19 +256,45 @@ def train_row(args, flags: list[str], seed: int, run_dir: Path) -> Path:
     return final
 
 
-def with_catalogue_colour(rank, column: str = "base_colour"):
+def with_catalogue_colour(rank, column: str = "base_colour", only_where_text_lacks_it: bool = False):
     """The ranker, fed products whose title ends with the catalogue's colour value: what a perfect colour reader of
     the image would tell the text tower. Evaluated with the text-only models, it is the colour ceiling of the
-    text-silent slice and the degraded variant."""
+    text-silent slice and the degraded variant. `only_where_text_lacks_it`: only products whose title and
+    description do not name their colour get it."""
+    def told(product) -> bool:
+        colour = product.get(column)
+        if not colour:
+            return False
+        text = f"{product.get('title') or ''} {product.get('description') or ''}"
+        return not (only_where_text_lacks_it and VisualWords.default().mentions(text, str(colour)))
+
     def ranked(products, texts, k):
         return rank([{**product, "title": f"{product.get('title') or ''} {product[column]}".strip()}
-                     if product.get(column) else product for product in products], texts, k)
+                     if told(product) else product for product in products], texts, k)
     return ranked
 
 
+def without_image_branch(model: MultimodalRetrievalModel) -> MultimodalRetrievalModel:
+    """The residual-fusion model with the last layer of its fusion MLPs zeroed, as at initialisation: it then ranks
+    by its text tower alone (and the visual tags written into product texts)."""
+    if model.config.fusion != "residual":
+        raise ValueError(f"only a residual fusion has an image branch to turn off, not {model.config.fusion!r}")
+    for fusion in (model.query_fusion, model.product_fusion):
+        if fusion is not None:
+            torch.nn.init.zeros_(fusion.layers[-1].weight)
+            torch.nn.init.zeros_(fusion.layers[-1].bias)
+    return model
+
+
 def evaluate_checkpoint(evaluator: HeldOutEvaluator, folder: Path, feature_cache: dict,
-                        colour_oracle: bool = False, with_bm25: bool = False) -> dict:
+                        colour_oracle: str | None = None, with_bm25: bool = False,
+                        image_branch: bool = True) -> dict:
+    """The evaluation of the checkpoint in `folder`; `colour_oracle` ("every product" or "where the text lacks it")
+    tells the ranked products their catalogue colour (`with_catalogue_colour`); `image_branch=False` turns the
+    residual fusion's image branch off (`without_image_branch`)."""
     model = MultimodalRetrievalModel.from_pretrained(folder).eval()
+    if not image_branch:
+        model = without_image_branch(model)
     processor = MultimodalRetrievalProcessor.from_pretrained(folder)
     speedups.apply(processor=processor)
     image_features = None
@@ -254,7 +308,9 @@ def evaluate_checkpoint(evaluator: HeldOutEvaluator, folder: Path, feature_cache
         rank = model_ranker(model, processor, image_features=image_features)
         if with_bm25:
             rank = fused_ranker([rank, bm25_ranker()])
-        result = evaluator.evaluate(with_catalogue_colour(rank) if colour_oracle else rank)
+        if colour_oracle:
+            rank = with_catalogue_colour(rank, only_where_text_lacks_it=colour_oracle == "where the text lacks it")
+        result = evaluator.evaluate(rank)
     return {"per_query": result.per_query, "runs": result.runs}
 
 
@@ -486,11 +542,19 @@ def main(argv=None) -> dict:
     if HYBRID_BASE_ROW in args.rows:  # the hybrid row: that row's models fused with BM25
         results[HYBRID_ROW] = evaluated_again(args, output, HYBRID_BASE_ROW, "hybrid", evaluation, lambda final: (
             evaluate_checkpoint(evaluator, final, feature_cache, with_bm25=True)))
+    for row in (row for row in args.rows if row in TOWER_ALONE_ROWS):  # the same models, image branch off
+        name = "tower_alone_" + row_dir(output, row).name
+        results[row + TOWER_ALONE] = evaluated_again(args, output, row, name, evaluation, lambda final: (
+            evaluate_checkpoint(evaluator, final, feature_cache, image_branch=False)))
     if BASELINE in args.rows:  # the colour ceiling: the text-only models told every product's true colour
         results[COLOUR_CEILING] = evaluated_again(args, output, BASELINE, "colour_ceiling", evaluation, lambda final: (
-            evaluate_checkpoint(evaluator, final, feature_cache, colour_oracle=True)))
+            evaluate_checkpoint(evaluator, final, feature_cache, colour_oracle="every product")))
+        results[UNNAMED_COLOUR_CEILING] = evaluated_again(
+            args, output, BASELINE, "unnamed_colour_ceiling", evaluation, lambda final: evaluate_checkpoint(
+                evaluator, final, feature_cache, colour_oracle="where the text lacks it"))
     # The report lists the rows in ROWS order, whatever order they were run in.
-    order = [*references, *pairs, *ROWS, HYBRID_ROW, COLOUR_CEILING]
+    order = [*references, *pairs, *ROWS, *(row + TOWER_ALONE for row in TOWER_ALONE_ROWS), HYBRID_ROW,
+             COLOUR_CEILING, UNNAMED_COLOUR_CEILING]
     results = {row: results[row] for row in order if results.get(row)}
     summary = summarise(results)
     qrels = evaluator.qrels
