@@ -7,6 +7,7 @@ subprocesses; the rest call `commands.train.run()` in-process.
 """
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -578,8 +579,17 @@ def test_an_adapter_aligned_pair_trains_a_4tower_model_with_restoration(assets, 
     assert results["training"]["completed_steps"] == 2
     card = (tmp_path / "run" / "final" / "README.md").read_text()
     assert "visual-word dropout / restoration weight | `0.0 / 1.0`" in card
+    assert "text-tower anchor weight | `1.0`" in card  # on by default for the residual fusion
     model = MultimodalRetrievalModel.from_pretrained(tmp_path / "run" / "final")
     assert model.config.architecture == "4tower" and model.config.fusion == "residual"
+
+
+def test_grad_cache_runs_turn_the_default_text_tower_anchor_off_and_say_so(assets, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        train_command.run(train_args(assets, tmp_path / "run", "--fusion", "residual", "--mini_batch_size", 4,
+                                     "--max_train_steps", 1, "--eval_split", "none"))
+    assert "text-tower anchor weight | `0.0`" in (tmp_path / "run" / "final" / "README.md").read_text()
+    assert "The text-tower anchor is off: it does not combine with --mini_batch_size" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------------------------
