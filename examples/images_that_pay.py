@@ -28,7 +28,7 @@ import torch
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, speedups
 from modeling_mmretrieval.atomic_files import write_json_atomically
 from modeling_mmretrieval.data import default_data_dir, load_catalogue
-from modeling_mmretrieval.data.visual_words import VisualWords
+from modeling_mmretrieval.data.visual_words import COLOUR_WORDS, VisualWords
 from modeling_mmretrieval.retrieval.exclusive_matches import exclusive_matches
 from modeling_mmretrieval.retrieval.held_out_evaluation import HeldOutEvaluator, model_ranker
 from modeling_mmretrieval.retrieval.hybrid import fused_ranker
@@ -59,6 +59,12 @@ ALIGNED_PAIR = "ALIGNED_PAIR"
 LIT_STEPS = 40
 COLOUR_CEILING = "ceiling: text-only told each product's colour"
 UNNAMED_COLOUR_CEILING = "ceiling: text-only told each product's colour where its text does not name it"
+SILENT_COLOUR_CEILING = "ceiling: text-only told each product's colour where its text names no colour"
+# Which products each colour ceiling tells their colour (`with_catalogue_colour`), and its cache files' name.
+CEILINGS = {COLOUR_CEILING: "every product", UNNAMED_COLOUR_CEILING: "where the text lacks it",
+            SILENT_COLOUR_CEILING: "where the text names no colour"}
+CEILING_FILES = {COLOUR_CEILING: "colour_ceiling", UNNAMED_COLOUR_CEILING: "unnamed_colour_ceiling",
+                 SILENT_COLOUR_CEILING: "silent_colour_ceiling"}
 # Rows also evaluated with their fusions' image branch off at search time (their text tower and tags alone).
 TOWER_ALONE_ROWS = (
     "4tMM residual + restoration + visual tags + colour histogram for the tagger",
@@ -88,9 +94,11 @@ ROW_NOTES = {
     COLOUR_CEILING: "not a model: the text-only models evaluated with the catalogue's colour value appended to "
     "every product title, as a perfect reader of the image's colour would add it; the most colour can give",
     UNNAMED_COLOUR_CEILING: "not a model: the same, with the colour appended only to the products whose title and "
-    "description do not name it (as a perfect visual-word tagger that writes only what the text lacks would add "
-    "it); the gap to the row above is what telling a product's own colour apart from the other colours its text "
-    "names is worth",
+    "description do not name their own colour (they may name others); the gap to the row above is what repeating a "
+    "colour the text already names is worth, which marks it as the product's own among the colours the text names",
+    SILENT_COLOUR_CEILING: "not a model: the same, with the colour appended only to the products whose title and "
+    "description name no colour at all: the rule of the visual-word tagger (`VisualWordTagger`), so this is the most "
+    "a perfect tagger could add",
     "4tMM concat (paper)": "[MiniLM(q) ; pair-text(q)] against [MiniLM(product) ; pair-image], equal weights",
     "4tMM alpha_concat 0.7 (paper)": "the same, text halves weighted 0.7 and pair halves 0.3",
     "4tMM mlp (paper)": "MLPs of [text ; pair] on both sides, randomly initialised",
@@ -256,45 +264,42 @@ def train_row(args, flags: list[str], seed: int, run_dir: Path) -> Path:
     return final
 
 
-def with_catalogue_colour(rank, column: str = "base_colour", only_where_text_lacks_it: bool = False):
+def with_catalogue_colour(rank, column: str = "base_colour", told: str = "every product"):
     """The ranker, fed products whose title ends with the catalogue's colour value: what a perfect colour reader of
     the image would tell the text tower. Evaluated with the text-only models, it is the colour ceiling of the
-    text-silent slice and the degraded variant. `only_where_text_lacks_it`: only products whose title and
-    description do not name their colour get it."""
-    def told(product) -> bool:
+    text-silent slice and the degraded variant. `told`: which products get their colour, `"every product"`, those
+    whose title and description do not name it (`"where the text lacks it"`), or those whose text names no colour
+    at all (`"where the text names no colour"`, the visual-word tagger's rule)."""
+    if told not in CEILINGS.values():
+        raise ValueError(f"told must be one of {list(CEILINGS.values())}, got {told!r}")
+
+    def is_told(product, colour_words: VisualWords) -> bool:
         colour = product.get(column)
-        if not colour:
-            return False
         text = f"{product.get('title') or ''} {product.get('description') or ''}"
-        return not (only_where_text_lacks_it and VisualWords.default().mentions(text, str(colour)))
+        if not colour or told == "every product":
+            return bool(colour)
+        if told == "where the text lacks it":
+            return not colour_words.mentions(text, str(colour))
+        return colour_words.pattern.search(text) is None
 
     def ranked(products, texts, k):
+        values = {str(product[column]).lower() for product in products if product.get(column)}
+        colour_words = VisualWords(tuple(sorted(values | {word.lower() for word in COLOUR_WORDS},
+                                                key=lambda phrase: (-len(phrase), phrase))))
         return rank([{**product, "title": f"{product.get('title') or ''} {product[column]}".strip()}
-                     if told(product) else product for product in products], texts, k)
+                     if is_told(product, colour_words) else product for product in products], texts, k)
     return ranked
-
-
-def without_image_branch(model: MultimodalRetrievalModel) -> MultimodalRetrievalModel:
-    """The residual-fusion model with the last layer of its fusion MLPs zeroed, as at initialisation: it then ranks
-    by its text tower alone (and the visual tags written into product texts)."""
-    if model.config.fusion != "residual":
-        raise ValueError(f"only a residual fusion has an image branch to turn off, not {model.config.fusion!r}")
-    for fusion in (model.query_fusion, model.product_fusion):
-        if fusion is not None:
-            torch.nn.init.zeros_(fusion.layers[-1].weight)
-            torch.nn.init.zeros_(fusion.layers[-1].bias)
-    return model
 
 
 def evaluate_checkpoint(evaluator: HeldOutEvaluator, folder: Path, feature_cache: dict,
                         colour_oracle: str | None = None, with_bm25: bool = False,
                         image_branch: bool = True) -> dict:
-    """The evaluation of the checkpoint in `folder`; `colour_oracle` ("every product" or "where the text lacks it")
-    tells the ranked products their catalogue colour (`with_catalogue_colour`); `image_branch=False` turns the
-    residual fusion's image branch off (`without_image_branch`)."""
+    """The evaluation of the checkpoint in `folder`; `colour_oracle` (a value of `CEILINGS`) tells the ranked
+    products their catalogue colour (`with_catalogue_colour`); `image_branch=False` turns the
+    residual fusion's image branch off (`silence_image_branch`)."""
     model = MultimodalRetrievalModel.from_pretrained(folder).eval()
     if not image_branch:
-        model = without_image_branch(model)
+        model.silence_image_branch()
     processor = MultimodalRetrievalProcessor.from_pretrained(folder)
     speedups.apply(processor=processor)
     image_features = None
@@ -309,7 +314,7 @@ def evaluate_checkpoint(evaluator: HeldOutEvaluator, folder: Path, feature_cache
         if with_bm25:
             rank = fused_ranker([rank, bm25_ranker()])
         if colour_oracle:
-            rank = with_catalogue_colour(rank, only_where_text_lacks_it=colour_oracle == "where the text lacks it")
+            rank = with_catalogue_colour(rank, told=colour_oracle)
         result = evaluator.evaluate(rank)
     return {"per_query": result.per_query, "runs": result.runs}
 
@@ -546,15 +551,14 @@ def main(argv=None) -> dict:
         name = "tower_alone_" + row_dir(output, row).name
         results[row + TOWER_ALONE] = evaluated_again(args, output, row, name, evaluation, lambda final: (
             evaluate_checkpoint(evaluator, final, feature_cache, image_branch=False)))
-    if BASELINE in args.rows:  # the colour ceiling: the text-only models told every product's true colour
-        results[COLOUR_CEILING] = evaluated_again(args, output, BASELINE, "colour_ceiling", evaluation, lambda final: (
-            evaluate_checkpoint(evaluator, final, feature_cache, colour_oracle="every product")))
-        results[UNNAMED_COLOUR_CEILING] = evaluated_again(
-            args, output, BASELINE, "unnamed_colour_ceiling", evaluation, lambda final: evaluate_checkpoint(
-                evaluator, final, feature_cache, colour_oracle="where the text lacks it"))
+    if BASELINE in args.rows:  # the colour ceilings: the text-only models told (some) products' true colour
+        for row, told in CEILINGS.items():
+            results[row] = evaluated_again(
+                args, output, BASELINE, CEILING_FILES[row], evaluation,
+                lambda final, told=told: evaluate_checkpoint(evaluator, final, feature_cache, colour_oracle=told))
     # The report lists the rows in ROWS order, whatever order they were run in.
     order = [*references, *pairs, *ROWS, *(row + TOWER_ALONE for row in TOWER_ALONE_ROWS), HYBRID_ROW,
-             COLOUR_CEILING, UNNAMED_COLOUR_CEILING]
+             *CEILINGS]
     results = {row: results[row] for row in order if results.get(row)}
     summary = summarise(results)
     qrels = evaluator.qrels

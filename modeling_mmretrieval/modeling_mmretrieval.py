@@ -807,6 +807,18 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             tagger.classifier.bias.copy_(bias)
         self.visual_tagger = tagger
 
+    def silence_image_branch(self) -> None:
+        """Zeroes the last layer of the residual fusions, as at initialisation: the model then ranks by its text towers
+        alone (and the visual tags its tagger writes into product texts). Shows what a trained image branch adds.
+        Example: `model.silence_image_branch()`."""
+        if self.config.fusion != "residual":
+            raise ValueError(f"only the residual fusion has an image branch to silence, not {self.config.fusion!r}")
+        with torch.no_grad():
+            for fusion in (self.query_fusion, self.product_fusion):
+                if fusion is not None:
+                    fusion.layers[-1].weight.zero_()
+                    fusion.layers[-1].bias.zero_()
+
     def remove_visual_tagger(self) -> None:
         """Drops the visual-word tagger (module and config), e.g. before training without one from a checkpoint
         that has one. Example: `model.remove_visual_tagger()`."""
@@ -1181,8 +1193,8 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         )
         output = self.score(query_embeds, product_embeds, return_loss=return_loss, false_negative_mask=false_negative_mask)
         if output_text_embeds:
-            output.query_text_embeds = F.normalize(query_text, dim=-1)
-            output.product_text_embeds = F.normalize(product_text, dim=-1)
+            output["query_text_embeds"] = F.normalize(query_text, dim=-1)
+            output["product_text_embeds"] = F.normalize(product_text, dim=-1)
         return output
 
     def score(

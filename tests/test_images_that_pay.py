@@ -294,31 +294,15 @@ def test_the_colour_ceilings_tell_every_product_or_only_those_whose_text_lacks_i
         return [[product["id"] for product in given][:k] for _ in texts]
 
     report.with_catalogue_colour(rank)(products, ["red shirt"], 3)
-    report.with_catalogue_colour(rank, only_where_text_lacks_it=True)(products, ["red shirt"], 3)
+    report.with_catalogue_colour(rank, told="where the text lacks it")(products, ["red shirt"], 3)
+    report.with_catalogue_colour(rank, told="where the text names no colour")(products, ["red shirt"], 3)
     assert seen[0] == ["Roadster Men Navy Blue Shirt Navy Blue", "Roadster Men Shirt Red", "Kurta"]
-    # The second product names a colour, but not its own: it is told, the first is not.
+    # The second product names a colour, but not its own: it is told, the first is not ...
     assert seen[1] == ["Roadster Men Navy Blue Shirt", "Roadster Men Shirt Red", "Kurta"]
-
-
-def test_turning_the_image_branch_off_leaves_the_text_tower_alone():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("images_that_pay", REPO_ROOT / "examples" / "images_that_pay.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
-    config = make_config("4tower-residual")
-    model = MultimodalRetrievalModel(config).eval()
-    for fusion in (model.query_fusion, model.product_fusion):
-        torch.nn.init.normal_(fusion.layers[-1].weight)  # as after training
-    batch = make_batch(config)
-    with torch.no_grad():
-        trained = model(**batch, output_text_embeds=True)
-        alone = report.without_image_branch(model)(**batch)
-    assert not torch.allclose(trained.product_embeds, trained.product_text_embeds)
-    torch.testing.assert_close(alone.product_embeds, trained.product_text_embeds)
-    torch.testing.assert_close(alone.query_embeds, trained.query_text_embeds)
-    with pytest.raises(ValueError, match="only a residual fusion"):
-        report.without_image_branch(MultimodalRetrievalModel(make_config("4tower-concat")))
+    # ... unless only the texts that name no colour at all are told, as the visual-word tagger writes.
+    assert seen[2] == ["Roadster Men Navy Blue Shirt", "Roadster Men Shirt", "Kurta"]
+    with pytest.raises(ValueError, match="told must be one of"):
+        report.with_catalogue_colour(rank, told="some products")
 
 
 def test_visual_words_keep_unrelated_joiners_and_agree_with_silence():

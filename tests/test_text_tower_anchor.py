@@ -8,6 +8,7 @@ import torch
 from tiny_towers import make_batch, make_config
 
 from modeling_mmretrieval import MultimodalRetrievalModel
+from modeling_mmretrieval.training.checkpoints import CheckpointMismatchError, check_run_signature
 from modeling_mmretrieval.training.text_tower_anchor import TextTowerAnchorLoss, text_tower_anchor_weight
 from modeling_mmretrieval.training.trainer import model_loss
 
@@ -27,10 +28,7 @@ def with_trained_fusion(model: MultimodalRetrievalModel, seed: int = 0) -> Multi
 def without_fusion(model: MultimodalRetrievalModel) -> MultimodalRetrievalModel:
     """A copy whose residual branches are zero again: it ranks by its text towers alone."""
     text_only = copy.deepcopy(model)
-    for fusion in (text_only.query_fusion, text_only.product_fusion):
-        if fusion is not None:
-            torch.nn.init.zeros_(fusion.layers[-1].weight)
-            torch.nn.init.zeros_(fusion.layers[-1].bias)
+    text_only.silence_image_branch()
     return text_only
 
 
@@ -85,6 +83,21 @@ def test_the_anchor_trains_the_text_tower_and_not_an_unused_parameter():
     assert not any(name.startswith("product_fusion") for name in changed)  # the text term never reads the fusion
 
 
+def test_silencing_the_image_branch_leaves_the_text_towers_alone():
+    config = make_config("4tower-residual")
+    model = with_trained_fusion(MultimodalRetrievalModel(config).eval())
+    batch = make_batch(config)
+    with torch.no_grad():
+        trained = model(**batch, output_text_embeds=True)
+        model.silence_image_branch()
+        silenced = model(**batch)
+    assert not torch.allclose(trained.product_embeds, trained.product_text_embeds)
+    torch.testing.assert_close(silenced.product_embeds, trained.product_text_embeds)
+    torch.testing.assert_close(silenced.query_embeds, trained.query_text_embeds)
+    with pytest.raises(ValueError, match="only the residual fusion"):
+        MultimodalRetrievalModel(make_config("4tower-concat")).silence_image_branch()
+
+
 def test_the_weight_defaults_on_for_fused_models_and_refuses_text_only():
     assert text_tower_anchor_weight(None, make_config("4tower-residual")) == 1.0
     assert text_tower_anchor_weight(None, make_config("text_only")) == 0.0
@@ -95,3 +108,14 @@ def test_the_weight_defaults_on_for_fused_models_and_refuses_text_only():
         text_tower_anchor_weight(1.0, make_config("text_only"))
     with pytest.raises(ValueError, match="must be positive"):
         TextTowerAnchorLoss(weight=0)
+
+
+def test_a_resumed_run_keeps_its_anchor_weight():
+    check_run_signature({"seed": 42, "text_tower_anchor": 1.0}, {"seed": 42, "text_tower_anchor": 1.0}, "checkpoint-4")
+    # A checkpoint written before the anchor existed trained without it: it resumes with the anchor off ...
+    check_run_signature({"seed": 42}, {"seed": 42, "text_tower_anchor": 0.0}, "checkpoint-4")
+    # ... and is refused with it on, as a run that changes its weight is.
+    with pytest.raises(CheckpointMismatchError, match="text_tower_anchor: checkpoint 0.0 vs now 1.0"):
+        check_run_signature({"seed": 42}, {"seed": 42, "text_tower_anchor": 1.0}, "checkpoint-4")
+    with pytest.raises(CheckpointMismatchError, match="text_tower_anchor: checkpoint 1.0 vs now 0.0"):
+        check_run_signature({"seed": 42, "text_tower_anchor": 1.0}, {"seed": 42, "text_tower_anchor": 0.0}, "c-4")

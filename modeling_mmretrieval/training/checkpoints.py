@@ -410,6 +410,10 @@ def start_lineage(accelerator, resume_from_checkpoint: str | None, checkpoints_d
     return checkpoint
 
 
+# Signature entries added after checkpoints without them were written, with the value those checkpoints ran with.
+SIGNATURE_DEFAULTS = {"text_tower_anchor": 0.0}
+
+
 def check_run_signature(saved: Mapping, current: Mapping, checkpoint: str | os.PathLike) -> None:
     """Raise `CheckpointMismatchError` when the settings that fix data order and step arithmetic changed.
 
@@ -420,6 +424,7 @@ def check_run_signature(saved: Mapping, current: Mapping, checkpoint: str | os.P
     CheckpointMismatchError: checkpoint-400 was written by a run with other settings (seed: checkpoint 42 vs now 7); ...
     ```
     """
+    saved = {**SIGNATURE_DEFAULTS, **saved}
     differences = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
     if differences:
         listed = ", ".join(f"{key}: checkpoint {old!r} vs now {new!r}" for key, (old, new) in differences.items())

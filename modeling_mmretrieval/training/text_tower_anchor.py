@@ -29,10 +29,15 @@ from torch.nn.parallel import DistributedDataParallel
 DEFAULT_TEXT_TOWER_ANCHOR = 1.0
 
 
+class TextTowerAnchorError(ValueError):
+    """A text-tower anchor weight the model cannot take (the train command's one-line error, exit status 2)."""
+
+
 def text_tower_anchor_weight(requested: float | None, config) -> float:
     """The anchor's weight for a run: `requested` when given (0 is off; a positive weight for a text-only model
     raises `ValueError`: its text vectors are its embeddings already), else `DEFAULT_TEXT_TOWER_ANCHOR` for models
     with the residual fusion and 0 for the others (the paper's fusions train as the paper trains them).
+    `TextTowerAnchorError` (a `ValueError`) says why a weight is refused.
 
     Example:
     ```python
@@ -43,10 +48,10 @@ def text_tower_anchor_weight(requested: float | None, config) -> float:
     if requested is None:
         return DEFAULT_TEXT_TOWER_ANCHOR if config.uses_images and config.fusion == "residual" else 0.0
     if requested < 0:
-        raise ValueError(f"the text-tower anchor weight must be 0 or more, got {requested}")
+        raise TextTowerAnchorError(f"the text-tower anchor weight must be 0 or more, got {requested}")
     if requested and not config.uses_images:
-        raise ValueError("the text-tower anchor keeps a fused model's text tower a retriever of its own: a text_only "
-                         "model has no fusion (drop --text_tower_anchor)")
+        raise TextTowerAnchorError("the text-tower anchor keeps a fused model's text tower a retriever of its own: "
+                                   "a text_only model has no fusion (drop --text_tower_anchor)")
     return float(requested)
 
 
@@ -81,4 +86,4 @@ class TextTowerAnchorLoss:
         return f"{type(self).__name__}(weight={self.weight})"
 
 
-__all__ = ["DEFAULT_TEXT_TOWER_ANCHOR", "TextTowerAnchorLoss", "text_tower_anchor_weight"]
+__all__ = ["DEFAULT_TEXT_TOWER_ANCHOR", "TextTowerAnchorError", "TextTowerAnchorLoss", "text_tower_anchor_weight"]

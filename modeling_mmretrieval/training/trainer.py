@@ -671,6 +671,8 @@ def run_training(args) -> dict:
         # The tagger's weights are in every checkpoint: a run with other tags (or none) cannot load them.
         "visual_tags": accelerator.unwrap_model(model).config.visual_tags,
     }
+    # The loss changes with it; checkpoints written before it existed trained without it (`check_run_signature`).
+    signature["text_tower_anchor"] = args.text_tower_anchor
     colour_levels = accelerator.unwrap_model(model).config.colour_histogram_levels
     if colour_levels:  # the cached image features (and the fusion's width) depend on it
         signature["colour_histogram_levels"] = colour_levels
