@@ -360,6 +360,19 @@ def test_train_refuses_bad_flags_before_loading_a_model(shop, tmp_path, capsys, 
     assert named in line and NO_MODEL not in line
 
 
+@pytest.mark.parametrize("flag", ["--visual_word_restoration", "--text_tower_anchor"])
+def test_a_text_only_checkpoint_given_an_image_loss_is_refused_in_one_line(shop, tmp_path, capsys, towers, flag):
+    checkpoint = tmp_path / "text_only"
+    tokenizer = AutoTokenizer.from_pretrained(towers["text"])
+    config = make_config("text_only")
+    config.text_config.vocab_size = len(tokenizer)
+    MultimodalRetrievalModel(config).save_pretrained(checkpoint)
+    MultimodalRetrievalProcessor(tokenizer, max_query_length=16, max_product_length=32).save_pretrained(checkpoint)
+    line = refused(capsys, "train", "--dataset", shop, *CATALOGUE_FLAGS, "--model_name_or_path", checkpoint,
+                   "--output_dir", tmp_path / "run", "--max_train_steps", "1", "--eval_split", "none", flag, "1")
+    assert flag in line and "text_only" in line
+
+
 def test_train_refuses_a_catalogue_without_queries_or_article_types(shop, tmp_path, capsys, towers):
     line = refused(capsys, "train", "--dataset", shop, *CATALOGUE_FLAGS, "--query_column", "none",
                    "--text_model", towers["text"], "--output_dir", tmp_path / "run")

@@ -45,7 +45,9 @@ from ..training.model_builder import (
 from ..training.model_card import hub_license
 from ..training.visual_tagger import DEFAULT_MIN_PROBABILITY, VisualTaggerError
 from ..training.text_tower_anchor import DEFAULT_TEXT_TOWER_ANCHOR, TextTowerAnchorError
-from ..training.visual_word_restoration import DEFAULT_VISUAL_WORD_RESTORATION, TRAINED_FUSIONS
+from ..training.visual_word_restoration import (
+    DEFAULT_VISUAL_WORD_RESTORATION, TRAINED_FUSIONS, VisualWordRestorationError,
+)
 from ..training.optimization import SCHEDULER_TYPES, NonFiniteLossError
 from ..training.trainer import run_training, trackers_for
 from .common import (
@@ -457,7 +459,8 @@ def main(argv=None, prog: str | None = None) -> int:
     """
     try:
         run(argv, prog)
-    except (CliError, ImageFailureError, AlignmentError, VisualTaggerError, TextTowerAnchorError) as error:
+    except (CliError, ImageFailureError, AlignmentError, VisualTaggerError, TextTowerAnchorError,
+            VisualWordRestorationError) as error:
         # ImageFailureError: --strict_images (or too many failed images) found while caching or training.
         print(f"{prog or Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         return 2

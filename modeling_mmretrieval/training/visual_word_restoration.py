@@ -41,21 +41,25 @@ TRAINED_FUSIONS = ("residual", "mlp")
 DEFAULT_VISUAL_WORD_RESTORATION = 1.0
 
 
+class VisualWordRestorationError(ValueError):
+    """A restoration setting the model or the run cannot take (the train command's one-line error, exit status 2)."""
+
+
 def check_restoration_supported(config) -> None:
-    """Raises a one-line `ValueError` unless the model has a trained fusion of text and image for the loss to
-    train.
+    """Raises a one-line `VisualWordRestorationError` (a `ValueError`) unless the model has a trained fusion of text
+    and image for the loss to train.
 
     Example:
     ```python
     >>> check_restoration_supported(MultimodalRetrievalConfig(architecture="text_only"))
     Traceback (most recent call last):
-    ValueError: visual-word restoration trains the image fusion: it needs a 3tower or 4tower model with fusion 'residual' or 'mlp', not text_only
+    VisualWordRestorationError: visual-word restoration trains the image fusion: it needs a 3tower or 4tower model with fusion 'residual' or 'mlp', not text_only (--visual_word_restoration)
     ```
     """
     if not config.uses_images or config.fusion not in TRAINED_FUSIONS:
         found = config.architecture if not config.uses_images else f"{config.architecture} with fusion {config.fusion!r}"
-        raise ValueError("visual-word restoration trains the image fusion: it needs a 3tower or 4tower model with "
-                         f"fusion 'residual' or 'mlp', not {found}")
+        raise VisualWordRestorationError("visual-word restoration trains the image fusion: it needs a 3tower or 4tower "
+                                         f"model with fusion 'residual' or 'mlp', not {found} (--visual_word_restoration)")
 
 
 def restoration_weight(requested: float | None, config) -> float:
@@ -155,8 +159,8 @@ class VisualWordRestorationLoss:
         if module is not model and isinstance(self.base_loss, CachedNTXentLoss):
             # GradCache averages gradients across processes inside its own backward hook, which may run before
             # this term's gradients arrive.
-            raise ValueError("visual-word restoration does not combine with --mini_batch_size across several "
-                             "processes; drop one of them")
+            raise VisualWordRestorationError("visual-word restoration does not combine with --mini_batch_size across "
+                                             "several processes; drop one of them")
         check_restoration_supported(module.config)
         return loss + self.weight * restoration_loss(module, model_batch, stripped)
 
@@ -165,4 +169,4 @@ class VisualWordRestorationLoss:
         return f"{type(self).__name__}(weight={self.weight}, base_loss={base})"
 
 
-__all__ = ["DEFAULT_VISUAL_WORD_RESTORATION", "VisualWordRestorationLoss", "check_restoration_supported", "restoration_weight", "restoration_loss", "split_stripped_view"]
+__all__ = ["DEFAULT_VISUAL_WORD_RESTORATION", "VisualWordRestorationError", "VisualWordRestorationLoss", "check_restoration_supported", "restoration_weight", "restoration_loss", "split_stripped_view"]
