@@ -228,6 +228,17 @@ def fusion_mlps(config: MultimodalRetrievalConfig, text_embedding_dim: int) -> t
     return FusionMLP(query_input, output_size=output_size, **sizes), FusionMLP(product_input, output_size=output_size, **sizes)
 
 
+def image_branch_layers(model) -> list[nn.Linear]:
+    """The last layer of each residual fusion MLP of `model` (`query_fusion`, `product_fusion`): what the image adds
+    to the text vector goes through them, so zeroed they silence it. Empty for the other fusions.
+
+    Example: `[layer.out_features for layer in image_branch_layers(model)]` gives `[384, 384]` for a 4tower MiniLM.
+    """
+    if model.config.fusion != "residual":
+        return []
+    return [fusion.layers[-1] for fusion in (model.query_fusion, model.product_fusion) if fusion is not None]
+
+
 def fuse_features(
     text: torch.Tensor,
     other: torch.Tensor,
@@ -691,12 +702,10 @@ class MultimodalRetrievalPreTrainedModel(PreTrainedModel):
                 # An unfitted tagger gives every word the same probability: it writes nothing above a threshold.
                 init.zeros_(module.visual_tagger.classifier.weight)
                 init.zeros_(module.visual_tagger.classifier.bias)
-            if module.config.fusion == "residual":
-                # The image branch starts silent: a new model ranks exactly as its text tower does.
-                for fusion in (module.query_fusion, module.product_fusion):
-                    if fusion is not None:
-                        init.zeros_(fusion.layers[-1].weight)
-                        init.zeros_(fusion.layers[-1].bias)
+            # The image branch starts silent: a new model ranks exactly as its text tower does.
+            for layer in image_branch_layers(module):
+                init.zeros_(layer.weight)
+                init.zeros_(layer.bias)
 
 
 class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
@@ -814,10 +823,9 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         if self.config.fusion != "residual":
             raise ValueError(f"only the residual fusion has an image branch to silence, not {self.config.fusion!r}")
         with torch.no_grad():
-            for fusion in (self.query_fusion, self.product_fusion):
-                if fusion is not None:
-                    fusion.layers[-1].weight.zero_()
-                    fusion.layers[-1].bias.zero_()
+            for layer in image_branch_layers(self):
+                layer.weight.zero_()
+                layer.bias.zero_()
 
     def remove_visual_tagger(self) -> None:
         """Drops the visual-word tagger (module and config), e.g. before training without one from a checkpoint

@@ -8,6 +8,7 @@ import torch
 from tiny_towers import make_batch, make_config
 
 from modeling_mmretrieval import MultimodalRetrievalModel
+from modeling_mmretrieval.modeling_mmretrieval import image_branch_layers
 from modeling_mmretrieval.training.checkpoints import CheckpointMismatchError, check_run_signature
 from modeling_mmretrieval.training.text_tower_anchor import TextTowerAnchorLoss, text_tower_anchor_weight
 from modeling_mmretrieval.training.trainer import model_loss
@@ -16,12 +17,12 @@ from modeling_mmretrieval.training.trainer import model_loss
 def with_trained_fusion(model: MultimodalRetrievalModel, seed: int = 0) -> MultimodalRetrievalModel:
     """The model with its residual fusions' zero-initialised last layers set to random values, as after training."""
     generator = torch.Generator().manual_seed(seed)
-    for fusion in (model.query_fusion, model.product_fusion):
-        if fusion is not None:
-            last = fusion.layers[-1]
-            with torch.no_grad():
-                last.weight.copy_(0.3 * torch.randn(last.weight.shape, generator=generator))
-                last.bias.copy_(0.3 * torch.randn(last.bias.shape, generator=generator))
+    layers = image_branch_layers(model)
+    assert layers, "a residual-fusion model"
+    with torch.no_grad():
+        for last in layers:
+            last.weight.copy_(0.3 * torch.randn(last.weight.shape, generator=generator))
+            last.bias.copy_(0.3 * torch.randn(last.bias.shape, generator=generator))
     return model
 
 
