@@ -21,6 +21,8 @@ import shlex
 import subprocess
 import sys
 import time
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ import torch
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, speedups
 from modeling_mmretrieval.atomic_files import write_json_atomically
 from modeling_mmretrieval.data import default_data_dir, load_catalogue
-from modeling_mmretrieval.data.visual_words import COLOUR_WORDS, VisualWords
+from modeling_mmretrieval.data.visual_words import VisualWords
 from modeling_mmretrieval.retrieval.exclusive_matches import exclusive_matches
 from modeling_mmretrieval.retrieval.held_out_evaluation import HeldOutEvaluator, model_ranker
 from modeling_mmretrieval.retrieval.hybrid import fused_ranker
@@ -66,6 +68,13 @@ CEILINGS = {COLOUR_CEILING: "every product", UNNAMED_COLOUR_CEILING: "where the 
             SILENT_COLOUR_CEILING: "where the text names no colour"}
 CEILING_FILES = {COLOUR_CEILING: "colour_ceiling", UNNAMED_COLOUR_CEILING: "unnamed_colour_ceiling",
                  SILENT_COLOUR_CEILING: "silent_colour_ceiling"}
+# The colour ceiling with a real reader instead of a perfect one: the text-only models told, on every product, the
+# colour the default row's tagger (same seed) reads off its photo, with this share of the tagger's mistakes put right
+# (seeded by product); between the tagger's accuracy and the perfect reader's, they say how good a colour reader must
+# be for colour to reach a target. Their cache files' names follow.
+READER_ROWS = {"reader: text-only told the default tagger's colour on every product": 0.0,
+               "reader: the same, half of the tagger's mistakes put right": 0.5}
+READER_FILES = {row: f"reader_colour_corrected_{round(share * 100)}" for row, share in READER_ROWS.items()}
 # Rows also evaluated with their fusions' image branch off at search time (their text tower and tags alone).
 TOWER_ALONE_ROWS = (
     "4tMM residual + restoration + visual tags + colour histogram for the tagger",
@@ -125,6 +134,15 @@ ROW_NOTES = {
     "(text towers untouched) learns to restore from the image the colour/pattern words stripped from every training "
     "product text (`training.visual_word_restoration`, weight 1)",
 }
+ROW_NOTES.update({
+    "reader: text-only told the default tagger's colour on every product": "not a model: the colour ceiling with a "
+    f"real reader: the text-only models evaluated with the colour that the tagger of `{DEFAULT_ROW}` (same seed) reads "
+    "off each product's photo appended to every product title, right or wrong (`reader_colours`); between it and "
+    "the first ceiling lies what a better colour reader would add",
+    "reader: the same, half of the tagger's mistakes put right": "not a model: the same, with the catalogue's colour "
+    "told instead on a seeded half of the products whose colour the tagger reads wrong: a reader with half its "
+    "mistakes",
+})
 ROW_NOTES.update({
     row + TOWER_ALONE: f"not trained again: the models of `{row}` with the last layer of both residual fusions zeroed "
     "at search time, as at initialisation, so that they rank by their text tower and the visual tags written into "
@@ -265,17 +283,22 @@ def train_row(args, flags: list[str], seed: int, run_dir: Path) -> Path:
     return final
 
 
-def with_catalogue_colour(rank, column: str = "base_colour", told: str = "every product"):
+def with_catalogue_colour(rank, column: str = "base_colour", told: str = "every product",
+                          colour_of: Mapping[str, str] | None = None, id_column: str = "product_id"):
     """The ranker, fed products whose title ends with the catalogue's colour value: what a perfect colour reader of
     the image would tell the text tower. Evaluated with the text-only models, it is the colour ceiling of the
     text-silent slice and the degraded variant. `told`: which products get their colour, `"every product"`, those
     whose title and description do not name it (`"where the text lacks it"`), or those whose text names no colour
-    at all (`"where the text names no colour"`, the visual-word tagger's rule)."""
+    at all (`"where the text names no colour"`, the visual-word tagger's rule). `colour_of` (product id -> colour)
+    tells a real reader's colours instead of the catalogue's (products it lacks are told nothing)."""
     if told not in CEILINGS.values():
         raise ValueError(f"told must be one of {list(CEILINGS.values())}, got {told!r}")
 
+    def colour_told(product):
+        return product.get(column) if colour_of is None else colour_of.get(str(product[id_column]))
+
     def is_told(product, colour_words: VisualWords) -> bool:
-        colour = product.get(column)
+        colour = colour_told(product)
         text = f"{product.get('title') or ''} {product.get('description') or ''}"
         if not colour or told == "every product":
             return bool(colour)
@@ -284,20 +307,53 @@ def with_catalogue_colour(rank, column: str = "base_colour", told: str = "every 
         return colour_words.pattern.search(text) is None
 
     def ranked(products, texts, k):
-        values = {str(product[column]).lower() for product in products if product.get(column)}
-        colour_words = VisualWords(tuple(sorted(values | {word.lower() for word in COLOUR_WORDS},
-                                                key=lambda phrase: (-len(phrase), phrase))))
-        return rank([{**product, "title": f"{product.get('title') or ''} {product[column]}".strip()}
+        colour_words = VisualWords.colours(str(product[column]) for product in products if product.get(column))
+        return rank([{**product, "title": f"{product.get('title') or ''} {colour_told(product)}".strip()}
                      if is_told(product, colour_words) else product for product in products], texts, k)
     return ranked
 
 
+def reader_colours(folder: Path, products: list, feature_cache: dict, corrected_share: float = 0.0,
+                   seed: int = 0, column: str = "base_colour", id_column: str = "product_id") -> dict[str, str]:
+    """The colour the visual-word tagger of the checkpoint in `folder` reads off each product's photo (most probable
+    tag, whatever its probability), by product id; products without an image are left out. `corrected_share` of the
+    products it reads wrong (chosen by a seeded hash of their id) get the catalogue's colour instead, a better
+    reader than the tagger with the same kind of mistakes."""
+    model = MultimodalRetrievalModel.from_pretrained(folder).eval()
+    processor = MultimodalRetrievalProcessor.from_pretrained(folder)
+    speedups.apply(processor=processor)
+    if not model.config.visual_tags or not model.image_features_are_frozen:
+        raise ValueError(f"{folder}: not a checkpoint with a visual-word tagger on frozen image features")
+    key = image_feature_namespace(model, processor)
+    if key not in feature_cache:
+        feature_cache[key] = precompute_image_features(model, processor, products, show_progress=False)
+    read = {str(product[id_column]): feature_cache[key].get(str(product[id_column])) for product in products}
+    read = {product_id: feature for product_id, feature in read.items() if feature is not None}
+    with torch.no_grad():
+        chosen = model.visual_tagger(torch.stack([torch.as_tensor(f).float().flatten() for f in read.values()]))
+    colours = dict(zip(read, (model.config.visual_tags[index] for index in chosen.argmax(-1).tolist())))
+    for product in products:
+        product_id, truth = str(product[id_column]), product.get(column)
+        wrong = product_id in colours and truth and colours[product_id] != str(truth).lower()
+        if wrong and zlib.crc32(f"{seed}:{product_id}".encode()) % 1000 < corrected_share * 1000:
+            colours[product_id] = str(truth).lower()
+    return colours
+
+
+def reader_accuracy(colours: Mapping[str, str], products: list, column: str = "base_colour",
+                    id_column: str = "product_id") -> float:
+    """The share of the products with a read colour and a catalogue colour whose read colour is the catalogue's."""
+    judged = [(colours[str(product[id_column])], str(product[column]).lower()) for product in products
+              if str(product[id_column]) in colours and product.get(column)]
+    return sum(read == truth for read, truth in judged) / len(judged) if judged else float("nan")
+
+
 def evaluate_checkpoint(evaluator: HeldOutEvaluator, folder: Path, feature_cache: dict,
                         colour_oracle: str | None = None, with_bm25: bool = False,
-                        image_branch: bool = True) -> dict:
+                        image_branch: bool = True, colour_of: Mapping[str, str] | None = None) -> dict:
     """The evaluation of the checkpoint in `folder`; `colour_oracle` (a value of `CEILINGS`) tells the ranked
-    products their catalogue colour (`with_catalogue_colour`); `image_branch=False` turns the
-    residual fusion's image branch off (`silence_image_branch`)."""
+    products their catalogue colour, or their colour in `colour_of` (`with_catalogue_colour`);
+    `image_branch=False` turns the residual fusion's image branch off (`silence_image_branch`)."""
     model = MultimodalRetrievalModel.from_pretrained(folder).eval()
     if not image_branch:
         model.silence_image_branch()
@@ -315,9 +371,18 @@ def evaluate_checkpoint(evaluator: HeldOutEvaluator, folder: Path, feature_cache
         if with_bm25:
             rank = fused_ranker([rank, bm25_ranker()])
         if colour_oracle:
-            rank = with_catalogue_colour(rank, told=colour_oracle)
+            rank = with_catalogue_colour(rank, told=colour_oracle, colour_of=colour_of)
         result = evaluator.evaluate(rank)
     return {"per_query": result.per_query, "runs": result.runs}
+
+
+def told_by_reader(evaluator: HeldOutEvaluator, folder: Path, tagger: Path, feature_cache: dict,
+                   corrected_share: float, seed: int) -> dict:
+    """The evaluation of the text-only checkpoint in `folder` with every product told the colour that `tagger`'s
+    visual-word tagger reads off its photo (`reader_colours`), and how often that colour is right."""
+    colours = reader_colours(tagger, evaluator.products, feature_cache, corrected_share=corrected_share, seed=seed)
+    result = evaluate_checkpoint(evaluator, folder, feature_cache, colour_oracle="every product", colour_of=colours)
+    return {**result, "reader_accuracy": reader_accuracy(colours, evaluator.products)}
 
 
 def is_cached(path: Path, evaluation: str, flags_file: Path) -> bool:
@@ -428,7 +493,8 @@ def markdown(args, summary: dict, exclusive: dict, evaluator: HeldOutEvaluator, 
         f"- **The 4tMM rows' dual encoder** (built once, shared by their seeds): {pair_budget(args)}",
         "- **Intervals**: mean difference to the text-only row, paired bootstrap over queries (2,000 resamples, "
         "95%), per-query values averaged over the seeds first; the percentage is relative to text-only.", "",
-        "## Rows", "", *[f"- **{row}**: {ROW_NOTES[row]}." for row in summary if row in ROW_NOTES], "",
+        "## Rows", "", *[f"- **{row}**: {ROW_NOTES[row]}{accuracy_note(summary[row])}." for row in summary
+                          if row in ROW_NOTES], "",
         "## Results", "",
         f"Mean over queries of the seed-averaged values; in brackets, the difference to text-only with its 95% paired "
         f"bootstrap interval, then the relative change. `{DEFAULT_ROW}` is what `examples/train.py` trains by default.",
@@ -440,11 +506,50 @@ def markdown(args, summary: dict, exclusive: dict, evaluator: HeldOutEvaluator, 
         "add; where a target lies above it, no image model of this budget can reach it by colour alone. The visual "
         "tags move the text-silent slice most: they put the colour read off the photo where the text tower reads "
         "words. On the degraded variant they help less, since half of all products are then tagged and a wrong tag "
-        f"misleads other colour queries.{tagger_accuracy(args)}",
+        f"misleads other colour queries.{tagger_accuracy(args)}{reader_paragraph(summary, evaluator.products)}",
         "", "## Best row per reported number", "", *best_rows(summary), "",
         "## Targets (issue 14) against text-only", "", *target_lines, "",
         "## Exclusive matches (top-100, against text-only)", "", *exclusive_lines, "",
     ])
+
+
+def title_colour_agreement(products: list, column: str = "base_colour", title: str = "title") -> tuple[int, int]:
+    """`(agreeing, judged)`: of the products whose title names exactly one colour (catalogue values and the
+    vocabulary's colour words), how many name the catalogue's colour: how consistent the catalogue is with itself,
+    the agreement a photo reader is measured against."""
+    words = VisualWords.colours(str(product[column]) for product in products if product.get(column))
+    agreeing = judged = 0
+    for product in products:
+        named = {match.group(0).lower().replace("-", " ") for match in words.pattern.finditer(product.get(title) or "")}
+        if product.get(column) and len(named) == 1:
+            judged += 1
+            agreeing += named.pop() == str(product[column]).lower()
+    return agreeing, judged
+
+
+def reader_paragraph(summary: dict, products: list) -> str:
+    """What the reader rows say: how the all-queries gain grows with the told colours' accuracy, beside how often the
+    catalogue's own titles agree with its colour column ("" without reader rows)."""
+    rows = [row for row in READER_ROWS if "reader_accuracy" in summary.get(row, {})]
+    if not rows or COLOUR_CEILING not in summary:
+        return ""
+    points = [(summary[row]["reader_accuracy"], summary[row]["all/ndcg@10"]) for row in rows]
+    points.append((1.0, summary[COLOUR_CEILING]["all/ndcg@10"]))
+    agreeing, judged = title_colour_agreement(products)
+    told = "; ".join(f"right on {accuracy:.2f}: {entry['difference']}" for accuracy, entry in points)
+    consistency = f" on {agreeing / judged:.2f} of the {judged} test products whose title names one colour" if judged else ""
+    return (" The reader rows and the first ceiling tell every product a colour that is right more and more often; "
+            f"the all-queries nDCG@10 difference to text-only grows with it ({told}). A colour told everywhere pays "
+            "only from a reader that agrees with the catalogue almost as often as the catalogue's own titles do: they "
+            f"name its colour column's value{consistency}.")
+
+
+def accuracy_note(entries: dict) -> str:
+    """For a reader row, how often the colours it told were right (mean over its seeds); "" for the others."""
+    if "reader_accuracy" not in entries:
+        return ""
+    return (f"; the colours told are the catalogue's on {entries['reader_accuracy']:.2f} of the test products with "
+            "a photo and a catalogue colour (mean over the seeds)")
 
 
 def training_catalogue(args) -> str:
@@ -557,11 +662,27 @@ def main(argv=None) -> dict:
             results[row] = evaluated_again(
                 args, output, BASELINE, CEILING_FILES[row], evaluation,
                 lambda final, told=told: evaluate_checkpoint(evaluator, final, feature_cache, colour_oracle=told))
+    if BASELINE in args.rows and DEFAULT_ROW in args.rows:  # the ceiling with the default row's real tagger
+        for row, share in READER_ROWS.items():
+            results[row] = []
+            for seed in args.seeds:
+                tagger_run = row_dir(output, DEFAULT_ROW) / f"seed{seed}"
+                if not (tagger_run / "train_flags.json").is_file():
+                    continue
+                results[row] += evaluated_again(
+                    argparse.Namespace(**{**vars(args), "seeds": [seed]}), output, BASELINE, READER_FILES[row],
+                    evaluation + (tagger_run / "train_flags.json").read_text(),
+                    lambda final, tagger=tagger_run / "final", share=share, seed=seed: told_by_reader(
+                        evaluator, final, tagger, feature_cache, share, seed))
     # The report lists the rows in ROWS order, whatever order they were run in.
     order = [*references, *pairs, *ROWS, *(row + TOWER_ALONE for row in TOWER_ALONE_ROWS), HYBRID_ROW,
-             *CEILINGS]
+             *CEILINGS, *READER_ROWS]
     results = {row: results[row] for row in order if results.get(row)}
     summary = summarise(results)
+    for row in READER_ROWS:  # the reader rows also say how often their told colour was right
+        accuracies = [run["reader_accuracy"] for run in results.get(row, []) if "reader_accuracy" in run]
+        if accuracies:
+            summary[row]["reader_accuracy"] = sum(accuracies) / len(accuracies)
     qrels = evaluator.qrels
     exclusive = {}
     for row in args.rows:

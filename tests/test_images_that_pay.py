@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from example_scripts import load_example
 from tiny_towers import make_batch, make_config
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
@@ -217,11 +218,7 @@ def test_residual_fusion_batch_runs_through_forward():
 
 # ----- the comparison report ------------------------------------------------------------------------------------------
 def test_the_comparison_report_pairs_rows_with_text_only_and_checks_the_targets(sample, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("images_that_pay", REPO_ROOT / "examples" / "images_that_pay.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_example("images_that_pay.py")
     rng = random.Random(0)
     queries = [f"q{i}" for i in range(200)]
 
@@ -245,11 +242,7 @@ def test_the_comparison_report_pairs_rows_with_text_only_and_checks_the_targets(
 
 
 def test_the_report_states_the_training_budget_and_the_tagger_accuracy_of_its_own_runs(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("images_that_pay", REPO_ROOT / "examples" / "images_that_pay.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_example("images_that_pay.py")
     args = report.parse_args(["--output_dir", str(tmp_path), "--dataset", "shop/catalogue", "--max_train_steps", "250",
                               "--seeds", "0", "1"])
     assert report.training_catalogue(args) == "the training split of `shop/catalogue`"  # nothing trained yet
@@ -277,11 +270,7 @@ def test_the_report_states_the_training_budget_and_the_tagger_accuracy_of_its_ow
 
 
 def test_the_colour_ceilings_tell_every_product_or_only_those_whose_text_lacks_it():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("images_that_pay", REPO_ROOT / "examples" / "images_that_pay.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_example("images_that_pay.py")
     products = [
         {"id": "a", "title": "Roadster Men Navy Blue Shirt", "description": "", "base_colour": "Navy Blue"},
         {"id": "b", "title": "Roadster Men Shirt", "description": "Pair it with white sneakers", "base_colour": "Red"},
@@ -303,6 +292,21 @@ def test_the_colour_ceilings_tell_every_product_or_only_those_whose_text_lacks_i
     assert seen[2] == ["Roadster Men Navy Blue Shirt", "Roadster Men Shirt", "Kurta"]
     with pytest.raises(ValueError, match="told must be one of"):
         report.with_catalogue_colour(rank, told="some products")
+    # How often a catalogue's titles name its colour column's value, among titles naming exactly one colour.
+    catalogue = [*products, {"id": "d", "title": "Roadster Men Blue Jeans", "base_colour": "Navy Blue"},
+                 {"id": "e", "title": "Red and White Striped Top", "base_colour": "Red"}]
+    assert report.title_colour_agreement(catalogue) == (1, 2)  # "a" agrees, "d" does not; "e" names two
+    # A real reader's colours instead of the catalogue's; a product it did not read is told nothing.
+    report.with_catalogue_colour(rank, colour_of={"a": "blue", "b": "red"}, id_column="id")(products, ["red shirt"], 3)
+    assert seen[3] == ["Roadster Men Navy Blue Shirt blue", "Roadster Men Shirt red", "Kurta"]
+
+
+def test_the_colour_vocabulary_has_the_catalogue_values_and_no_pattern_words():
+    colours = VisualWords.colours(["Sea Green", "Mushroom  Brown"])
+    assert colours.pattern.search("Striped Sea Green Kurta").group(0) == "Sea Green"
+    assert colours.pattern.search("Roadster Men Striped Polo") is None  # "striped" is a pattern, not a colour
+    assert VisualWords.from_values(()).pattern.search("Roadster Men Striped Polo") is not None
+    assert "mushroom brown" in colours.phrases and colours.phrases.index("sea green") < colours.phrases.index("green")
 
 
 def test_visual_words_keep_unrelated_joiners_and_agree_with_silence():
@@ -329,3 +333,20 @@ def test_text_silent_recall_ranks_past_the_other_relevant_products(sample):
     means = evaluator.evaluate(others_first).means()
     assert means["text_silent/recall@10"] == pytest.approx(
         sum(min(1.0, 10 / len(s)) for s in evaluator.silent_qrels.values()) / len(evaluator.silent_qrels))
+
+
+def test_the_reader_paragraph_lines_up_the_told_colours_accuracy_with_the_gain():
+    report = load_example("images_that_pay.py")
+    tagger_row, corrected_row = report.READER_ROWS
+    summary = {
+        tagger_row: {"reader_accuracy": 0.64, "all/ndcg@10": {"difference": "-0.023 [-0.031, -0.015]"}},
+        corrected_row: {"reader_accuracy": 0.82, "all/ndcg@10": {"difference": "+0.009 [+0.001, +0.016]"}},
+        report.COLOUR_CEILING: {"all/ndcg@10": {"difference": "+0.031 [+0.023, +0.040]"}},
+    }
+    products = [{"title": "Roadster Men Navy Blue Shirt", "base_colour": "Navy Blue"},
+                {"title": "Roadster Men Black Jeans", "base_colour": "Grey"}]
+    paragraph = report.reader_paragraph(summary, products)
+    assert ("right on 0.64: -0.023 [-0.031, -0.015]; right on 0.82: +0.009 [+0.001, +0.016]; right on 1.00: +0.031 "
+            "[+0.023, +0.040]") in paragraph
+    assert "on 0.50 of the 2 test products whose title names one colour" in paragraph
+    assert report.reader_paragraph({report.COLOUR_CEILING: summary[report.COLOUR_CEILING]}, products) == ""

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from example_scripts import load_example
 from tiny_towers import compose_from_tiny_towers, noisy_png, save_tiny_pretrained_towers
 from transformers import AutoTokenizer
 
@@ -113,11 +114,7 @@ def test_the_fitted_tagger_reads_held_out_colours(fitted):
 
 
 def test_the_learning_curve_judges_the_fitted_tagger_on_other_products(fitted):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("curve", REPO_ROOT / "examples" / "visual_tagger_learning_curve.py")
-    curve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(curve)
+    curve = load_example("visual_tagger_learning_curve.py")
     model, processor, _ = fitted
     held_out = catalogue(40, seed=7)
     held_out[0]["base_colour"] = "Mauve"  # a colour outside the vocabulary can only be wrong
@@ -129,14 +126,10 @@ def test_the_learning_curve_judges_the_fitted_tagger_on_other_products(fitted):
 
 def test_the_learning_curve_refits_the_tagger_per_size_and_goes_on_past_a_size_too_small(fitted, tmp_path,
                                                                                          monkeypatch):
-    import importlib.util
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    spec = importlib.util.spec_from_file_location("curve", REPO_ROOT / "examples" / "visual_tagger_learning_curve.py")
-    curve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(curve)
+    curve = load_example("visual_tagger_learning_curve.py")
     model, processor, _ = fitted
     model.save_pretrained(tmp_path / "ckpt")
     processor.save_pretrained(tmp_path / "ckpt")
@@ -151,6 +144,30 @@ def test_the_learning_curve_refits_the_tagger_per_size_and_goes_on_past_a_size_t
     assert rows[1]["labelled_products"] == 120 and rows[1]["colours"] == 4 and rows[1]["evaluated_products"] == 40
     assert rows[1]["accuracy"] > 0.9 and rows[1]["precision"] > 0.9
     assert json.loads((tmp_path / "curve.json").read_text())["rows"] == rows
+
+
+def test_the_reader_ceiling_tells_the_tagger_colour_and_puts_right_the_chosen_share_of_its_mistakes(fitted, tmp_path):
+    report = load_example("images_that_pay.py")
+    model, processor, _ = fitted
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    products = catalogue(40, seed=9)
+    for product in products[:10]:  # the photos say otherwise: the tagger reads these ten wrong
+        product["base_colour"] = "Mauve"
+    products[10]["image"] = None
+    read = report.reader_colours(tmp_path / "ckpt", products, {})
+    assert len(read) == 39 and "sku-9-10" not in read  # no photo, nothing read
+    assert all(read[p["product_id"]] != "mauve" for p in products[:10])
+    assert sum(read[p["product_id"]] == p["base_colour"].lower() for p in products[11:]) >= 27
+    corrected = report.reader_colours(tmp_path / "ckpt", products, {}, corrected_share=0.5, seed=3)
+    changed = [p for p in products if corrected.get(p["product_id"]) != read.get(p["product_id"])]
+    assert all(corrected[p["product_id"]] == p["base_colour"].lower() for p in changed)  # only ever to the truth
+    assert 2 <= sum(p["base_colour"] == "Mauve" for p in changed) <= 8  # about half of the ten mistakes
+    assert report.reader_colours(tmp_path / "ckpt", products, {}, corrected_share=0.5, seed=3) == corrected
+    everything = report.reader_colours(tmp_path / "ckpt", products, {}, corrected_share=1.0)
+    assert all(everything[p["product_id"]] == p["base_colour"].lower() for p in products if p["image"])
+    assert report.reader_accuracy(everything, products) == 1.0
+    assert report.reader_accuracy(read, products) <= 29 / 39  # the ten Mauve products are read wrong
 
 
 def test_silent_texts_get_the_colour_of_their_image_and_others_stay(fitted):

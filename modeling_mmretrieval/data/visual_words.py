@@ -65,9 +65,23 @@ class VisualWords:
     @classmethod
     def from_values(cls, values: Iterable[str]) -> "VisualWords":
         """The default vocabulary plus `values` (e.g. a catalogue's colour and pattern attribute values)."""
-        phrases = {word.lower() for word in (*COLOUR_WORDS, *PATTERN_WORDS)}
+        return cls._longest_first((*COLOUR_WORDS, *PATTERN_WORDS), values)
+
+    @classmethod
+    def colours(cls, values: Iterable[str] = ()) -> "VisualWords":
+        """The colour words alone (no pattern words) plus `values`, e.g. a catalogue's colour column: what "the text
+        names a colour" means.
+
+        Example: `VisualWords.colours(["Sea Green"]).pattern.search("Striped Sea Green Kurta").group(0)` is
+        `'Sea Green'`.
+        """
+        return cls._longest_first(COLOUR_WORDS, values)
+
+    @classmethod
+    def _longest_first(cls, words: Iterable[str], values: Iterable[str]) -> "VisualWords":
+        phrases = {word.lower() for word in words}
         phrases |= {" ".join(str(value).lower().split()) for value in values if str(value).strip()}
-        # Longest first, so that a multi-word colour is removed whole.
+        # Longest first, so that a multi-word colour is matched and removed whole.
         return cls(tuple(sorted(phrases, key=lambda phrase: (-len(phrase), phrase))))
 
     @property

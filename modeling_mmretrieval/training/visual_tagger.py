@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.catalogue import CatalogueColumns
-from ..data.visual_words import COLOUR_WORDS, VisualWords
+from ..data.visual_words import VisualWords
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,7 @@ def colour_labels(products: Sequence[Mapping], columns: CatalogueColumns) -> tup
     column = columns.base_colour
     if column and products and any(column in product for product in products[:100]):
         return [_normalised(product.get(column)) for product in products], f"the `{column}` column"
-    words = VisualWords.from_values(()).phrases
-    colours = VisualWords(tuple(phrase for phrase in words if all(w in COLOUR_WORDS for w in phrase.split())))
+    colours = VisualWords.colours()
     labels = []
     for product in products:
         found = None
@@ -255,7 +254,7 @@ def fit_visual_tagger(
     majority = (targets[held_out] == Counter(targets[fitted].tolist()).most_common(1)[0][0]).float().mean().item()
     # Every colour the catalogue or the vocabulary knows means "the text names a colour", in the casings titles use
     # (a cased tokenizer gives "Red" other ids than "red"), at a word start or after a space.
-    colours = {label for label in labels if label} | set(COLOUR_WORDS)
+    colours = set(VisualWords.colours(label for label in labels if label).phrases)
     variants = sorted({form for colour in colours for form in (colour, colour.title(), colour.upper())})
     mention_ids = phrase_token_ids(tokenizer, variants) + [list(tokenizer(form, add_special_tokens=False)["input_ids"])
                                                            for form in variants]
