@@ -431,6 +431,11 @@ def test_resume_refuses_a_checkpoint_of_other_settings(assets, tmp_path, capsys)
                             "--per_device_train_batch_size", 8, "--resume_from_checkpoint", "latest")
     with pytest.raises(CheckpointMismatchError, match="per_device_train_batch_size"):
         train_command.run(mismatched)
+    # Another restoration weight changes the loss: refused too (the default run trained with 1.0).
+    reweighted = train_args(assets, tmp_path, "--max_train_steps", 2, "--eval_split", "none",
+                            "--visual_word_restoration", 0.5, "--resume_from_checkpoint", "latest")
+    with pytest.raises(CheckpointMismatchError, match="visual_word_restoration: checkpoint 1.0 vs now 0.5"):
+        train_command.run(reweighted)
     # The command line: one error line and exit status 1, no traceback.
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

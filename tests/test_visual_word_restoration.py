@@ -14,6 +14,7 @@ from modeling_mmretrieval.data import SAMPLE_DATA_DIR, RetrievalCollator, load_c
 from modeling_mmretrieval.data.visual_words import StrippedTextView
 from modeling_mmretrieval.towers import get_minilm_path
 from modeling_mmretrieval.training.cached_loss import CachedNTXentLoss
+from modeling_mmretrieval.training.checkpoints import CheckpointMismatchError, check_run_signature
 from modeling_mmretrieval.training.dual_encoder_alignment import recall_at_k, train_projections
 from modeling_mmretrieval.training.trainer import model_loss
 from modeling_mmretrieval.training.visual_word_restoration import (
@@ -140,3 +141,15 @@ def test_adapters_align_two_frozen_feature_sets():
     with torch.no_grad():
         after = recall_at_k(text_projection(texts[300:]), visual_projection(images[300:]))
     assert before < 0.3 and after > 0.9 and scale > 0
+
+
+def test_a_resumed_run_keeps_its_restoration_weight_where_its_checkpoint_recorded_one():
+    now = {"seed": 42, "visual_word_restoration": 1.0}
+    check_run_signature({"seed": 42, "visual_word_restoration": 1.0}, now, "checkpoint-4")
+    with pytest.raises(CheckpointMismatchError, match="visual_word_restoration: checkpoint 0.5 vs now 1.0"):
+        check_run_signature({"seed": 42, "visual_word_restoration": 0.5}, now, "checkpoint-4")
+    # Checkpoints written before the weight was recorded cannot say theirs: they resume as they did before ...
+    check_run_signature({"seed": 42}, now, "checkpoint-4")
+    # ... while the other settings are still checked.
+    with pytest.raises(CheckpointMismatchError, match="seed: checkpoint 7 vs now 42"):
+        check_run_signature({"seed": 7}, now, "checkpoint-4")

@@ -412,6 +412,9 @@ def start_lineage(accelerator, resume_from_checkpoint: str | None, checkpoints_d
 
 # Signature entries added after checkpoints without them were written, with the value those checkpoints ran with.
 SIGNATURE_DEFAULTS = {"text_tower_anchor": 0.0}
+# Signature entries added later whose value older checkpoints did not record and cannot be inferred (the default
+# changed over time): a checkpoint without one resumes unchecked on it, as it did before.
+SIGNATURE_UNRECORDED_BEFORE = ("visual_word_restoration",)
 
 
 def check_run_signature(saved: Mapping, current: Mapping, checkpoint: str | os.PathLike) -> None:
@@ -425,7 +428,8 @@ def check_run_signature(saved: Mapping, current: Mapping, checkpoint: str | os.P
     ```
     """
     saved = {**SIGNATURE_DEFAULTS, **saved}
-    differences = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
+    compared = {key: value for key, value in current.items() if key in saved or key not in SIGNATURE_UNRECORDED_BEFORE}
+    differences = {key: (saved.get(key), value) for key, value in compared.items() if saved.get(key) != value}
     if differences:
         listed = ", ".join(f"{key}: checkpoint {old!r} vs now {new!r}" for key, (old, new) in differences.items())
         raise CheckpointMismatchError(

@@ -671,8 +671,10 @@ def run_training(args) -> dict:
         # The tagger's weights are in every checkpoint: a run with other tags (or none) cannot load them.
         "visual_tags": accelerator.unwrap_model(model).config.visual_tags,
     }
-    # The loss changes with it; checkpoints written before it existed trained without it (`check_run_signature`).
+    # The loss changes with them; checkpoints written before the anchor existed trained without it, and those
+    # written before the restoration weight was recorded are not checked on it (`check_run_signature`).
     signature["text_tower_anchor"] = args.text_tower_anchor
+    signature["visual_word_restoration"] = args.visual_word_restoration
     colour_levels = accelerator.unwrap_model(model).config.colour_histogram_levels
     if colour_levels:  # the cached image features (and the fusion's width) depend on it
         signature["colour_histogram_levels"] = colour_levels
