@@ -24,6 +24,7 @@ from tiny_towers import make_config
 from transformers import AutoTokenizer, BertConfig, BertModel, BitImageProcessor, Dinov2Config, Dinov2Model
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, cli
+from modeling_mmretrieval.data.catalogue import CatalogueColumnError, CatalogueColumns, load_catalogue
 from modeling_mmretrieval.retrieval.index import ProductIndex
 from modeling_mmretrieval.towers import MissingOfflineTowerError, get_minilm_path
 
@@ -330,6 +331,19 @@ def test_splits_whose_columns_differ_name_the_split_and_the_column(tmp_path, cap
     assert status == 0, err
     assert [line.split()[:2] for line in out.splitlines() if line.split()[:1] in (["train"], ["validation"])] == [
         ["train", "12"], ["validation", "6"]]
+
+
+def test_one_split_of_a_data_files_mapping_is_read_alone(tmp_path):
+    train = write_shop(tmp_path / "a", product_rows(12), name="train")
+    renamed = [{("title" if key == "name" else key): value for key, value in row.items()} for row in product_rows(6)]
+    validation = write_shop(tmp_path / "b", renamed, name="validation")  # this split calls its title `title`
+    files = {"train": str(train), "validation": str(validation)}
+    columns = CatalogueColumns(product_id="sku", title="name", description="desc", image="img_path")
+    assert len(load_catalogue(data_files=files, split="train", columns=columns, needs_queries=False)) == 12
+    with pytest.raises(CatalogueColumnError, match="split 'validation' has no column 'name'"):
+        load_catalogue(data_files=files, split="validation", columns=columns, needs_queries=False)
+    with pytest.raises(KeyError, match="no 'test' split in data_files"):
+        load_catalogue(data_files=files, split="test", columns=columns, needs_queries=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -520,6 +520,10 @@ def load_catalogue(
             source, data_files = builder, split_files
     elif source is None:
         source = _builder_for(data_files)
+    if split is not None and isinstance(data_files, Mapping):  # read only that split's files, whatever the others hold
+        if split not in data_files:
+            raise KeyError(f"no {split!r} split in data_files; splits given: {sorted(data_files)}")
+        data_files = {split: data_files[split]}
     # Relative image paths in local data files are relative to the file's folder, not the working directory.
     local_files = _local_files_by_split(data_files) if data_files is not None else None
     folders = {name: {path.resolve().parent for path in paths} for name, paths in (local_files or {}).items()}
