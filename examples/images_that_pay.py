@@ -81,6 +81,11 @@ TOWER_ALONE_ROWS = (
     "4tMM residual + restoration + visual tags + colour histogram for the tagger + text-tower anchor",
 )
 TOWER_ALONE = ", image branch off at search"
+# The default row is also evaluated with its image branch weighted at search time (`scale_image_branch`), by the
+# candidate weight whose all-queries nDCG@10 on the validation split (same held-out phrasing, never the test split)
+# is highest, chosen per seed.
+CHOSEN_WEIGHT = ", image branch weight chosen on validation"
+CANDIDATE_BRANCH_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
 HYBRID_ROW = "hybrid: the 4tMM tags row's models + BM25 (RRF)"
 # (row name, train.py flags); every row also gets the budget flags of `budget_flags`.
 # What each row tries, for the report.
@@ -143,6 +148,10 @@ ROW_NOTES.update({
     "told instead on a seeded half of the products whose colour the tagger reads wrong: a reader with half its "
     "mistakes",
 })
+ROW_NOTES[DEFAULT_ROW + CHOSEN_WEIGHT] = (
+    f"not trained again: the models of `{DEFAULT_ROW}` with what the residual fusions' image branch adds multiplied "
+    f"at search time by a weight (`scale_image_branch`): of {', '.join(map(str, CANDIDATE_BRANCH_WEIGHTS))}, the one "
+    "with the best all-queries nDCG@10 on the validation split, under the same evaluation, chosen per seed")
 ROW_NOTES.update({
     row + TOWER_ALONE: f"not trained again: the models of `{row}` with the last layer of both residual fusions zeroed "
     "at search time, as at initialisation, so that they rank by their text tower and the visual tags written into "
@@ -350,13 +359,13 @@ def reader_accuracy(colours: Mapping[str, str], products: list, column: str = "b
 
 def evaluate_checkpoint(evaluator: HeldOutEvaluator, folder: Path, feature_cache: dict,
                         colour_oracle: str | None = None, with_bm25: bool = False,
-                        image_branch: bool = True, colour_of: Mapping[str, str] | None = None) -> dict:
+                        image_branch_weight: float = 1.0, colour_of: Mapping[str, str] | None = None) -> dict:
     """The evaluation of the checkpoint in `folder`; `colour_oracle` (a value of `CEILINGS`) tells the ranked
     products their catalogue colour, or their colour in `colour_of` (`with_catalogue_colour`);
-    `image_branch=False` turns the residual fusion's image branch off (`silence_image_branch`)."""
+    `image_branch_weight` scales what the residual fusions' image branch adds (`scale_image_branch`; 0: off)."""
     model = MultimodalRetrievalModel.from_pretrained(folder).eval()
-    if not image_branch:
-        model.silence_image_branch()
+    if image_branch_weight != 1.0:
+        model.scale_image_branch(image_branch_weight)
     processor = MultimodalRetrievalProcessor.from_pretrained(folder)
     speedups.apply(processor=processor)
     image_features = None
@@ -383,6 +392,43 @@ def told_by_reader(evaluator: HeldOutEvaluator, folder: Path, tagger: Path, feat
     colours = reader_colours(tagger, evaluator.products, feature_cache, corrected_share=corrected_share, seed=seed)
     result = evaluate_checkpoint(evaluator, folder, feature_cache, colour_oracle="every product", colour_of=colours)
     return {**result, "reader_accuracy": reader_accuracy(colours, evaluator.products)}
+
+
+def with_chosen_branch_weight(args, output: Path, evaluation: str, evaluator: HeldOutEvaluator,
+                              feature_cache: dict) -> list[dict]:
+    """The default row's seeds evaluated on the test split with the image branch weight (`CANDIDATE_BRANCH_WEIGHTS`)
+    whose all-queries nDCG@10 is best on the validation split of `--test_dataset`; each choice is cached in
+    `references/branch_weight_seed<N>.json` (with every candidate's validation figures) and kept in the result."""
+    validation = None
+    runs = []
+    for seed in args.seeds:
+        run_dir = row_dir(output, DEFAULT_ROW) / f"seed{seed}"
+        flags_file, choice_file = run_dir / "train_flags.json", output / "references" / f"branch_weight_seed{seed}.json"
+        if not flags_file.is_file() or (args.report_only and not is_cached(choice_file, evaluation, flags_file)):
+            continue
+        if validation is None and not is_cached(choice_file, evaluation, flags_file):
+            validation = HeldOutEvaluator(load_catalogue(args.test_dataset, split="validation"),
+                                          num_queries=args.num_queries, seed=args.eval_seed)
+        choice = cached_result(choice_file, lambda: choose_branch_weight(validation, run_dir / "final"),
+                               evaluation + flags_file.read_text())
+        weight = choice["chosen"]
+        result = cached_result(output / "references" / f"chosen_branch_weight_seed{seed}.json",
+                               lambda: evaluate_checkpoint(evaluator, run_dir / "final", feature_cache,
+                                                           image_branch_weight=weight),
+                               evaluation + flags_file.read_text() + f"weight {weight}")
+        runs.append({**result, "branch_weight": weight})
+    return runs
+
+
+def choose_branch_weight(validation: HeldOutEvaluator, folder: Path) -> dict:
+    """`{"validation": {weight: all-queries nDCG@10}, "chosen": best weight}` for the checkpoint in `folder`."""
+    features: dict = {}  # the validation products' image features, shared by the candidates
+    scores = {}
+    for weight in CANDIDATE_BRANCH_WEIGHTS:
+        result = evaluate_checkpoint(validation, folder, features, image_branch_weight=weight)
+        values = result["per_query"]["all"]["ndcg@10"]
+        scores[str(weight)] = sum(values.values()) / len(values)
+    return {"validation": scores, "chosen": float(max(scores, key=scores.get))}
 
 
 def is_cached(path: Path, evaluation: str, flags_file: Path) -> bool:
@@ -493,7 +539,7 @@ def markdown(args, summary: dict, exclusive: dict, evaluator: HeldOutEvaluator, 
         f"- **The 4tMM rows' dual encoder** (built once, shared by their seeds): {pair_budget(args)}",
         "- **Intervals**: mean difference to the text-only row, paired bootstrap over queries (2,000 resamples, "
         "95%), per-query values averaged over the seeds first; the percentage is relative to text-only.", "",
-        "## Rows", "", *[f"- **{row}**: {ROW_NOTES[row]}{accuracy_note(summary[row])}." for row in summary
+        "## Rows", "", *[f"- **{row}**: {ROW_NOTES[row]}{measured_note(summary[row])}." for row in summary
                           if row in ROW_NOTES], "",
         "## Results", "",
         f"Mean over queries of the seed-averaged values; in brackets, the difference to text-only with its 95% paired "
@@ -544,12 +590,15 @@ def reader_paragraph(summary: dict, products: list) -> str:
             f"name its colour column's value{consistency}.")
 
 
-def accuracy_note(entries: dict) -> str:
-    """For a reader row, how often the colours it told were right (mean over its seeds); "" for the others."""
-    if "reader_accuracy" not in entries:
-        return ""
-    return (f"; the colours told are the catalogue's on {entries['reader_accuracy']:.2f} of the test products with "
-            "a photo and a catalogue colour (mean over the seeds)")
+def measured_note(entries: dict) -> str:
+    """What a row measured beside its metrics: for a reader row, how often the colours it told were right (mean
+    over its seeds); for the weighted row, the weight each seed chose; "" for the others."""
+    if "reader_accuracy" in entries:
+        return (f"; the colours told are the catalogue's on {entries['reader_accuracy']:.2f} of the test products "
+                "with a photo and a catalogue colour (mean over the seeds)")
+    if "branch_weights" in entries:
+        return f"; the weights chosen, seed by seed: {', '.join(f'{weight:g}' for weight in entries['branch_weights'])}"
+    return ""
 
 
 def training_catalogue(args) -> str:
@@ -656,12 +705,15 @@ def main(argv=None) -> dict:
     for row in (row for row in args.rows if row in TOWER_ALONE_ROWS):  # the same models, image branch off
         name = "tower_alone_" + row_dir(output, row).name
         results[row + TOWER_ALONE] = evaluated_again(args, output, row, name, evaluation, lambda final: (
-            evaluate_checkpoint(evaluator, final, feature_cache, image_branch=False)))
+            evaluate_checkpoint(evaluator, final, feature_cache, image_branch_weight=0.0)))
     if BASELINE in args.rows:  # the colour ceilings: the text-only models told (some) products' true colour
         for row, told in CEILINGS.items():
             results[row] = evaluated_again(
                 args, output, BASELINE, CEILING_FILES[row], evaluation,
                 lambda final, told=told: evaluate_checkpoint(evaluator, final, feature_cache, colour_oracle=told))
+    if DEFAULT_ROW in args.rows:  # the default models with the image branch weight chosen on validation
+        results[DEFAULT_ROW + CHOSEN_WEIGHT] = with_chosen_branch_weight(args, output, evaluation, evaluator,
+                                                                         feature_cache)
     if BASELINE in args.rows and DEFAULT_ROW in args.rows:  # the ceiling with the default row's real tagger
         for row, share in READER_ROWS.items():
             results[row] = []
@@ -675,14 +727,17 @@ def main(argv=None) -> dict:
                     lambda final, tagger=tagger_run / "final", share=share, seed=seed: told_by_reader(
                         evaluator, final, tagger, feature_cache, share, seed))
     # The report lists the rows in ROWS order, whatever order they were run in.
-    order = [*references, *pairs, *ROWS, *(row + TOWER_ALONE for row in TOWER_ALONE_ROWS), HYBRID_ROW,
-             *CEILINGS, *READER_ROWS]
+    order = [*references, *pairs, *ROWS, *(row + TOWER_ALONE for row in TOWER_ALONE_ROWS),
+             DEFAULT_ROW + CHOSEN_WEIGHT, HYBRID_ROW, *CEILINGS, *READER_ROWS]
     results = {row: results[row] for row in order if results.get(row)}
     summary = summarise(results)
     for row in READER_ROWS:  # the reader rows also say how often their told colour was right
         accuracies = [run["reader_accuracy"] for run in results.get(row, []) if "reader_accuracy" in run]
         if accuracies:
             summary[row]["reader_accuracy"] = sum(accuracies) / len(accuracies)
+    if results.get(DEFAULT_ROW + CHOSEN_WEIGHT):  # and the weighted row which weight each seed chose
+        summary[DEFAULT_ROW + CHOSEN_WEIGHT]["branch_weights"] = [
+            run["branch_weight"] for run in results[DEFAULT_ROW + CHOSEN_WEIGHT]]
     qrels = evaluator.qrels
     exclusive = {}
     for row in args.rows:

@@ -816,16 +816,29 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             tagger.classifier.bias.copy_(bias)
         self.visual_tagger = tagger
 
+    def scale_image_branch(self, weight: float) -> None:
+        """Multiplies what the residual fusions add to the text vectors by `weight` (their last layer's weights and
+        bias), so that each embedding becomes `text + weight * branch` before normalisation: 1 keeps the trained model,
+        0 ranks by the text towers alone, and a weight in between trades the image's recall on text-silent products
+        for top-10 precision on the others. A search-time setting, best chosen on a validation split; a saved model
+        keeps it.
+
+        Example: `model.scale_image_branch(0.5)`.
+        """
+        if self.config.fusion != "residual":
+            raise ValueError(f"only the residual fusion has an image branch to scale, not {self.config.fusion!r}")
+        if not weight >= 0:
+            raise ValueError(f"the image branch weight must be >= 0, got {weight}")
+        with torch.no_grad():
+            for layer in image_branch_layers(self):
+                layer.weight.mul_(weight)
+                layer.bias.mul_(weight)
+
     def silence_image_branch(self) -> None:
         """Zeroes the last layer of the residual fusions, as at initialisation: the model then ranks by its text towers
         alone (and the visual tags its tagger writes into product texts). Shows what a trained image branch adds.
         Example: `model.silence_image_branch()`."""
-        if self.config.fusion != "residual":
-            raise ValueError(f"only the residual fusion has an image branch to silence, not {self.config.fusion!r}")
-        with torch.no_grad():
-            for layer in image_branch_layers(self):
-                layer.weight.zero_()
-                layer.bias.zero_()
+        self.scale_image_branch(0.0)
 
     def remove_visual_tagger(self) -> None:
         """Drops the visual-word tagger (module and config), e.g. before training without one from a checkpoint

@@ -99,6 +99,23 @@ def test_silencing_the_image_branch_leaves_the_text_towers_alone():
         MultimodalRetrievalModel(make_config("4tower-concat")).silence_image_branch()
 
 
+def test_a_scaled_image_branch_adds_that_share_of_what_it_added():
+    config = make_config("3tower-residual")
+    model = with_trained_fusion(MultimodalRetrievalModel(config).eval())
+    batch = make_batch(config)
+    with torch.no_grad():
+        text = model.get_product_text_features(batch["product_input_ids"], batch["product_attention_mask"])
+        image = model.get_image_features(batch["pixel_values"])
+        full = model.fuse_product_features(text, image, normalize=False)
+        model.scale_image_branch(0.25)
+        quarter = model.fuse_product_features(text, image, normalize=False)
+    unit_text = torch.nn.functional.normalize(text, dim=-1)  # the fusion adds its branch to the unit text vector
+    torch.testing.assert_close(quarter - unit_text, 0.25 * (full - unit_text))
+    assert not torch.allclose(full, unit_text, atol=1e-3)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        model.scale_image_branch(-1.0)
+
+
 def test_the_weight_defaults_on_for_fused_models_and_refuses_text_only():
     assert text_tower_anchor_weight(None, make_config("4tower-residual")) == 1.0
     assert text_tower_anchor_weight(None, make_config("text_only")) == 0.0

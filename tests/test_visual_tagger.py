@@ -170,6 +170,27 @@ def test_the_reader_ceiling_tells_the_tagger_colour_and_puts_right_the_chosen_sh
     assert report.reader_accuracy(read, products) <= 29 / 39  # the ten Mauve products are read wrong
 
 
+def test_the_image_branch_weight_is_chosen_on_validation_products_by_their_top_ten(towers, tmp_path):
+    from modeling_mmretrieval.modeling_mmretrieval import image_branch_layers
+    from modeling_mmretrieval.retrieval.held_out_evaluation import HeldOutEvaluator
+
+    report = load_example("images_that_pay.py")
+    model, processor = model_and_processor(towers)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained image branch: what it adds then depends on its weight
+        for layer in image_branch_layers(model):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    validation = HeldOutEvaluator(catalogue(48, seed=11), num_queries=20, seed=0)
+    choice = report.choose_branch_weight(validation, tmp_path / "ckpt")
+    scores = choice["validation"]
+    assert list(scores) == [str(weight) for weight in report.CANDIDATE_BRANCH_WEIGHTS]
+    assert choice["chosen"] == float(max(scores, key=scores.get)) and len(set(scores.values())) > 1
+    unweighted = report.evaluate_checkpoint(validation, tmp_path / "ckpt", {})["per_query"]["all"]["ndcg@10"]
+    assert scores["1.0"] == pytest.approx(sum(unweighted.values()) / len(unweighted))
+
+
 def test_silent_texts_get_the_colour_of_their_image_and_others_stay(fitted):
     model, processor, _ = fitted
     held_out = catalogue(8, seed=1, silent_share=0.0)
