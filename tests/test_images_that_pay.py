@@ -350,3 +350,12 @@ def test_the_reader_paragraph_lines_up_the_told_colours_accuracy_with_the_gain()
             "[+0.023, +0.040]") in paragraph
     assert "on 0.50 of the 2 test products whose title names one colour" in paragraph
     assert report.reader_paragraph({report.COLOUR_CEILING: summary[report.COLOUR_CEILING]}, products) == ""
+
+
+def test_an_evaluator_for_choosing_settings_can_phrase_queries_as_training_does(sample):
+    held_out = HeldOutEvaluator(sample["test"], num_queries=40, seed=0)
+    choosing = HeldOutEvaluator(sample["test"], num_queries=40, seed=0, phrase=derive_query)
+    training_phrased = make_evaluation_queries(sample["test"], seed=0, num_queries=40)
+    assert [query.text for query in choosing.queries] == [query.text for query in training_phrased]
+    assert {query.text for query in choosing.queries}.isdisjoint(query.text for query in held_out.queries)
+    assert repr(choosing).endswith(", phrase=derive_query)") and "phrase" not in repr(held_out)

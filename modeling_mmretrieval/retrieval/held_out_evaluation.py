@@ -79,6 +79,9 @@ class HeldOutEvaluator:
             called with a model, once per product; a new one when not given (`evaluator.image_report`).
         image_feature_store ([`ImageFeatureStore`], *optional*): the persistent image-feature store, read (and
             filled) when the evaluator is called with a model and `image_features` are not given.
+        phrase (`Callable`, *optional*): words each query (`make_evaluation_queries`'s `phrase`); the held-out
+            family by default. `data.queries.derive_query`, the training phrasing, gives an evaluator for choosing
+            settings on validation products without ever seeing the held-out family.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class HeldOutEvaluator:
         fetch_images: bool = False,
         image_report: ImageReport | None = None,
         image_feature_store: ImageFeatureStore | None = None,
+        phrase: Callable | None = None,
     ):
         self.processor, self.name, self.batch_size, self.image_features = processor, name, batch_size, image_features
         self.fetch_images = fetch_images
@@ -108,8 +112,9 @@ class HeldOutEvaluator:
         self.k_values = tuple(k_values)
         self.visual_keys = tuple(key for key in (self.columns.base_colour, *visual_attribute_keys) if key)
         self.queries: list[EvaluationQuery] = make_evaluation_queries(
-            catalogue, seed=seed, num_queries=num_queries, columns=self.columns, phrase=derive_held_out_query
+            catalogue, seed=seed, num_queries=num_queries, columns=self.columns, phrase=phrase or derive_held_out_query
         )
+        self.phrase_name = None if phrase is None else getattr(phrase, "__name__", repr(phrase))
         # Whole rows (`product_records` keeps only the attribute columns): silence is judged on title and description.
         records = {str(product[self.columns.product_id]): product for product in self.products}
         values = {str(query.attributes[key]) for query in self.queries for key in self.visual_keys
@@ -185,7 +190,8 @@ class HeldOutEvaluator:
         return (
             f"{type(self).__name__}(products={len(self.products)}, queries={len(self.queries)}, "
             f"visual_queries={len(self.visual_queries)}, text_silent_queries={len(self.silent_qrels)}, "
-            f"degraded_products={len(self.degraded_ids)})"
+            f"degraded_products={len(self.degraded_ids)}"
+            + ("" if self.phrase_name is None else f", phrase={self.phrase_name}") + ")"
         )
 
 
