@@ -82,7 +82,7 @@ TOWER_ALONE_ROWS = (
     "4tMM residual + restoration + visual tags + colour histogram for the tagger + text-tower anchor",
 )
 TOWER_ALONE = ", image branch off at search"
-# The default row is also evaluated with its image branch weighted at search time (`scale_image_branch`), by the
+# The default row is also evaluated with its image branch weighted at search time (`set_image_branch_weight`), by the
 # candidate weight whose all-queries nDCG@10 on the validation split is highest, chosen per seed.
 CHOSEN_WEIGHT = ", image branch weight chosen on validation"
 CANDIDATE_BRANCH_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
@@ -152,7 +152,7 @@ ROW_NOTES.update({
 })
 ROW_NOTES[DEFAULT_ROW + CHOSEN_WEIGHT] = (
     f"not trained again: the models of `{DEFAULT_ROW}` with what the residual fusions' image branch adds multiplied "
-    f"at search time by a weight (`scale_image_branch`): of {', '.join(map(str, CANDIDATE_BRANCH_WEIGHTS))}, the one "
+    f"at search time by a weight (`set_image_branch_weight`): of {', '.join(map(str, CANDIDATE_BRANCH_WEIGHTS))}, the one "
     "with the best all-queries nDCG@10 on the validation split's products, queried in the training phrasing (never "
     "the held-out family, never a test product), chosen per seed")
 ROW_NOTES.update({
@@ -206,6 +206,8 @@ ROWS = {
 WITHOUT_VISUAL_TAGS = "--no_visual_tags"
 WITHOUT_COLOUR_HISTOGRAM = ["--colour_histogram_levels", "0"]
 WITHOUT_TEXT_TOWER_ANCHOR = ["--text_tower_anchor", "0"]
+# The rows are the models as trained; the search-time weight has rows of its own.
+AS_TRAINED_IMAGE_BRANCH = ["--image_branch_weight", "1"]
 REPORTED = (("all", "ndcg@10"), ("all", "recall@100"), ("text_silent", "ndcg@10"), ("text_silent", "recall@100"),
             ("degraded", "ndcg@10"), ("degraded", "recall@100"))
 
@@ -287,6 +289,8 @@ def train_row(args, flags: list[str], seed: int, run_dir: Path) -> Path:
             implicit += WITHOUT_COLOUR_HISTOGRAM
         if image_row and "--text_tower_anchor" not in flags:
             implicit += WITHOUT_TEXT_TOWER_ANCHOR
+        if image_row and "--image_branch_weight" not in flags:
+            implicit += AS_TRAINED_IMAGE_BRANCH
         command = [sys.executable, str(TRAIN_SCRIPT), "--output_dir", str(run_dir), "--seed", str(seed),
                    *budget_flags(args), *flags, *implicit]
         print("+", " ".join(command), flush=True)
@@ -362,13 +366,14 @@ def reader_accuracy(colours: Mapping[str, str], products: list, column: str = "b
 
 def evaluate_checkpoint(evaluator: HeldOutEvaluator, folder: Path, feature_cache: dict,
                         colour_oracle: str | None = None, with_bm25: bool = False,
-                        image_branch_weight: float = 1.0, colour_of: Mapping[str, str] | None = None) -> dict:
+                        image_branch_weight: float | None = None, colour_of: Mapping[str, str] | None = None) -> dict:
     """The evaluation of the checkpoint in `folder`; `colour_oracle` (a value of `CEILINGS`) tells the ranked
     products their catalogue colour, or their colour in `colour_of` (`with_catalogue_colour`);
-    `image_branch_weight` scales what the residual fusions' image branch adds (`scale_image_branch`; 0: off)."""
+    `image_branch_weight` sets the weight on what the residual fusions' image branch adds
+    (`set_image_branch_weight`; 0: off; `None`: as saved)."""
     model = MultimodalRetrievalModel.from_pretrained(folder).eval()
-    if image_branch_weight != 1.0:
-        model.scale_image_branch(image_branch_weight)
+    if image_branch_weight is not None:
+        model.set_image_branch_weight(image_branch_weight)
     processor = MultimodalRetrievalProcessor.from_pretrained(folder)
     speedups.apply(processor=processor)
     image_features = None

@@ -104,6 +104,10 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
             products into the query space, and `"residual"` always outputs the text embedding size.
         fusion_dropout (`float`, defaults to 0.0):
             Dropout inside the fusion MLP.
+        image_branch_weight (`float`, defaults to 1.0):
+            Weight on what a `"residual"` fusion's MLP adds to the text vector (`text + weight * MLP([text ;
+            other])`): 1 as trained, 0 the text towers alone. The train command sets it on the final model
+            (`--image_branch_weight`); see `MultimodalRetrievalModel.set_image_branch_weight`.
         logit_scale_init_value (`float`, defaults to 20.0):
             Initial `scale = 1 / temperature` of the NT-Xent loss (20.0 is temperature 0.05).
         learn_logit_scale (`bool`, defaults to `True`):
@@ -183,6 +187,7 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
     fusion_num_layers: int = 2
     fusion_output_dim: int | None = None
     fusion_dropout: float = 0.0
+    image_branch_weight: float = 1.0
     logit_scale_init_value: float = 20.0
     learn_logit_scale: bool = True
     max_logit_scale: float = 100.0
@@ -292,6 +297,8 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
             )
         if not 0.0 <= self.fusion_dropout < 1.0:
             raise ValueError(f"`fusion_dropout` must lie in [0, 1), got {self.fusion_dropout}.")
+        if not self.image_branch_weight >= 0:
+            raise ValueError(f"`image_branch_weight` must be 0 or more, got {self.image_branch_weight}.")
         if not self.product_text_fields or not all(isinstance(f, str) and f for f in self.product_text_fields):
             raise ValueError(f"`product_text_fields` must be a non-empty list of column names, got "
                              f"{self.product_text_fields!r}.")

@@ -247,12 +247,13 @@ def fuse_features(
     image_mask: torch.Tensor | None = None,
     missing_image_embedding: torch.Tensor | None = None,
     residual: bool = False,
+    branch_weight: float = 1.0,
 ) -> torch.Tensor:
     """Combines one side's text-tower vector with its dual-encoder/vision vector (both L2-normalised first).
 
     Concatenation weighs them `[alpha * text ; (1 - alpha) * other]`; an MLP reads `[text ; other]`, and with
-    `residual=True` its output is added to the text vector. Rows where `image_mask` is False get a zero image
-    half (concatenation) or `missing_image_embedding` (MLP).
+    `residual=True` its output, times `branch_weight`, is added to the text vector. Rows where `image_mask` is
+    False get a zero image half (concatenation) or `missing_image_embedding` (MLP).
 
     Example:
     ```python
@@ -271,7 +272,7 @@ def fuse_features(
     text = F.normalize(text, dim=-1)
     if fusion_mlp is not None:
         fused = fusion_mlp(torch.cat([text, other], dim=-1))
-        return text + fused if residual else fused
+        return text + branch_weight * fused if residual else fused
     return torch.cat([alpha * text, (1 - alpha) * other], dim=-1)
 
 
@@ -816,29 +817,25 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             tagger.classifier.bias.copy_(bias)
         self.visual_tagger = tagger
 
-    def scale_image_branch(self, weight: float) -> None:
-        """Multiplies what the residual fusions add to the text vectors by `weight` (their last layer's weights and
-        bias), so that each embedding becomes `text + weight * branch` before normalisation: 1 keeps the trained model,
-        0 ranks by the text towers alone, and a weight in between trades the image's recall on text-silent products
-        for top-10 precision on the others. A search-time setting, best chosen on a validation split; a saved model
-        keeps it.
+    def set_image_branch_weight(self, weight: float) -> None:
+        """Sets the weight on what the residual fusions add to the text vectors (`config.image_branch_weight`), so
+        that each embedding is `text + weight * branch` before normalisation: 1 is the model as trained, 0 ranks by
+        the text towers alone, and a weight in between trades the image's recall on text-silent products for top-10
+        precision on the others. A search-time setting, best chosen on a validation split; a saved model keeps it.
 
-        Example: `model.scale_image_branch(0.5)`.
+        Example: `model.set_image_branch_weight(0.5)`.
         """
         if self.config.fusion != "residual":
-            raise ValueError(f"only the residual fusion has an image branch to scale, not {self.config.fusion!r}")
+            raise ValueError(f"only the residual fusion has an image branch to weigh, not {self.config.fusion!r}")
         if not weight >= 0:
             raise ValueError(f"the image branch weight must be >= 0, got {weight}")
-        with torch.no_grad():
-            for layer in image_branch_layers(self):
-                layer.weight.mul_(weight)
-                layer.bias.mul_(weight)
+        self.config.image_branch_weight = float(weight)
 
     def silence_image_branch(self) -> None:
-        """Zeroes the last layer of the residual fusions, as at initialisation: the model then ranks by its text towers
-        alone (and the visual tags its tagger writes into product texts). Shows what a trained image branch adds.
-        Example: `model.silence_image_branch()`."""
-        self.scale_image_branch(0.0)
+        """Turns the residual fusions' image branch off (weight 0), as at initialisation: the model then ranks by its
+        text towers alone (and the visual tags its tagger writes into product texts). Shows what a trained image
+        branch adds. Example: `model.silence_image_branch()`."""
+        self.set_image_branch_weight(0.0)
 
     def remove_visual_tagger(self) -> None:
         """Drops the visual-word tagger (module and config), e.g. before training without one from a checkpoint
@@ -1036,7 +1033,8 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
                     "`MultimodalRetrievalProcessor.encode_queries`, which produces them."
                 )
             dual = self._dual_text_features(dual_input_ids, dual_attention_mask)
-            embeddings = fuse_features(text, dual, self.fusion_alpha, self.query_fusion, residual=self.residual_fusion)
+            embeddings = fuse_features(text, dual, self.fusion_alpha, self.query_fusion, residual=self.residual_fusion,
+                                       branch_weight=self.config.image_branch_weight)
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
 
     def get_product_text_features(
@@ -1097,7 +1095,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         image_features = image_features[..., : fused_image_feature_size(self.config)]
         embeddings = fuse_features(
             text_features, image_features, self.fusion_alpha, self.product_fusion, image_mask,
-            self.missing_image_embedding, residual=self.residual_fusion,
+            self.missing_image_embedding, residual=self.residual_fusion, branch_weight=self.config.image_branch_weight,
         )
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
 

@@ -366,6 +366,9 @@ def test_device_cuda_without_cuda_is_refused(shop, tmp_path, capsys):
         (["--text_tower_anchor", "-1"], "--text_tower_anchor"),
         (["--text_tower_anchor", "1", "--mini_batch_size", "8"], "--text_tower_anchor"),
         (["--architecture", "text_only", "--text_tower_anchor", "1"], "--text_tower_anchor"),
+        (["--image_branch_weight", "-1"], "--image_branch_weight"),
+        (["--architecture", "text_only", "--image_branch_weight", "0.5"], "--image_branch_weight"),
+        (["--architecture", "4tower", "--fusion", "concat", "--image_branch_weight", "0.5"], "--image_branch_weight"),
     ],
 )
 def test_train_refuses_bad_flags_before_loading_a_model(shop, tmp_path, capsys, towers, flags, named):
@@ -374,8 +377,8 @@ def test_train_refuses_bad_flags_before_loading_a_model(shop, tmp_path, capsys, 
     assert named in line and NO_MODEL not in line
 
 
-@pytest.mark.parametrize("flag", ["--visual_word_restoration", "--text_tower_anchor"])
-def test_a_text_only_checkpoint_given_an_image_loss_is_refused_in_one_line(shop, tmp_path, capsys, towers, flag):
+@pytest.mark.parametrize("flag", ["--visual_word_restoration", "--text_tower_anchor", "--image_branch_weight"])
+def test_a_text_only_checkpoint_given_an_image_setting_is_refused_in_one_line(shop, tmp_path, capsys, towers, flag):
     checkpoint = tmp_path / "text_only"
     tokenizer = AutoTokenizer.from_pretrained(towers["text"])
     config = make_config("text_only")
@@ -383,7 +386,7 @@ def test_a_text_only_checkpoint_given_an_image_loss_is_refused_in_one_line(shop,
     MultimodalRetrievalModel(config).save_pretrained(checkpoint)
     MultimodalRetrievalProcessor(tokenizer, max_query_length=16, max_product_length=32).save_pretrained(checkpoint)
     line = refused(capsys, "train", "--dataset", shop, *CATALOGUE_FLAGS, "--model_name_or_path", checkpoint,
-                   "--output_dir", tmp_path / "run", "--max_train_steps", "1", "--eval_split", "none", flag, "1")
+                   "--output_dir", tmp_path / "run", "--max_train_steps", "1", "--eval_split", "none", flag, "0.5")
     assert flag in line and "text_only" in line
 
 

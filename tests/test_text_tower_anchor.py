@@ -99,7 +99,7 @@ def test_silencing_the_image_branch_leaves_the_text_towers_alone():
         MultimodalRetrievalModel(make_config("4tower-concat")).silence_image_branch()
 
 
-def test_a_scaled_image_branch_adds_that_share_of_what_it_added():
+def test_a_weighted_image_branch_adds_that_share_of_what_it_added(tmp_path):
     config = make_config("3tower-residual")
     model = with_trained_fusion(MultimodalRetrievalModel(config).eval())
     batch = make_batch(config)
@@ -107,13 +107,21 @@ def test_a_scaled_image_branch_adds_that_share_of_what_it_added():
         text = model.get_product_text_features(batch["product_input_ids"], batch["product_attention_mask"])
         image = model.get_image_features(batch["pixel_values"])
         full = model.fuse_product_features(text, image, normalize=False)
-        model.scale_image_branch(0.25)
+        model.set_image_branch_weight(0.25)
         quarter = model.fuse_product_features(text, image, normalize=False)
     unit_text = torch.nn.functional.normalize(text, dim=-1)  # the fusion adds its branch to the unit text vector
     torch.testing.assert_close(quarter - unit_text, 0.25 * (full - unit_text))
     assert not torch.allclose(full, unit_text, atol=1e-3)
+    # A saved model keeps its weight, and searches with it once loaded.
+    model.save_pretrained(tmp_path / "weighted")
+    loaded = MultimodalRetrievalModel.from_pretrained(tmp_path / "weighted")
+    assert loaded.config.image_branch_weight == 0.25
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.fuse_product_features(text, image, normalize=False), quarter)
     with pytest.raises(ValueError, match="must be >= 0"):
-        model.scale_image_branch(-1.0)
+        model.set_image_branch_weight(-1.0)
+    with pytest.raises(ValueError, match="only the residual fusion"):
+        MultimodalRetrievalModel(make_config("4tower-concat")).set_image_branch_weight(0.5)
 
 
 def test_the_weight_defaults_on_for_fused_models_and_refuses_text_only():
@@ -126,6 +134,19 @@ def test_the_weight_defaults_on_for_fused_models_and_refuses_text_only():
         text_tower_anchor_weight(1.0, make_config("text_only"))
     with pytest.raises(ValueError, match="must be positive"):
         TextTowerAnchorLoss(weight=0)
+
+
+def test_the_image_branch_weight_defaults_to_half_for_the_residual_fusion_only():
+    from modeling_mmretrieval.training.image_branch_weight import DEFAULT_IMAGE_BRANCH_WEIGHT, image_branch_weight
+
+    assert image_branch_weight(None, make_config("4tower-residual")) == DEFAULT_IMAGE_BRANCH_WEIGHT == 0.5
+    assert image_branch_weight(None, make_config("4tower-mlp")) == image_branch_weight(None, make_config("text_only")) == 1.0
+    assert image_branch_weight(0, make_config("3tower-residual")) == 0.0
+    assert image_branch_weight(1, make_config("4tower-concat")) == 1.0  # "as trained" is every fusion's
+    with pytest.raises(ValueError, match="only a residual fusion has an image branch to weigh, not text_only"):
+        image_branch_weight(0.5, make_config("text_only"))
+    with pytest.raises(ValueError, match="must be 0 or more"):
+        image_branch_weight(-0.5, make_config("4tower-residual"))
 
 
 def test_a_resumed_run_keeps_its_anchor_weight():

@@ -585,8 +585,28 @@ def test_an_adapter_aligned_pair_trains_a_4tower_model_with_restoration(assets, 
     card = (tmp_path / "run" / "final" / "README.md").read_text()
     assert "visual-word dropout / restoration weight | `0.0 / 1.0`" in card
     assert "text-tower anchor weight | `1.0`" in card  # on by default for the residual fusion
+    assert "image branch weight at search | `0.5`" in card  # the residual fusion's default
     model = MultimodalRetrievalModel.from_pretrained(tmp_path / "run" / "final")
     assert model.config.architecture == "4tower" and model.config.fusion == "residual"
+    assert model.config.image_branch_weight == 0.5
+
+
+def test_the_final_model_searches_with_the_image_branch_weight_and_the_checkpoints_keep_the_trained_one(
+        assets, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        train_command.run(train_args(assets, tmp_path / "run", "--fusion", "residual", "--max_train_steps", 2,
+                                     "--checkpointing_steps", 2, "--image_branch_weight", 0.25, "--eval_split", "none"))
+    final = MultimodalRetrievalModel.from_pretrained(tmp_path / "run" / "final")
+    checkpoint = MultimodalRetrievalModel.from_pretrained(tmp_path / "run" / "checkpoints" / "checkpoint-2" / "model")
+    assert final.config.image_branch_weight == 0.25 and checkpoint.config.image_branch_weight == 1.0
+    assert weights(tmp_path / "run" / "final").keys() == weights(tmp_path / "run" / "checkpoints" / "checkpoint-2" /
+                                                               "model").keys()
+    assert "The final model's image branch is weighted 0.25" in caplog.text
+    # Fine-tuning the saved model further keeps its weight rather than weighing the branch again.
+    train_command.run(train_args(assets, tmp_path / "again", "--model_name_or_path", tmp_path / "run" / "final",
+                                 "--max_train_steps", 1, "--image_branch_weight", 0.25, "--eval_split", "none",
+                                 towers=False))
+    assert MultimodalRetrievalModel.from_pretrained(tmp_path / "again" / "final").config.image_branch_weight == 0.25
 
 
 def test_grad_cache_runs_turn_the_default_text_tower_anchor_off_and_say_so(assets, tmp_path, caplog):

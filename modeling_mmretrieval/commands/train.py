@@ -44,6 +44,7 @@ from ..training.model_builder import (
 )
 from ..training.model_card import hub_license
 from ..training.visual_tagger import DEFAULT_MIN_PROBABILITY, VisualTaggerError
+from ..training.image_branch_weight import DEFAULT_IMAGE_BRANCH_WEIGHT, ImageBranchWeightError
 from ..training.text_tower_anchor import DEFAULT_TEXT_TOWER_ANCHOR, TextTowerAnchorError
 from ..training.visual_word_restoration import (
     DEFAULT_VISUAL_WORD_RESTORATION, TRAINED_FUSIONS, VisualWordRestorationError,
@@ -154,6 +155,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                            "model's loss, so that the towers stay retrievers of their own while the image fusion "
                            f"trains (default {DEFAULT_TEXT_TOWER_ANCHOR} for 3tower and 4tower models with the "
                            "residual fusion, else 0, and 0 with --mini_batch_size; 0 turns it off; docs/training.md).")
+    data.add_argument("--image_branch_weight", type=float,
+                      help="Weight on what the residual fusion's image branch adds, applied to the final model once "
+                           "training ends, so that it evaluates, saves and searches with it (default "
+                           f"{DEFAULT_IMAGE_BRANCH_WEIGHT} for models with the residual fusion, chosen on validation "
+                           "products; 1 keeps the model as trained, and is the only weight of other fusions; "
+                           "docs/training.md).")
     data.add_argument("--visual_tags", dest="visual_tags", action="store_true", default=None,
                       help="Fit a visual-word tagger on the frozen image features (colour from the catalogue's colour "
                            "column, else from the colour words of the titles) that writes the colour it reads off a "
@@ -255,6 +262,13 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     if args.text_tower_anchor and args.mini_batch_size:
         parser.error("--text_tower_anchor does not combine with --mini_batch_size (GradCache); drop one of them")
     fusion = args.fusion or (DEFAULT_4TOWER_FUSION if args.architecture == "4tower" else DEFAULT_3TOWER_FUSION)
+    if args.image_branch_weight is not None and not args.image_branch_weight >= 0:
+        parser.error(f"--image_branch_weight must be >= 0, got {args.image_branch_weight}")
+    if args.image_branch_weight not in (None, 1.0) and not args.model_name_or_path and (
+            args.architecture == "text_only" or fusion != "residual"):
+        parser.error(f"--image_branch_weight weighs a residual fusion's image branch: it needs --architecture 3tower "
+                     f"or 4tower with --fusion residual (got {args.architecture}"
+                     f"{'' if args.architecture == 'text_only' else ' with ' + fusion})")
     if args.visual_word_restoration and not args.model_name_or_path and (
             args.architecture == "text_only" or fusion not in TRAINED_FUSIONS):
         parser.error(f"--visual_word_restoration trains the image fusion: it needs --architecture 3tower or 4tower "
@@ -460,7 +474,7 @@ def main(argv=None, prog: str | None = None) -> int:
     try:
         run(argv, prog)
     except (CliError, ImageFailureError, AlignmentError, VisualTaggerError, TextTowerAnchorError,
-            VisualWordRestorationError) as error:
+            VisualWordRestorationError, ImageBranchWeightError) as error:
         # ImageFailureError: --strict_images (or too many failed images) found while caching or training.
         print(f"{prog or Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
         return 2

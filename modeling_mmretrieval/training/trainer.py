@@ -71,6 +71,7 @@ from .visual_tagger import (
     colours_to_learn,
     fit_visual_tagger,
 )
+from .image_branch_weight import image_branch_weight
 from .text_tower_anchor import TextTowerAnchorLoss, text_tower_anchor_weight
 from .visual_word_restoration import VisualWordRestorationLoss, restoration_weight
 
@@ -314,6 +315,7 @@ def training_settings(args, accelerator, max_train_steps: int, num_epochs: int, 
         "hard negatives per query": args.num_hard_negatives,
         "visual-word dropout / restoration weight": f"{args.visual_word_dropout} / {args.visual_word_restoration}",
         "text-tower anchor weight": getattr(args, "text_tower_anchor", 0.0),
+        "image branch weight at search": getattr(args, "image_branch_weight", 1.0),
         "visual-word tagger": (f"{len(model_config.visual_tags)} colours, min probability "
                                f"{model_config.visual_tag_min_probability}") if getattr(model_config, "visual_tags", None) else "none",
         "colour description of the photos": (f"{model_config.colour_histogram_levels} levels per channel"
@@ -622,6 +624,7 @@ def run_training(args) -> dict:
     # and caching would then run the image tower on the CPU.
     model.to(accelerator.device)
     args.text_tower_anchor = text_tower_anchor_weight(getattr(args, "text_tower_anchor", None), model.config)
+    args.image_branch_weight = image_branch_weight(getattr(args, "image_branch_weight", None), model.config)
     if args.text_tower_anchor and args.mini_batch_size:  # the default, not a request: GradCache keeps its own loss
         logger.info("The text-tower anchor is off: it does not combine with --mini_batch_size (GradCache).")
         args.text_tower_anchor = 0.0
@@ -717,6 +720,10 @@ def run_training(args) -> dict:
                       checkpoints_dir, max_train_steps, collator, processor, model_card_for_state)
     train(args, run, state)
     train_seconds = time.perf_counter() - train_started
+    final_model = accelerator.unwrap_model(model)
+    if final_model.config.image_branch_weight != args.image_branch_weight:  # the final model searches with it
+        final_model.set_image_branch_weight(args.image_branch_weight)
+        logger.info(f"The final model's image branch is weighted {args.image_branch_weight} (--image_branch_weight).")
 
     after_metrics = evaluate(accelerator, evaluator, model)
     accelerator.log(after_metrics, step=state["completed_steps"])
