@@ -42,13 +42,14 @@ from modeling_mmretrieval.towers import get_minilm_path
 from modeling_mmretrieval.training.dual_encoder_alignment import (
     align_dual_encoder, extract_dual_encoder, save_initial_dual_encoder,
 )
+from modeling_mmretrieval.training.image_branch_weight import CANDIDATE_IMAGE_BRANCH_WEIGHTS, choose_image_branch_weight
 from modeling_mmretrieval.training.image_feature_cache import precompute_image_features
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 BASELINE = "text-only"
 # Bumped whenever the evaluator's definition changes, so cached evaluations are redone.
 EVALUATION_VERSION = 2
-# What `examples/train.py` trains by default.
+# What `examples/train.py` trains by default (its final model then searches with the weight of CHOSEN_WEIGHT).
 DEFAULT_ROW = "4tMM residual + restoration + visual tags + colour histogram for the tagger + text-tower anchor"
 # The hybrid row fuses BM25 with the models of this row (the default when the hybrid row was made).
 HYBRID_BASE_ROW = "4tMM residual + restoration + visual tags"
@@ -85,7 +86,6 @@ TOWER_ALONE = ", image branch off at search"
 # The default row is also evaluated with its image branch weighted at search time (`set_image_branch_weight`), by the
 # candidate weight whose all-queries nDCG@10 on the validation split is highest, chosen per seed.
 CHOSEN_WEIGHT = ", image branch weight chosen on validation"
-CANDIDATE_BRANCH_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
 # The choice sees validation products phrased as training phrases them, never the held-out family.
 CHOICE_PHRASING = "validation queries phrased by derive_query"
 HYBRID_ROW = "hybrid: the 4tMM tags row's models + BM25 (RRF)"
@@ -151,14 +151,16 @@ ROW_NOTES.update({
     "mistakes",
 })
 ROW_NOTES[DEFAULT_ROW + CHOSEN_WEIGHT] = (
-    f"not trained again: the models of `{DEFAULT_ROW}` with what the residual fusions' image branch adds multiplied "
-    f"at search time by a weight (`set_image_branch_weight`): of {', '.join(map(str, CANDIDATE_BRANCH_WEIGHTS))}, the one "
+    f"not trained again: the models of `{DEFAULT_ROW}` with what the residual fusions' image branch adds weighted at "
+    f"search time (`set_image_branch_weight`): of {', '.join(map(str, CANDIDATE_IMAGE_BRANCH_WEIGHTS))}, the weight "
     "with the best all-queries nDCG@10 on the validation split's products, queried in the training phrasing (never "
-    "the held-out family, never a test product), chosen per seed")
+    "the held-out family, never a test product), chosen per seed, as the train command's `--image_branch_weight "
+    "auto` chooses on its evaluation split")
 ROW_NOTES.update({
-    row + TOWER_ALONE: f"not trained again: the models of `{row}` with the last layer of both residual fusions zeroed "
-    "at search time, as at initialisation, so that they rank by their text tower and the visual tags written into "
-    "the product texts alone; the gap to that row is what the fusion's image branch adds"
+    row + TOWER_ALONE: f"not trained again: the models of `{row}` with the image branch of both residual fusions off "
+    "at search time (weight 0, `silence_image_branch`), as at initialisation, so that they rank by their text tower "
+    "and the visual tags written into the product texts alone; the gap to that row is what the fusion's image "
+    "branch adds"
     for row in TOWER_ALONE_ROWS
 })
 ROWS = {
@@ -404,9 +406,9 @@ def told_by_reader(evaluator: HeldOutEvaluator, folder: Path, tagger: Path, feat
 
 def with_chosen_branch_weight(args, output: Path, evaluation: str, evaluator: HeldOutEvaluator,
                               feature_cache: dict) -> list[dict]:
-    """The default row's seeds evaluated on the test split with the image branch weight (`CANDIDATE_BRANCH_WEIGHTS`)
-    whose all-queries nDCG@10 is best on the validation split of `--test_dataset`, queried in the training phrasing
-    (`CHOICE_PHRASING`); each choice is cached in `references/branch_weight_seed<N>.json` (with every candidate's
+    """The default row's seeds evaluated on the test split with the image branch weight
+    (`CANDIDATE_IMAGE_BRANCH_WEIGHTS`) whose all-queries nDCG@10 is best on the validation split of `--test_dataset`,
+    queried in the training phrasing (`CHOICE_PHRASING`); each choice is cached in `references/branch_weight_seed<N>.json` (with every candidate's
     validation figure) and kept in the result."""
     choosing = evaluation + CHOICE_PHRASING  # what the choice depends on besides the trained run
     validation = None
@@ -432,14 +434,16 @@ def with_chosen_branch_weight(args, output: Path, evaluation: str, evaluator: He
 
 
 def choose_branch_weight(validation: HeldOutEvaluator, folder: Path) -> dict:
-    """`{"validation": {weight: all-queries nDCG@10}, "chosen": best weight}` for the checkpoint in `folder`."""
+    """`{"validation": {weight: all-queries nDCG@10}, "chosen": best weight}` for the checkpoint in `folder`, chosen
+    as the train command's `--image_branch_weight auto` chooses (`choose_image_branch_weight`)."""
     features: dict = {}  # the validation products' image features, shared by the candidates
-    scores = {}
-    for weight in CANDIDATE_BRANCH_WEIGHTS:
-        result = evaluate_checkpoint(validation, folder, features, image_branch_weight=weight)
-        values = result["per_query"]["all"]["ndcg@10"]
-        scores[str(weight)] = sum(values.values()) / len(values)
-    return {"validation": scores, "chosen": float(max(scores, key=scores.get))}
+
+    def score(weight: float) -> float:
+        values = evaluate_checkpoint(validation, folder, features, image_branch_weight=weight)["per_query"]["all"]
+        return sum(values["ndcg@10"].values()) / len(values["ndcg@10"])
+
+    chosen, scores = choose_image_branch_weight(score)
+    return {"validation": {str(weight): value for weight, value in scores.items()}, "chosen": chosen}
 
 
 def is_cached(path: Path, evaluation: str, flags_file: Path) -> bool:
@@ -554,7 +558,8 @@ def markdown(args, summary: dict, exclusive: dict, evaluator: HeldOutEvaluator, 
                           if row in ROW_NOTES], "",
         "## Results", "",
         f"Mean over queries of the seed-averaged values; in brackets, the difference to text-only with its 95% paired "
-        f"bootstrap interval, then the relative change. `{DEFAULT_ROW}` is what `examples/train.py` trains by default.",
+        f"bootstrap interval, then the relative change. `{DEFAULT_ROW}` is what `examples/train.py` trains by default; "
+        f"`{DEFAULT_ROW + CHOSEN_WEIGHT}` is how its final model then searches (`--image_branch_weight auto`).",
         "", *lines, "",
         "How to read it: the residual fusions start as the text model and can only add, so they keep the text-only "
         "rows' all-queries quality while the image adds recall where the text is silent or degraded; the paper's "

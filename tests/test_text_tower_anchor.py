@@ -136,17 +136,28 @@ def test_the_weight_defaults_on_for_fused_models_and_refuses_text_only():
         TextTowerAnchorLoss(weight=0)
 
 
-def test_the_image_branch_weight_defaults_to_half_for_the_residual_fusion_only():
-    from modeling_mmretrieval.training.image_branch_weight import DEFAULT_IMAGE_BRANCH_WEIGHT, image_branch_weight
+def test_the_image_branch_weight_is_chosen_for_the_residual_fusion_only():
+    from modeling_mmretrieval.training.image_branch_weight import (
+        choose_image_branch_weight, image_branch_weight, parse_image_branch_weight,
+    )
 
-    assert image_branch_weight(None, make_config("4tower-residual")) == DEFAULT_IMAGE_BRANCH_WEIGHT == 0.5
+    assert image_branch_weight(None, make_config("4tower-residual")) == "auto"
     assert image_branch_weight(None, make_config("4tower-mlp")) == image_branch_weight(None, make_config("text_only")) == 1.0
     assert image_branch_weight(0, make_config("3tower-residual")) == 0.0
     assert image_branch_weight(1, make_config("4tower-concat")) == 1.0  # "as trained" is every fusion's
-    with pytest.raises(ValueError, match="only a residual fusion has an image branch to weigh, not text_only"):
-        image_branch_weight(0.5, make_config("text_only"))
+    for refused in (0.5, "auto"):
+        with pytest.raises(ValueError, match="only a residual fusion has an image branch to weigh, not text_only"):
+            image_branch_weight(refused, make_config("text_only"))
     with pytest.raises(ValueError, match="must be 0 or more"):
         image_branch_weight(-0.5, make_config("4tower-residual"))
+    assert parse_image_branch_weight(" Auto ") == "auto" and parse_image_branch_weight("0.75") == 0.75
+    for bad in ("-1", "half", "nan"):
+        with pytest.raises(ValueError, match="must be 'auto' or a number of 0 or more"):
+            parse_image_branch_weight(bad)
+    tried = []
+    chosen, scores = choose_image_branch_weight(lambda weight: tried.append(weight) or {0.5: 0.9}.get(weight, 0.8))
+    assert chosen == 0.5 and tried == [0.25, 0.5, 0.75, 1.0] and scores[1.0] == 0.8
+    assert choose_image_branch_weight(lambda weight: 0.7)[0] == 0.25  # a tie goes to the first candidate
 
 
 def test_a_resumed_run_keeps_its_anchor_weight():

@@ -585,10 +585,14 @@ def test_an_adapter_aligned_pair_trains_a_4tower_model_with_restoration(assets, 
     card = (tmp_path / "run" / "final" / "README.md").read_text()
     assert "visual-word dropout / restoration weight | `0.0 / 1.0`" in card
     assert "text-tower anchor weight | `1.0`" in card  # on by default for the residual fusion
-    assert "image branch weight at search | `0.5`" in card  # the residual fusion's default
+    # The residual fusion's default: the image branch weight with the best nDCG@10 on the evaluation products.
+    choice = results["image_branch_weight"]
+    assert list(choice["scores"]) == ["0.25", "0.5", "0.75", "1.0"]
+    assert choice["chosen"] == float(max(choice["scores"], key=choice["scores"].get))
+    assert f"image branch weight at search | `{choice['chosen']}`" in card
     model = MultimodalRetrievalModel.from_pretrained(tmp_path / "run" / "final")
     assert model.config.architecture == "4tower" and model.config.fusion == "residual"
-    assert model.config.image_branch_weight == 0.5
+    assert model.config.image_branch_weight == choice["chosen"]
 
 
 def test_the_final_model_searches_with_the_image_branch_weight_and_the_checkpoints_keep_the_trained_one(
@@ -607,6 +611,12 @@ def test_the_final_model_searches_with_the_image_branch_weight_and_the_checkpoin
                                  "--max_train_steps", 1, "--image_branch_weight", 0.25, "--eval_split", "none",
                                  towers=False))
     assert MultimodalRetrievalModel.from_pretrained(tmp_path / "again" / "final").config.image_branch_weight == 0.25
+    # "auto" without an evaluation split has nothing to choose on: the model keeps its trained branch, and says so.
+    with caplog.at_level(logging.INFO):
+        results = train_command.run(train_args(assets, tmp_path / "unevaluated", "--fusion", "residual",
+                                               "--max_train_steps", 1, "--eval_split", "none"))
+    assert "image_branch_weight" not in results and "no evaluation split to choose on" in caplog.text
+    assert MultimodalRetrievalModel.from_pretrained(tmp_path / "unevaluated" / "final").config.image_branch_weight == 1.0
 
 
 def test_grad_cache_runs_turn_the_default_text_tower_anchor_off_and_say_so(assets, tmp_path, caplog):

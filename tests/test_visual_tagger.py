@@ -185,7 +185,7 @@ def test_the_image_branch_weight_is_chosen_on_validation_products_by_their_top_t
     validation = HeldOutEvaluator(catalogue(48, seed=11), num_queries=20, seed=0)
     choice = report.choose_branch_weight(validation, tmp_path / "ckpt")
     scores = choice["validation"]
-    assert list(scores) == [str(weight) for weight in report.CANDIDATE_BRANCH_WEIGHTS]
+    assert list(scores) == [str(weight) for weight in report.CANDIDATE_IMAGE_BRANCH_WEIGHTS]
     assert choice["chosen"] == float(max(scores, key=scores.get)) and len(set(scores.values())) > 1
     unweighted = report.evaluate_checkpoint(validation, tmp_path / "ckpt", {})["per_query"]["all"]["ndcg@10"]
     assert scores["1.0"] == pytest.approx(sum(unweighted.values()) / len(unweighted))

@@ -44,7 +44,9 @@ from ..training.model_builder import (
 )
 from ..training.model_card import hub_license
 from ..training.visual_tagger import DEFAULT_MIN_PROBABILITY, VisualTaggerError
-from ..training.image_branch_weight import DEFAULT_IMAGE_BRANCH_WEIGHT, ImageBranchWeightError
+from ..training.image_branch_weight import (
+    CANDIDATE_IMAGE_BRANCH_WEIGHTS, ImageBranchWeightError, parse_image_branch_weight,
+)
 from ..training.text_tower_anchor import DEFAULT_TEXT_TOWER_ANCHOR, TextTowerAnchorError
 from ..training.visual_word_restoration import (
     DEFAULT_VISUAL_WORD_RESTORATION, TRAINED_FUSIONS, VisualWordRestorationError,
@@ -69,6 +71,13 @@ from .common import (
 )
 
 DEFAULT_VALIDATION_SHARE = 0.1
+
+
+def _image_branch_weight_flag(text: str) -> float | str:
+    try:
+        return parse_image_branch_weight(text)
+    except ValueError as error:  # argparse names the flag: "argument --image_branch_weight: must be ..."
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -155,12 +164,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                            "model's loss, so that the towers stay retrievers of their own while the image fusion "
                            f"trains (default {DEFAULT_TEXT_TOWER_ANCHOR} for 3tower and 4tower models with the "
                            "residual fusion, else 0, and 0 with --mini_batch_size; 0 turns it off; docs/training.md).")
-    data.add_argument("--image_branch_weight", type=float,
-                      help="Weight on what the residual fusion's image branch adds, applied to the final model once "
-                           "training ends, so that it evaluates, saves and searches with it (default "
-                           f"{DEFAULT_IMAGE_BRANCH_WEIGHT} for models with the residual fusion, chosen on validation "
-                           "products; 1 keeps the model as trained, and is the only weight of other fusions; "
-                           "docs/training.md).")
+    data.add_argument("--image_branch_weight", type=_image_branch_weight_flag,
+                      help="Weight on what the residual fusion's image branch adds, set on the final model once "
+                           "training ends, so that it evaluates, saves and searches with it: a number of 0 or more, "
+                           "or 'auto' (the default for models with the residual fusion): of "
+                           f"{', '.join(map(str, CANDIDATE_IMAGE_BRANCH_WEIGHTS))}, the one with the best nDCG@10 on "
+                           "the evaluation split's products, with training-phrased queries (1 without an evaluation "
+                           "split). 1 keeps the model as trained, and is the only weight of other fusions "
+                           "(docs/training.md).")
     data.add_argument("--visual_tags", dest="visual_tags", action="store_true", default=None,
                       help="Fit a visual-word tagger on the frozen image features (colour from the catalogue's colour "
                            "column, else from the colour words of the titles) that writes the colour it reads off a "
@@ -262,8 +273,6 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     if args.text_tower_anchor and args.mini_batch_size:
         parser.error("--text_tower_anchor does not combine with --mini_batch_size (GradCache); drop one of them")
     fusion = args.fusion or (DEFAULT_4TOWER_FUSION if args.architecture == "4tower" else DEFAULT_3TOWER_FUSION)
-    if args.image_branch_weight is not None and not args.image_branch_weight >= 0:
-        parser.error(f"--image_branch_weight must be >= 0, got {args.image_branch_weight}")
     if args.image_branch_weight not in (None, 1.0) and not args.model_name_or_path and (
             args.architecture == "text_only" or fusion != "residual"):
         parser.error(f"--image_branch_weight weighs a residual fusion's image branch: it needs --architecture 3tower "

@@ -36,7 +36,9 @@ from .. import speedups
 from ..atomic_files import publish_directory, recover_directory, write_json_atomically
 from ..data import CatalogueColumns, RetrievalCollator
 from ..modeling_mmretrieval import MODEL_CARD_NAME
+from ..data.queries import derive_query
 from ..retrieval.evaluator import RetrievalEvaluator
+from ..retrieval.held_out_evaluation import HeldOutEvaluator
 from .cached_loss import CachedNTXentLoss
 from .checkpoints import (
     TEMPORARY_PREFIX,
@@ -71,7 +73,7 @@ from .visual_tagger import (
     colours_to_learn,
     fit_visual_tagger,
 )
-from .image_branch_weight import image_branch_weight
+from .image_branch_weight import AUTO, choose_image_branch_weight, image_branch_weight
 from .text_tower_anchor import TextTowerAnchorLoss, text_tower_anchor_weight
 from .visual_word_restoration import VisualWordRestorationLoss, restoration_weight
 
@@ -296,6 +298,45 @@ def train(args, run: PreparedRun, state: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def final_image_branch_weight(args, accelerator, model, processor, data, columns: CatalogueColumns,
+                              evaluator) -> dict | None:
+    """Sets the image branch weight of the trained model (`--image_branch_weight`, `training.image_branch_weight`)
+    before it is evaluated and saved; with `"auto"`, the candidate with the best nDCG@10 on the evaluation split's
+    products, queried in the training phrasing (a catalogue's own evaluation queries where it has them), or 1
+    without an evaluation split. Returns `{"chosen": weight, "scores": {weight: nDCG@10}}` where it chose, else None.
+
+    Example: `final_image_branch_weight(args, accelerator, model, processor, data, columns, evaluator)`.
+    """
+    final_model = accelerator.unwrap_model(model)
+    weight, choice = args.image_branch_weight, None
+    if weight == AUTO and evaluator is None:
+        weight = 1.0
+        logger.info("--image_branch_weight auto: no evaluation split to choose on, so the model keeps its trained "
+                    "image branch (weight 1)")
+    elif weight == AUTO:
+        choosing = evaluator
+        if data.eval_queries is None:  # derived queries: phrased as training phrases them, never the held-out family
+            choosing = HeldOutEvaluator(data.eval_products, num_queries=args.max_eval_queries, seed=args.seed,
+                                        columns=columns, processor=processor, name="choice",
+                                        batch_size=args.per_device_eval_batch_size, phrase=derive_query,
+                                        fetch_images=getattr(args, "fetch_images", False),
+                                        image_features=evaluator.image_features)
+
+        def score(candidate: float) -> float:
+            final_model.set_image_branch_weight(candidate)
+            return evaluate(accelerator, choosing, model).get(f"{choosing.name}/ndcg@10", 0.0)
+
+        weight, scores = choose_image_branch_weight(score)
+        choice = {"chosen": weight, "scores": {str(candidate): value for candidate, value in scores.items()}}
+        logger.info(f"--image_branch_weight auto: nDCG@10 on the evaluation split's products for weights "
+                    f"{', '.join(f'{c:g}: {v:.4f}' for c, v in scores.items())}; the final model searches with {weight:g}")
+    if final_model.config.image_branch_weight != weight:
+        final_model.set_image_branch_weight(weight)
+        logger.info(f"The final model's image branch is weighted {weight:g} (--image_branch_weight).")
+    args.image_branch_weight = weight  # what the model card reports
+    return choice
 
 
 def training_settings(args, accelerator, max_train_steps: int, num_epochs: int, image_size: int | None,
@@ -720,10 +761,8 @@ def run_training(args) -> dict:
                       checkpoints_dir, max_train_steps, collator, processor, model_card_for_state)
     train(args, run, state)
     train_seconds = time.perf_counter() - train_started
-    final_model = accelerator.unwrap_model(model)
-    if final_model.config.image_branch_weight != args.image_branch_weight:  # the final model searches with it
-        final_model.set_image_branch_weight(args.image_branch_weight)
-        logger.info(f"The final model's image branch is weighted {args.image_branch_weight} (--image_branch_weight).")
+    branch_choice = final_image_branch_weight(args, accelerator, model, processor, data, columns, evaluator)
+    settings["image branch weight at search"] = args.image_branch_weight  # the card says what was chosen
 
     after_metrics = evaluate(accelerator, evaluator, model)
     accelerator.log(after_metrics, step=state["completed_steps"])
@@ -758,6 +797,8 @@ def run_training(args) -> dict:
         results["evaluation_kept_from_earlier_run"] = True
     if tagger_report is not None:
         results["visual_tagger"] = tagger_report.to_dict()
+    if branch_choice is not None:
+        results["image_branch_weight"] = branch_choice
     image_report = collator.image_report.merge(cache_report) if cache_report is not None else collator.image_report
     if collator.uses_images:
         results["images"] = image_report.to_dict()
