@@ -175,3 +175,14 @@ def test_train_script_trains_in_two_cpu_processes_with_checkpoints_and_resume(tr
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {
         path.name for path in (tmp_path / "checkpoints" / "checkpoint-3").iterdir()}
     assert MultimodalRetrievalModel.from_pretrained(tmp_path / "final").config.architecture == "3tower"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="relaunching `--cpu` reads the launcher from /proc")
+def test_two_processes_choose_one_image_branch_weight_on_the_evaluation_split(training_assets, tmp_path):
+    # The catalogue has no validation split: a seeded hold-out of it is evaluated, by the main process only.
+    launch_train_script("--cpu", training_assets, tmp_path, "--max_train_steps", 1, "--eval_split", "validation",
+                        "--fusion", "residual")
+    results = json.loads((tmp_path / "results.json").read_text())
+    choice = results["image_branch_weight"]
+    assert choice["chosen"] == float(max(choice["scores"], key=choice["scores"].get))
+    assert MultimodalRetrievalModel.from_pretrained(tmp_path / "final").config.image_branch_weight == choice["chosen"]

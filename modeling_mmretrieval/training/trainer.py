@@ -28,7 +28,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -329,6 +329,8 @@ def final_image_branch_weight(args, accelerator, model, processor, data, columns
             return evaluate(accelerator, choosing, model).get(f"{choosing.name}/ndcg@10", 0.0)
 
         weight, scores = choose_image_branch_weight(score)
+        if accelerator.num_processes > 1:  # only the main process evaluates: every process takes its choice
+            weight = broadcast_object_list([weight], from_process=0)[0]
         choice = {"chosen": weight, "scores": {str(candidate): value for candidate, value in scores.items()}}
         logger.info(f"--image_branch_weight auto: nDCG@10 on the evaluation split's products for weights "
                     f"{', '.join(f'{c:g}: {v:.4f}' for c, v in scores.items())}; the final model searches with {weight:g}")
