@@ -11,6 +11,7 @@ arXiv:2501.07365):
   space, where V is a standalone vision tower (CLIP vision, SigLIP vision, DINOv2, ViT).
 """
 
+import math
 import re
 
 from huggingface_hub.dataclasses import strict
@@ -297,7 +298,7 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
             )
         if not 0.0 <= self.fusion_dropout < 1.0:
             raise ValueError(f"`fusion_dropout` must lie in [0, 1), got {self.fusion_dropout}.")
-        if not self.image_branch_weight >= 0:
+        if not (math.isfinite(self.image_branch_weight) and self.image_branch_weight >= 0):
             raise ValueError(f"`image_branch_weight` must be 0 or more, got {self.image_branch_weight}.")
         if not self.product_text_fields or not all(isinstance(f, str) and f for f in self.product_text_fields):
             raise ValueError(f"`product_text_fields` must be a non-empty list of column names, got "

@@ -827,8 +827,8 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         """
         if self.config.fusion != "residual":
             raise ValueError(f"only the residual fusion has an image branch to weigh, not {self.config.fusion!r}")
-        if not weight >= 0:
-            raise ValueError(f"the image branch weight must be >= 0, got {weight}")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"the image branch weight must be a finite number >= 0, got {weight}")
         self.config.image_branch_weight = float(weight)
 
     def silence_image_branch(self) -> None:

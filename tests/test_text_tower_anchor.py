@@ -118,8 +118,9 @@ def test_a_weighted_image_branch_adds_that_share_of_what_it_added(tmp_path):
     assert loaded.config.image_branch_weight == 0.25
     with torch.no_grad():
         torch.testing.assert_close(loaded.fuse_product_features(text, image, normalize=False), quarter)
-    with pytest.raises(ValueError, match="must be >= 0"):
-        model.set_image_branch_weight(-1.0)
+    for bad in (-1.0, float("inf")):
+        with pytest.raises(ValueError, match="must be a finite number >= 0"):
+            model.set_image_branch_weight(bad)
     with pytest.raises(ValueError, match="only the residual fusion"):
         MultimodalRetrievalModel(make_config("4tower-concat")).set_image_branch_weight(0.5)
 
@@ -151,7 +152,7 @@ def test_the_image_branch_weight_is_chosen_for_the_residual_fusion_only():
     with pytest.raises(ValueError, match="must be 0 or more"):
         image_branch_weight(-0.5, make_config("4tower-residual"))
     assert parse_image_branch_weight(" Auto ") == "auto" and parse_image_branch_weight("0.75") == 0.75
-    for bad in ("-1", "half", "nan"):
+    for bad in ("-1", "half", "nan", "inf"):
         with pytest.raises(ValueError, match="must be 'auto' or a number of 0 or more"):
             parse_image_branch_weight(bad)
     tried = []

@@ -606,16 +606,23 @@ def test_the_final_model_searches_with_the_image_branch_weight_and_the_checkpoin
     assert weights(tmp_path / "run" / "final").keys() == weights(tmp_path / "run" / "checkpoints" / "checkpoint-2" /
                                                                "model").keys()
     assert "The final model's image branch is weighted 0.25" in caplog.text
-    # Fine-tuning the saved model further keeps its weight rather than weighing the branch again.
-    train_command.run(train_args(assets, tmp_path / "again", "--model_name_or_path", tmp_path / "run" / "final",
-                                 "--max_train_steps", 1, "--image_branch_weight", 0.25, "--eval_split", "none",
-                                 towers=False))
-    assert MultimodalRetrievalModel.from_pretrained(tmp_path / "again" / "final").config.image_branch_weight == 0.25
-    # "auto" without an evaluation split has nothing to choose on: the model keeps its trained branch, and says so.
+    # The model cards say what each model searches with.
+    assert "image branch weight at search | `0.25`" in (tmp_path / "run" / "final" / "README.md").read_text()
+    checkpoint_card = (tmp_path / "run" / "checkpoints" / "checkpoint-2" / "model" / "README.md").read_text()
+    assert "image branch weight at search | `1.0`" in checkpoint_card
+    # "auto" without an evaluation split has nothing to choose on: fine-tuning the saved model further keeps its
+    # weight (not 1, nor the weight applied twice), and says so.
     with caplog.at_level(logging.INFO):
-        results = train_command.run(train_args(assets, tmp_path / "unevaluated", "--fusion", "residual",
-                                               "--max_train_steps", 1, "--eval_split", "none"))
-    assert "image_branch_weight" not in results and "no evaluation split to choose on" in caplog.text
+        results = train_command.run(train_args(assets, tmp_path / "again", "--model_name_or_path",
+                                               tmp_path / "run" / "final", "--max_train_steps", 1, "--eval_split",
+                                               "none", towers=False))
+    assert results["image_branch_weight"]["chosen"] == 0.25 and results["image_branch_weight"]["scores"] is None
+    assert "no evaluation split to choose on, so the model keeps its image branch weight (0.25)" in caplog.text
+    assert MultimodalRetrievalModel.from_pretrained(tmp_path / "again" / "final").config.image_branch_weight == 0.25
+    # A new model has weight 1 until a weight is chosen or given.
+    results = train_command.run(train_args(assets, tmp_path / "unevaluated", "--fusion", "residual",
+                                           "--max_train_steps", 1, "--eval_split", "none"))
+    assert results["image_branch_weight"]["chosen"] == 1.0
     assert MultimodalRetrievalModel.from_pretrained(tmp_path / "unevaluated" / "final").config.image_branch_weight == 1.0
 
 
@@ -698,7 +705,9 @@ def test_a_finished_run_is_extended_with_a_larger_max_train_steps(assets, tmp_pa
 
 
 def test_a_relaunch_without_evaluation_keeps_the_evaluation_of_the_same_weights(assets, tmp_path):
-    train_command.run(train_args(assets, tmp_path, "--max_train_steps", 2, "--checkpointing_steps", 2))
+    # Weight 1: the relaunch without an evaluation split keeps the model's own (the checkpoint's), the same.
+    train_command.run(train_args(assets, tmp_path, "--max_train_steps", 2, "--checkpointing_steps", 2,
+                                 "--image_branch_weight", 1))
     evaluated = json.loads((tmp_path / "results.json").read_text())
     assert evaluated["after"]["eval/recall@10"] >= 0.0
     AcceleratorState._reset_state(True)
@@ -718,6 +727,14 @@ def test_a_relaunch_without_evaluation_keeps_the_evaluation_of_the_same_weights(
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["after"] == {} and "evaluation_kept_from_earlier_run" not in on_disk
     assert "Not evaluated" in (tmp_path / "final" / "README.md").read_text()
+    # The same weights searched with another image branch weight rank otherwise: not credited either.
+    for weight, evaluation in ((1, []), (0.5, ["--eval_split", "none"])):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        train_command.run(train_args(assets, tmp_path, "--max_train_steps", 3, "--image_branch_weight", weight,
+                                     *evaluation, "--resume_from_checkpoint", "latest"))
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["after"] == {} and "evaluation_kept_from_earlier_run" not in on_disk
 
 
 def test_resuming_an_older_checkpoint_moves_the_abandoned_checkpoints_aside(assets, tmp_path):

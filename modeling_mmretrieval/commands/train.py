@@ -169,9 +169,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                            "training ends, so that it evaluates, saves and searches with it: a number of 0 or more, "
                            "or 'auto' (the default for models with the residual fusion): of "
                            f"{', '.join(map(str, CANDIDATE_IMAGE_BRANCH_WEIGHTS))}, the one with the best nDCG@10 on "
-                           "the evaluation split's products, with training-phrased queries (1 without an evaluation "
-                           "split). 1 keeps the model as trained, and is the only weight of other fusions "
-                           "(docs/training.md).")
+                           "the evaluation split's products, with training-phrased queries (without an evaluation "
+                           "split, the model's own weight: 1 for a new model). 1 keeps the model as trained, and is "
+                           "the only weight of other fusions (docs/training.md).")
     data.add_argument("--visual_tags", dest="visual_tags", action="store_true", default=None,
                       help="Fit a visual-word tagger on the frozen image features (colour from the catalogue's colour "
                            "column, else from the colour words of the titles) that writes the colour it reads off a "

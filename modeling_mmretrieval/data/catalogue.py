@@ -476,10 +476,11 @@ def load_catalogue(
             or a Hugging Face Hub dataset name; with `data_files`, the `datasets` builder ("parquet", "csv",
             "json") or Hub name. `None` reads `default_data_dir()`: the shared fashion catalogue when present,
             else the committed sample.
-        split: return only this split (for local files only its files are read).
+        split: return only this split (for local files, and for a `data_files` mapping, only its files are read;
+            a split name the mapping lacks is a `KeyError`).
         columns: the catalogue's column names; validated on every split. Every column it names must exist; set
             an optional one to `None` when the catalogue lacks it (`image=None`: a catalogue without images).
-        data_files: passed to `datasets.load_dataset` as is.
+        data_files: passed to `datasets.load_dataset` (a mapping cut to `split` when one is asked for).
         cache_dir: the `datasets` cache directory.
         needs_queries: whether queries must be readable (a `columns.query` column) or derivable (an article type
             column and the other attribute columns named in `columns`). `False` reads the products only, as

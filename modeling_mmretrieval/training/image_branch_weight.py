@@ -10,11 +10,14 @@ shows the weights chosen at two budgets and what they give on the test split.
 Training runs with the weight the model starts with (1 for a new model). Once training ends, the train command
 sets the weight of the final model, which it then evaluates, saves and pushes: by default (`"auto"`) the candidate
 whose nDCG@10 on the evaluation split is highest, with the queries phrased as training phrases them (never the
-held-out family that the reported evaluation uses); 1 where there is no evaluation split.
+held-out family that the reported evaluation uses, and drawn with another seed); without an evaluation split, the
+weight the model already has. The reported evaluation is then on the products the weight was chosen on: a choice
+among four values, so its "after" figures may flatter the model slightly; docs/results_analysis.md measures it on a
+test split that the choice never sees.
 
 Example:
 ```python
->>> image_branch_weight(None, MultimodalRetrievalConfig(architecture="4tower", fusion="residual"))
+>>> image_branch_weight(None, MultimodalRetrievalConfig(architecture="3tower", fusion="residual"))
 'auto'
 >>> chosen, scores = choose_image_branch_weight(lambda weight: {0.25: 0.80, 0.5: 0.83, 0.75: 0.82, 1.0: 0.81}[weight])
 >>> chosen
@@ -22,6 +25,7 @@ Example:
 ```
 """
 
+import math
 from collections.abc import Callable, Sequence
 
 AUTO = "auto"
@@ -44,7 +48,7 @@ def parse_image_branch_weight(text: str) -> float | str:
         weight = float(text)
     except ValueError:
         weight = float("nan")
-    if not weight >= 0:
+    if not (math.isfinite(weight) and weight >= 0):
         raise ValueError(f"must be 'auto' or a number of 0 or more, got {text!r}")
     return weight
 
@@ -64,7 +68,7 @@ def image_branch_weight(requested: float | str | None, config) -> float | str:
     residual = config.uses_images and config.fusion == "residual"
     if requested is None:
         return AUTO if residual else 1.0
-    if requested != AUTO and not requested >= 0:
+    if requested != AUTO and not (math.isfinite(requested) and requested >= 0):
         raise ImageBranchWeightError(f"the image branch weight must be 0 or more, got {requested} (--image_branch_weight)")
     if requested != 1 and not residual:
         found = config.architecture if not config.uses_images else f"{config.architecture} with fusion {config.fusion!r}"

@@ -301,44 +301,50 @@ def train(args, run: PreparedRun, state: dict) -> None:
 
 
 def final_image_branch_weight(args, accelerator, model, processor, data, columns: CatalogueColumns,
-                              evaluator) -> dict | None:
+                              evaluator) -> dict:
     """Sets the image branch weight of the trained model (`--image_branch_weight`, `training.image_branch_weight`)
-    before it is evaluated and saved; with `"auto"`, the candidate with the best nDCG@10 on the evaluation split's
-    products, queried in the training phrasing (a catalogue's own evaluation queries where it has them), or 1
-    without an evaluation split. Returns `{"chosen": weight, "scores": {weight: nDCG@10}}` where it chose, else None.
+    before it is evaluated and saved. With `"auto"`: the candidate with the best nDCG@10 on the evaluation split's
+    products, with queries phrased as training phrases them and drawn with another seed than the reported
+    evaluation's (a catalogue's own evaluation queries where it has them); without an evaluation split, the weight
+    the model already has (1 for a new model). Returns `{"chosen": weight, "how": ..., "scores": {weight: nDCG@10}
+    or None}` for `results.json`.
 
-    Example: `final_image_branch_weight(args, accelerator, model, processor, data, columns, evaluator)`.
+    Example: `final_image_branch_weight(args, accelerator, model, processor, data, columns, evaluator)["chosen"]`.
     """
     final_model = accelerator.unwrap_model(model)
-    weight, choice = args.image_branch_weight, None
+    weight, how, scores = args.image_branch_weight, "--image_branch_weight", None
     if weight == AUTO and evaluator is None:
-        weight = 1.0
-        logger.info("--image_branch_weight auto: no evaluation split to choose on, so the model keeps its trained "
-                    "image branch (weight 1)")
+        weight, how = final_model.config.image_branch_weight, "auto without an evaluation split: the model's own"
+        logger.info(f"--image_branch_weight auto: no evaluation split to choose on, so the model keeps its image "
+                    f"branch weight ({weight:g})")
     elif weight == AUTO:
-        choosing = evaluator
-        if data.eval_queries is None:  # derived queries: phrased as training phrases them, never the held-out family
-            choosing = HeldOutEvaluator(data.eval_products, num_queries=args.max_eval_queries, seed=args.seed,
+        how, choosing = "auto: best nDCG@10 on the evaluation split's products", evaluator
+        if data.eval_queries is None:  # derived queries: training phrasing, other draws than the reported ones
+            choosing = HeldOutEvaluator(data.eval_products, num_queries=args.max_eval_queries, seed=args.seed + 1,
                                         columns=columns, processor=processor, name="choice",
                                         batch_size=args.per_device_eval_batch_size, phrase=derive_query,
                                         fetch_images=getattr(args, "fetch_images", False),
                                         image_features=evaluator.image_features)
+        metric = f"{choosing.name}/ndcg@10"
 
         def score(candidate: float) -> float:
             final_model.set_image_branch_weight(candidate)
-            return evaluate(accelerator, choosing, model).get(f"{choosing.name}/ndcg@10", 0.0)
+            metrics = evaluate(accelerator, choosing, model)
+            if accelerator.is_main_process and metric not in metrics:
+                raise RuntimeError(f"--image_branch_weight auto: the evaluation gave no {metric}")
+            return metrics.get(metric, 0.0)
 
         weight, scores = choose_image_branch_weight(score)
         if accelerator.num_processes > 1:  # only the main process evaluates: every process takes its choice
-            weight = broadcast_object_list([weight], from_process=0)[0]
-        choice = {"chosen": weight, "scores": {str(candidate): value for candidate, value in scores.items()}}
+            weight, scores = broadcast_object_list([weight, scores], from_process=0)
         logger.info(f"--image_branch_weight auto: nDCG@10 on the evaluation split's products for weights "
                     f"{', '.join(f'{c:g}: {v:.4f}' for c, v in scores.items())}; the final model searches with {weight:g}")
     if final_model.config.image_branch_weight != weight:
         final_model.set_image_branch_weight(weight)
         logger.info(f"The final model's image branch is weighted {weight:g} (--image_branch_weight).")
     args.image_branch_weight = weight  # what the model card reports
-    return choice
+    return {"chosen": weight, "how": how,
+            "scores": None if scores is None else {str(candidate): value for candidate, value in scores.items()}}
 
 
 def training_settings(args, accelerator, max_train_steps: int, num_epochs: int, image_size: int | None,
@@ -358,7 +364,8 @@ def training_settings(args, accelerator, max_train_steps: int, num_epochs: int, 
         "hard negatives per query": args.num_hard_negatives,
         "visual-word dropout / restoration weight": f"{args.visual_word_dropout} / {args.visual_word_restoration}",
         "text-tower anchor weight": getattr(args, "text_tower_anchor", 0.0),
-        "image branch weight at search": getattr(args, "image_branch_weight", 1.0),
+        # The model's own until the final model's is set (checkpoints search with the weight they trained with).
+        "image branch weight at search": getattr(model_config, "image_branch_weight", 1.0),
         "visual-word tagger": (f"{len(model_config.visual_tags)} colours, min probability "
                                f"{model_config.visual_tag_min_probability}") if getattr(model_config, "visual_tags", None) else "none",
         "colour description of the photos": (f"{model_config.colour_histogram_levels} levels per channel"
@@ -452,15 +459,23 @@ def save_final_model(accelerator, model, processor, output_dir: Path, model_card
     return final_dir, earlier
 
 
+def _branch_weight(model_dir: Path) -> float | None:
+    try:
+        return json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("image_branch_weight", 1.0)
+    except (OSError, ValueError):
+        return None
+
+
 def earlier_results_of_same_weights(output_dir: Path, new_model_dir: Path) -> dict | None:
     """The earlier `results.json`, when it holds an evaluation and `output_dir/final` holds weights byte-identical
-    to `new_model_dir`'s (a relaunch of a finished run that trained nothing new, or retrained to the same
-    bytes): that evaluation still describes the model."""
+    to `new_model_dir`'s, searched with the same image branch weight (a relaunch of a finished run that trained
+    nothing new, or retrained to the same bytes): that evaluation still describes the model."""
     results_path, weights_name = output_dir / "results.json", "model.safetensors"
     old_weights, new_weights = output_dir / "final" / weights_name, new_model_dir / weights_name
     if not (results_path.is_file() and old_weights.is_file() and new_weights.is_file()):
         return None
-    if not filecmp.cmp(old_weights, new_weights, shallow=False):
+    if not filecmp.cmp(old_weights, new_weights, shallow=False) or _branch_weight(old_weights.parent) != _branch_weight(
+            new_model_dir):  # the same weights searched with another image branch weight rank otherwise
         return None
     try:
         earlier = json.loads(results_path.read_text(encoding="utf-8"))
@@ -799,8 +814,7 @@ def run_training(args) -> dict:
         results["evaluation_kept_from_earlier_run"] = True
     if tagger_report is not None:
         results["visual_tagger"] = tagger_report.to_dict()
-    if branch_choice is not None:
-        results["image_branch_weight"] = branch_choice
+    results["image_branch_weight"] = branch_choice
     image_report = collator.image_report.merge(cache_report) if cache_report is not None else collator.image_report
     if collator.uses_images:
         results["images"] = image_report.to_dict()
