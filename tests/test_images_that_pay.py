@@ -15,7 +15,7 @@ from example_scripts import load_example
 from tiny_towers import make_batch, make_config
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor
-from modeling_mmretrieval.data import SAMPLE_DATA_DIR, RetrievalCollator, load_catalogue, make_training_pairs
+from modeling_mmretrieval.data import SAMPLE_DATA_DIR, CatalogueColumns, RetrievalCollator, load_catalogue, make_training_pairs
 from modeling_mmretrieval.data.held_out_phrasing import HELD_OUT_MARKERS, derive_held_out_query
 from modeling_mmretrieval.data.queries import derive_query, make_evaluation_queries
 from modeling_mmretrieval.data.visual_words import (
@@ -59,6 +59,17 @@ def test_the_held_out_family_never_appears_in_training_queries(sample):
     assert not {query.template for query in held_out} & set(
         derive_query(row, random.Random(seed)).template for seed in range(3) for row in sample["test"].to_list()
     )
+
+
+def test_held_out_queries_of_a_catalogue_with_its_own_column_names_find_their_products(sample):
+    renamed = {"article_type": "category", "base_colour": "colour_name", "product_id": "sku", "title": "name"}
+    shop = sample["test"].select(range(300)).rename_columns(renamed)
+    columns = CatalogueColumns(product_id="sku", title="name", article_type="category", base_colour="colour_name")
+    for phrase in (derive_query, derive_held_out_query):
+        queries = make_evaluation_queries(shop, seed=0, num_queries=40, columns=columns, phrase=phrase)
+        assert len(queries) == 40, phrase.__name__  # the held-out family used to find nothing: "article_type" keys
+        assert all("category" in query.attributes and "article_type" not in query.attributes for query in queries)
+        assert all(query.source_product_id in query.relevant_ids for query in queries)
 
 
 def test_held_out_queries_constrain_the_attributes_training_queries_would(sample):

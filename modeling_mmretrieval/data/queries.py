@@ -211,10 +211,12 @@ class QueryAttributes:
     noun: str
     facets: dict[str, str]
     ordered_keys: list[str]
+    article_type_key: str  # the catalogue's article-type column (`CatalogueColumns.article_type`)
 
     @property
     def attributes(self) -> dict[str, str]:
-        return {"article_type": self.article_type, **{key: self.facets[key] for key in self.ordered_keys}}
+        """What the query constrains, keyed by the catalogue's own column names (as relevance matching reads them)."""
+        return {self.article_type_key: self.article_type, **{key: self.facets[key] for key in self.ordered_keys}}
 
 
 def choose_query_attributes(product: Mapping, rng: random.Random, columns: CatalogueColumns) -> QueryAttributes:
@@ -251,7 +253,7 @@ def choose_query_attributes(product: Mapping, rng: random.Random, columns: Catal
         for key in (columns.brand, columns.gender, columns.base_colour, *columns.attribute_keys, columns.usage)
         if key in chosen
     ]
-    return QueryAttributes(article_type, noun, facets, ordered_keys)
+    return QueryAttributes(article_type, noun, facets, ordered_keys, columns.article_type)
 
 
 def derive_query(product: Mapping, rng: random.Random, columns: CatalogueColumns | None = None) -> DerivedQuery:
@@ -285,10 +287,9 @@ def derive_query(product: Mapping, rng: random.Random, columns: CatalogueColumns
             before.append((rng.choice(phrasing.before), f"{{{key}}}"))
     # After the noun the order mirrors it: "shirt with short sleeves in blue for men".
     pieces = [*before, (noun, f"{{{columns.article_type}}}"), *reversed(after)]
-    attributes = {columns.article_type: chosen.article_type, **{key: facets[key] for key in ordered_keys}}
     return DerivedQuery(
         text=" ".join(phrase for phrase, _ in pieces),
-        attributes=attributes,
+        attributes=chosen.attributes,
         template=" ".join(slot for _, slot in pieces),
     )
 
