@@ -26,6 +26,7 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from ..configuration_mmretrieval import MAX_COLOUR_HISTOGRAM_LEVELS
 from ..data import SAMPLE_DATA_DIR
@@ -45,11 +46,11 @@ from ..training.model_builder import (
 from ..training.model_card import hub_license
 from ..training.visual_tagger import DEFAULT_MIN_PROBABILITY, VisualTaggerError
 from ..training.image_branch_weight import (
-    CANDIDATE_IMAGE_BRANCH_WEIGHTS, ImageBranchWeightError, parse_image_branch_weight,
+    CANDIDATE_IMAGE_BRANCH_WEIGHTS, ImageBranchWeightError, image_branch_weight, parse_image_branch_weight,
 )
-from ..training.text_tower_anchor import DEFAULT_TEXT_TOWER_ANCHOR, TextTowerAnchorError
+from ..training.text_tower_anchor import DEFAULT_TEXT_TOWER_ANCHOR, TextTowerAnchorError, text_tower_anchor_weight
 from ..training.visual_word_restoration import (
-    DEFAULT_VISUAL_WORD_RESTORATION, TRAINED_FUSIONS, VisualWordRestorationError,
+    DEFAULT_VISUAL_WORD_RESTORATION, VisualWordRestorationError, restoration_weight,
 )
 from ..training.optimization import SCHEDULER_TYPES, NonFiniteLossError
 from ..training.trainer import run_training, trackers_for
@@ -267,22 +268,21 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
         parser.error(f"--visual_word_restoration must be >= 0, got {args.visual_word_restoration}")
     if args.text_tower_anchor is not None and not args.text_tower_anchor >= 0:
         parser.error(f"--text_tower_anchor must be >= 0, got {args.text_tower_anchor}")
-    if args.text_tower_anchor and args.architecture == "text_only" and not args.model_name_or_path:
-        parser.error("--text_tower_anchor keeps a fused model's text tower a retriever of its own: it needs "
-                     "--architecture 3tower or 4tower")
     if args.text_tower_anchor and args.mini_batch_size:
         parser.error("--text_tower_anchor does not combine with --mini_batch_size (GradCache); drop one of them")
-    fusion = args.fusion or (DEFAULT_4TOWER_FUSION if args.architecture == "4tower" else DEFAULT_3TOWER_FUSION)
-    if args.image_branch_weight not in (None, 1.0) and not args.model_name_or_path and (
-            args.architecture == "text_only" or fusion != "residual"):
-        parser.error(f"--image_branch_weight weighs a residual fusion's image branch: it needs --architecture 3tower "
-                     f"or 4tower with --fusion residual (got {args.architecture}"
-                     f"{'' if args.architecture == 'text_only' else ' with ' + fusion})")
-    if args.visual_word_restoration and not args.model_name_or_path and (
-            args.architecture == "text_only" or fusion not in TRAINED_FUSIONS):
-        parser.error(f"--visual_word_restoration trains the image fusion: it needs --architecture 3tower or 4tower "
-                     f"with --fusion residual or mlp (got {args.architecture}"
-                     f"{'' if args.architecture == 'text_only' else ' with ' + fusion})")
+    if not args.model_name_or_path:
+        # A new model's architecture and fusion are known before it is built: the settings that need an image
+        # fusion are refused now, by the same rules the run applies to the built model.
+        fusion = args.fusion or (DEFAULT_4TOWER_FUSION if args.architecture == "4tower" else DEFAULT_3TOWER_FUSION)
+        planned = SimpleNamespace(architecture=args.architecture, fusion=fusion,
+                                  uses_images=args.architecture != "text_only")
+        for resolve, requested in ((restoration_weight, args.visual_word_restoration),
+                                   (text_tower_anchor_weight, args.text_tower_anchor),
+                                   (image_branch_weight, args.image_branch_weight)):
+            try:
+                resolve(requested, planned)
+            except ValueError as error:
+                parser.error(str(error))
     if not 0.0 <= args.visual_tag_min_probability <= 1.0:
         parser.error(f"--visual_tag_min_probability must lie in [0, 1], got {args.visual_tag_min_probability}")
     if args.visual_tags and args.architecture == "text_only" and not args.model_name_or_path:
