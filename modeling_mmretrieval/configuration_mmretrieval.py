@@ -129,6 +129,10 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
             Each tag's token ids in the product tokenizer (no special tokens).
         visual_tag_mention_token_ids (`list[list[int]]`, *optional*):
             Token ids of the colour phrases whose presence in a product text means it already names its colour.
+        visual_tag_named_token_ids (`list[list[list[int]]]`, *optional*):
+            Each tag's forms (token id sequences) as a product text names it. When given, a text naming several of
+            the tags ("navy blue and white striped") also gets a tag: the one of those it names that the image
+            favours. `None` (the default, and checkpoints saved before it) leaves such texts alone.
         visual_tag_end_token_id (`int`, *optional*):
             The token closing a product sequence (BERT's `[SEP]`); tags are written before it.
         visual_tag_pad_token_id (`int`, defaults to 0):
@@ -198,6 +202,7 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
     visual_tags: list[str] | None = None
     visual_tag_token_ids: list[list[int]] | None = None
     visual_tag_mention_token_ids: list[list[int]] | None = None
+    visual_tag_named_token_ids: list[list[list[int]]] | None = None
     visual_tag_end_token_id: int | None = None
     visual_tag_pad_token_id: int = 0
     visual_tag_min_probability: float = 0.5
@@ -318,6 +323,15 @@ class MultimodalRetrievalConfig(PreTrainedConfig):
         mention_ids = self.visual_tag_mention_token_ids
         if not isinstance(mention_ids, list) or not all(isinstance(ids, list) for ids in mention_ids):
             raise ValueError("`visual_tag_mention_token_ids` must be a list of token lists (it may be empty).")
+        named_ids = self.visual_tag_named_token_ids
+        if named_ids is not None and not (
+            isinstance(named_ids, list) and len(named_ids) == len(self.visual_tags)
+            and all(isinstance(forms, list) and all(isinstance(ids, list) for ids in forms) for forms in named_ids)
+        ):
+            raise ValueError(
+                f"`visual_tag_named_token_ids` must give a list of token lists for each of the {len(self.visual_tags)} "
+                "`visual_tags` (or be None)."
+            )
         if not 1.0 / len(self.visual_tags) <= self.visual_tag_min_probability < 1.0:
             raise ValueError(
                 f"`visual_tag_min_probability` must lie in [1 / {len(self.visual_tags)} tags, 1), so that a tagger that "

@@ -299,6 +299,50 @@ def find_token_phrases(
     return found
 
 
+def named_token_phrases(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, phrase_forms: list[list[list[int]]]
+) -> torch.Tensor:
+    """Which phrases each row's real tokens name, `(batch, num_phrases)` bool; each phrase is given by its forms
+    (token id sequences, e.g. its casings). A match lying wholly inside a longer phrase's match does not count, so
+    that "navy blue" names navy blue, not blue as well.
+
+    Example:
+    ```python
+    >>> navy_blue, blue, white = [[3212, 2630]], [[2630]], [[2317]]  # MiniLM token ids
+    >>> named_token_phrases(torch.tensor([[101, 3212, 2630, 2317, 102]]), None, [navy_blue, blue, white]).tolist()
+    [[True, False, True]]
+    ```
+    """
+    if attention_mask is not None:  # padding never matches: no token id is negative
+        input_ids = input_ids.masked_fill(attention_mask == 0, -1)
+    length = input_ids.shape[1]
+    starts_by_form = []  # (phrase index, form length, (batch, length) bool: where the form starts)
+    for index, forms in enumerate(phrase_forms):
+        for form in forms:
+            if 0 < len(form) <= length:
+                windows = input_ids.unfold(1, len(form), 1)
+                starts = (windows == torch.tensor(form, device=input_ids.device)).all(-1)
+                starts_by_form.append((index, len(form), F.pad(starts, (0, len(form) - 1))))
+
+    def covered(starts: torch.Tensor, size: int) -> torch.Tensor:
+        cover = starts.clone()
+        for offset in range(1, size):
+            cover[:, offset:] |= starts[:, :-offset]
+        return cover
+
+    named = torch.zeros(input_ids.shape[0], len(phrase_forms), dtype=torch.bool, device=input_ids.device)
+    for index, size, starts in starts_by_form:
+        longer = [covered(other, other_size) for _, other_size, other in starts_by_form if other_size > size]
+        if longer:
+            inside = torch.stack(longer).any(0)
+            wholly_inside = inside.clone()
+            for offset in range(1, size):
+                wholly_inside[:, :-offset] &= inside[:, offset:]
+            starts = starts & ~wholly_inside
+        named[:, index] |= starts.any(-1)
+    return named
+
+
 def insert_tokens_before_end(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -387,13 +431,24 @@ class VisualWordTagger(nn.Module):
         image_mask: torch.Tensor | None = None,
     ) -> list[int | None]:
         """Per product, the index of the word to write (`None`: the text names a colour, the image is missing, or
-        no word is probable enough)."""
+        no word is probable enough). With `config.visual_tag_named_token_ids`, a text that names several of the tags
+        is an exception: it gets the most probable of those it names, when that one is probable enough among them."""
         if image_mask is None:  # the image tower gives image-less products all-zero features
             image_mask = image_features.abs().sum(dim=-1) > 0
-        best, chosen = self(image_features).max(dim=-1)
+        probabilities = self(image_features).to(input_ids.device)
+        best, chosen = probabilities.max(dim=-1)
         # Strictly above: an unfitted (zero) classifier's uniform probabilities never pass.
-        write = (best > self.config.visual_tag_min_probability).to(input_ids.device)
+        write = best > self.config.visual_tag_min_probability
         write &= ~find_token_phrases(input_ids, attention_mask, self.config.visual_tag_mention_token_ids or [])
+        if self.config.visual_tag_named_token_ids:
+            # A text naming several of the tags ("navy blue and white striped") gets the one its image favours,
+            # among those it names: the product's own colour, told apart from its trims.
+            named = named_token_phrases(input_ids, attention_mask, self.config.visual_tag_named_token_ids)
+            several = named.sum(dim=-1) > 1
+            among = probabilities * named
+            among_best, among_chosen = (among / among.sum(dim=-1, keepdim=True).clamp_min(1e-12)).max(dim=-1)
+            chosen = torch.where(several, among_chosen, chosen)
+            write = torch.where(several, among_best > self.config.visual_tag_min_probability, write)
         write &= image_mask.to(device=input_ids.device, dtype=torch.bool)
         return [index if keep else None for index, keep in zip(chosen.tolist(), write.tolist())]
 
@@ -789,10 +844,12 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         bias: torch.Tensor,
         pad_token_id: int = 0,
         min_probability: float = 0.5,
+        named_token_ids: list[list[list[int]]] | None = None,
     ) -> None:
         """Gives the model a fitted visual-word tagger (`VisualWordTagger`): its vocabulary and token ids go into the
         config, the classifier's `weight` `(num_tags, image_feature_size)` and `bias` into the weights. Use
-        `training.visual_tagger.fit_visual_tagger`, which computes all of them.
+        `training.visual_tagger.fit_visual_tagger`, which computes all of them. `named_token_ids` (each tag's forms
+        in product texts) also tags texts that name several of the tags (`VisualWordTagger.chosen_tags`).
 
         Example: `model.install_visual_tagger(["red", "blue"], [[2417], [2630]], [[2417], [2630]], 102, weight, bias)`.
         """
@@ -804,6 +861,8 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
             visual_tags=list(tags), visual_tag_token_ids=[list(ids) for ids in token_ids],
             visual_tag_mention_token_ids=[list(ids) for ids in mention_token_ids], visual_tag_end_token_id=end_token_id,
             visual_tag_pad_token_id=pad_token_id, visual_tag_min_probability=float(min_probability),
+            visual_tag_named_token_ids=None if named_token_ids is None else [
+                [list(ids) for ids in forms] for forms in named_token_ids],
         )
         candidate = copy.deepcopy(self.config)  # checked before the model's own config changes
         for name, value in settings.items():
@@ -842,6 +901,7 @@ class MultimodalRetrievalModel(MultimodalRetrievalPreTrainedModel):
         that has one. Example: `model.remove_visual_tagger()`."""
         self.visual_tagger = None
         self.config.visual_tags = self.config.visual_tag_token_ids = self.config.visual_tag_mention_token_ids = None
+        self.config.visual_tag_named_token_ids = None
         self.config.visual_tag_end_token_id = None
 
     def lock_image_tower(self, locked: bool = True) -> None:

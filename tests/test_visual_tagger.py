@@ -1,6 +1,7 @@
 """The visual-word tagger: reads a product's colour off its image features and writes it into product texts that
 name no colour (`VisualWordTagger`, `training.visual_tagger.fit_visual_tagger`)."""
 
+import copy
 import io
 import json
 import os
@@ -18,7 +19,7 @@ from transformers import AutoTokenizer
 
 from modeling_mmretrieval import MultimodalRetrievalModel
 from modeling_mmretrieval.data.catalogue import CatalogueColumns
-from modeling_mmretrieval.modeling_mmretrieval import find_token_phrases, insert_tokens_before_end
+from modeling_mmretrieval.modeling_mmretrieval import find_token_phrases, insert_tokens_before_end, named_token_phrases
 from modeling_mmretrieval.towers import get_minilm_path
 from modeling_mmretrieval.training.image_feature_cache import precompute_image_features
 from modeling_mmretrieval.training.model_builder import DEFAULT_COLOUR_HISTOGRAM_LEVELS
@@ -27,6 +28,7 @@ from modeling_mmretrieval.training.visual_tagger import (
     colour_labels,
     colours_to_learn,
     fit_visual_tagger,
+    written_forms,
 )
 
 IMAGE_SIZE = 28
@@ -268,8 +270,14 @@ def test_the_train_command_fits_the_tagger_and_refuses_it_for_text_only(towers, 
                               "--visual_tags"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--visual_tags reads colours off product images" in refused.stderr
     assert "Traceback" not in refused.stderr
+    refused = subprocess.run([*common, "--output_dir", str(tmp_path / "untagged"), "--architecture", "3tower",
+                              "--no_visual_tags", "--tag_among_named_colours"], capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and "--tag_among_named_colours is a setting of the visual-word tagger" in refused.stderr
+    assert "Traceback" not in refused.stderr
     run = subprocess.run([*common, "--output_dir", str(tmp_path / "run"), "--architecture", "3tower",
-                          "--text_model", str(towers / "text"), "--vision_model", str(towers / "vision")],
+                          "--text_model", str(towers / "text"), "--vision_model", str(towers / "vision"),
+                          "--tag_among_named_colours"],
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
@@ -279,6 +287,7 @@ def test_the_train_command_fits_the_tagger_and_refuses_it_for_text_only(towers, 
     config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
     assert config["visual_tags"] == ["blue", "green", "red", "yellow"]
     assert config["colour_histogram_levels"] == DEFAULT_COLOUR_HISTOGRAM_LEVELS  # what the tagger reads
+    assert len(config["visual_tag_named_token_ids"]) == 4  # each tag's forms: it also tags texts naming several
 
 
 def test_a_catalogue_that_cannot_teach_the_tagger_trains_a_model_without_its_colour_description(towers, tmp_path):
@@ -334,3 +343,88 @@ def test_training_without_tags_from_a_tagged_checkpoint_drops_the_tagger(fitted,
     tagged = MultimodalRetrievalModel.from_pretrained(tmp_path / "tagged")
     assert fit_visual_tags(SimpleNamespace(visual_tags=False, seed=0), tagged, processor, {}, [], CatalogueColumns()) is None
     assert tagged.visual_tagger is None and tagged.config.visual_tags is None
+
+
+def test_named_phrases_count_a_colour_inside_a_longer_one_once():
+    tokenizer = AutoTokenizer.from_pretrained(get_minilm_path())
+    tags = ["blue", "navy blue", "white", "red"]
+    forms = [written_forms(tokenizer, [tag]) for tag in tags]
+    texts = ["Navy Blue and White Striped Shirt", "Blue Shirt with navy blue collar", "Red Kurta", "Kurta"]
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    assert named_token_phrases(inputs["input_ids"], inputs["attention_mask"], forms).tolist() == [
+        [False, True, True, False], [True, True, False, False], [False, False, False, True], [False] * 4]
+
+
+@pytest.fixture(scope="module")
+def fitted_among_named(towers):
+    model, processor = model_and_processor(towers)
+    train = catalogue(160, seed=0)
+    features = precompute_image_features(model, processor, train, show_progress=False)
+    fit_visual_tagger(model, processor.tokenizer, features, train, CatalogueColumns(), among_named=True)
+    return model, processor
+
+
+def test_a_text_naming_several_colours_gets_the_one_its_image_shows(fitted_among_named, fitted):
+    model, processor = fitted_among_named
+    red = next(row for row in catalogue(8, seed=1, silent_share=0.0) if row["base_colour"] == "Red")
+    image = Image.open(io.BytesIO(red["image"]["bytes"]))
+    rows = [{**red, "title": "Roadster Women Blue and Red Kurta"},   # several: the image's red is written
+            {**red, "title": "Roadster Women Red Kurta"},            # one colour: left alone
+            {**red, "title": "Roadster Women Kurta"}]                # none: tagged as before
+    inputs = processor.encode_products(rows, images=[image] * 3)
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"], inputs["image_mask"])
+        chosen = model.visual_tagger.chosen_tags(inputs["input_ids"], inputs["attention_mask"], features,
+                                                 inputs["image_mask"])
+        tags = model.config.visual_tags
+        assert [tags[index] if index is not None else None for index in chosen] == ["red", None, "red"]
+        tagged = model.get_product_embeddings(**inputs)
+        model.visual_tagger, tagger = None, model.visual_tagger
+        try:  # the same text with "red" written by hand, before the closing token, and no tagger
+            by_hand = model.get_product_embeddings(**processor.encode_products(
+                [{**row, "description": row["description"] + " red"} for row in rows[:1]], images=[image]))
+        finally:
+            model.visual_tagger = tagger
+        torch.testing.assert_close(tagged[:1], by_hand, rtol=1e-5, atol=1e-5)
+        # A tagger fitted without `among_named` leaves a text that names several colours as it is.
+        other, _, _ = fitted
+        assert other.config.visual_tag_named_token_ids is None
+        assert other.visual_tagger.chosen_tags(inputs["input_ids"][:1], inputs["attention_mask"][:1], features[:1],
+                                               inputs["image_mask"][:1]) == [None]
+
+
+def test_among_the_named_colours_the_image_must_still_favour_one(fitted_among_named):
+    model, processor = fitted_among_named
+    tags = model.config.visual_tags  # blue, green, red, yellow
+    tagger = copy.deepcopy(model.visual_tagger)
+    rows = [{"title": "Roadster Women Blue and Green Kurta", "description": "Cotton"}]
+    inputs = processor.encode_products(rows)
+    features = torch.ones(1, model.image_feature_size)
+
+    def chosen(probabilities):
+        with torch.no_grad():
+            tagger.classifier.weight.zero_()
+            tagger.classifier.bias.copy_(torch.tensor(probabilities).log())
+        return tagger.chosen_tags(inputs["input_ids"], inputs["attention_mask"], features, torch.tensor([True]))
+
+    # Red is the image's colour, but the text names blue and green: among them, blue has 0.625.
+    assert chosen([0.25, 0.15, 0.5, 0.1]) == [tags.index("blue")]
+    # Among the named colours the image is undecided (0.5 each): nothing is written.
+    assert chosen([0.2, 0.2, 0.5, 0.1]) == [None]
+
+
+def test_a_saved_tagger_keeps_choosing_among_named_colours(fitted_among_named, tmp_path):
+    model, processor = fitted_among_named
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = MultimodalRetrievalModel.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.visual_tag_named_token_ids == model.config.visual_tag_named_token_ids
+    assert len(loaded.config.visual_tag_named_token_ids) == len(loaded.config.visual_tags)
+
+
+def test_a_resumed_run_keeps_which_texts_its_tagger_writes_into():
+    from modeling_mmretrieval.training.checkpoints import CheckpointMismatchError, check_run_signature
+
+    # A checkpoint written before the setting existed tagged only texts naming no colour.
+    check_run_signature({"seed": 42}, {"seed": 42, "tag_among_named_colours": False}, "checkpoint-4")
+    with pytest.raises(CheckpointMismatchError, match="tag_among_named_colours: checkpoint False vs now True"):
+        check_run_signature({"seed": 42}, {"seed": 42, "tag_among_named_colours": True}, "checkpoint-4")

@@ -179,6 +179,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                            "product's image into the product text when the text names none (default: on for 3tower "
                            "and 4tower models with a frozen image tower; docs/training.md).")
     data.add_argument("--no_visual_tags", dest="visual_tags", action="store_false")
+    data.add_argument("--tag_among_named_colours", action=argparse.BooleanOptionalAction, default=False,
+                      help="The visual-word tagger also writes a colour into a product text that names several "
+                           "colours (\"navy blue and white striped\"): the one of those it names that the image "
+                           "favours, so that the text tower can tell the product's own colour from its trims "
+                           "(default: off; docs/training.md).")
     data.add_argument("--visual_tag_min_probability", type=float, default=DEFAULT_MIN_PROBABILITY,
                       help="The tagger writes a colour only above this probability "
                            f"(default {DEFAULT_MIN_PROBABILITY}).")
@@ -287,6 +292,10 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
         parser.error(f"--visual_tag_min_probability must lie in [0, 1], got {args.visual_tag_min_probability}")
     if args.visual_tags and args.architecture == "text_only" and not args.model_name_or_path:
         parser.error("--visual_tags reads colours off product images: it needs --architecture 3tower or 4tower")
+    if args.tag_among_named_colours and (args.visual_tags is False or (
+            args.architecture == "text_only" and not args.model_name_or_path)):
+        parser.error("--tag_among_named_colours is a setting of the visual-word tagger: it needs --visual_tags "
+                     "and --architecture 3tower or 4tower")
     if args.visual_tags and (args.freeze_image_towers is False or args.train_dual_text_tower):
         parser.error("--visual_tags reads the features of a frozen image tower: it cannot be combined with "
                      "--train_image_towers or --train_dual_text_tower")

@@ -92,6 +92,16 @@ class VisualWords:
         """Whether `text` names `phrase` as whole words (words separated as `strip` separates them)."""
         return _compiled((" ".join(phrase.lower().split()),)).search(text) is not None
 
+    def named(self, text: str) -> list[str]:
+        """The vocabulary's phrases that `text` names (whole words, case-insensitive), each once, in order of first
+        mention; a multi-word phrase is one ("navy blue" is not also "blue").
+
+        Example: `VisualWords.colours(["Navy Blue"]).named("Navy Blue and White Striped Shirt, white collar")` is
+        `['navy blue', 'white']`.
+        """
+        named = [" ".join(match.group(0).lower().replace("-", " ").split()) for match in self.pattern.finditer(text)]
+        return list(dict.fromkeys(named))
+
     def strip(self, text: str) -> str:
         """`text` without any visual phrase (whole words, case-insensitive), whitespace collapsed."""
         marked = self.pattern.sub(_MARK, text)

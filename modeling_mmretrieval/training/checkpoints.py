@@ -411,7 +411,7 @@ def start_lineage(accelerator, resume_from_checkpoint: str | None, checkpoints_d
 
 
 # Signature entries added after checkpoints without them were written, with the value those checkpoints ran with.
-SIGNATURE_DEFAULTS = {"text_tower_anchor": 0.0}
+SIGNATURE_DEFAULTS = {"text_tower_anchor": 0.0, "tag_among_named_colours": False}
 # Signature entries added later whose value older checkpoints did not record and cannot be inferred (the default
 # changed over time): a checkpoint without one resumes unchecked on it, as it did before.
 SIGNATURE_UNRECORDED_BEFORE = ("visual_word_restoration",)

@@ -367,7 +367,9 @@ def training_settings(args, accelerator, max_train_steps: int, num_epochs: int, 
         # The model's own until the final model's is set (checkpoints search with the weight they trained with).
         "image branch weight at search": getattr(model_config, "image_branch_weight", 1.0),
         "visual-word tagger": (f"{len(model_config.visual_tags)} colours, min probability "
-                               f"{model_config.visual_tag_min_probability}") if getattr(model_config, "visual_tags", None) else "none",
+                               f"{model_config.visual_tag_min_probability}"
+                               + (", also among the colours a text names" if getattr(model_config, "visual_tag_named_token_ids", None)
+                                  else "")) if getattr(model_config, "visual_tags", None) else "none",
         "colour description of the photos": (f"{model_config.colour_histogram_levels} levels per channel"
                                              if getattr(model_config, "colour_histogram_levels", 0) else "none"),
         "image size": image_size,
@@ -624,7 +626,7 @@ def fit_visual_tags(args, model, processor, image_features, products, columns: C
     try:
         return fit_visual_tagger(model, processor.tokenizer, image_features, products, columns,
                                  min_probability=getattr(args, "visual_tag_min_probability", DEFAULT_MIN_PROBABILITY),
-                                 seed=args.seed)
+                                 seed=args.seed, among_named=getattr(args, "tag_among_named_colours", False))
     except VisualTaggerError as error:
         if wanted:
             raise
@@ -736,6 +738,8 @@ def run_training(args) -> dict:
     # written before the restoration weight was recorded are not checked on it (`check_run_signature`).
     signature["text_tower_anchor"] = args.text_tower_anchor
     signature["visual_word_restoration"] = args.visual_word_restoration
+    # Which texts get a tag changes the training texts; checkpoints written before it tagged only silent ones.
+    signature["tag_among_named_colours"] = bool(accelerator.unwrap_model(model).config.visual_tag_named_token_ids)
     colour_levels = accelerator.unwrap_model(model).config.colour_histogram_levels
     if colour_levels:  # the cached image features (and the fusion's width) depend on it
         signature["colour_histogram_levels"] = colour_levels

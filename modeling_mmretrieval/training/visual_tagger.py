@@ -148,6 +148,18 @@ def phrase_token_ids(tokenizer, phrases: Sequence[str]) -> list[list[int]]:
     return [list(tokenizer(" " + phrase, add_special_tokens=False)["input_ids"]) for phrase in phrases]
 
 
+def written_forms(tokenizer, phrases: Sequence[str]) -> list[list[int]]:
+    """The token id sequences of `phrases` as texts write them: lower-case, title-case and upper-case (a cased
+    tokenizer gives "Red" other ids than "red"), at a word start or after a space; each sequence once.
+
+    Example: `written_forms(tokenizer, ["red"])` is `[[2417]]` for MiniLM's uncased tokenizer.
+    """
+    variants = sorted({form for phrase in phrases for form in (phrase, phrase.title(), phrase.upper())})
+    forms = phrase_token_ids(tokenizer, variants) + [list(tokenizer(form, add_special_tokens=False)["input_ids"])
+                                                     for form in variants]
+    return [ids for position, ids in enumerate(forms) if ids and ids not in forms[:position]]
+
+
 def _fit_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int,
                 weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression on standardised features, folded back into one `(weight, bias)` on raw ones."""
@@ -208,6 +220,7 @@ def fit_visual_tagger(
     min_examples: int = DEFAULT_MIN_EXAMPLES,
     min_probability: float = DEFAULT_MIN_PROBABILITY,
     seed: int = 0,
+    among_named: bool = False,
 ) -> VisualTaggerReport:
     """Fits `model`'s visual-word tagger on the products' frozen image features and installs it (config and weights).
 
@@ -221,6 +234,8 @@ def fit_visual_tagger(
         min_examples (`int`): a colour needs this many labelled products with an image to become a tag.
         min_probability (`float`): the tagger writes a colour only above this probability.
         seed (`int`): seeds the held-out split and the fit (the same seed gives the same tagger).
+        among_named (`bool`): also tag texts that name several of the colours, with the one of them the image
+            favours (`VisualWordTagger.chosen_tags`).
 
     Raises `VisualTaggerError` when fewer than two colours have `min_examples` labelled products with an image.
 
@@ -252,17 +267,14 @@ def fit_visual_tagger(
     fitted = order[len(held_out):]
     weight, bias, accuracy = _fit_calibrated(features, targets, len(tags), seed, fitted, held_out)
     majority = (targets[held_out] == Counter(targets[fitted].tolist()).most_common(1)[0][0]).float().mean().item()
-    # Every colour the catalogue or the vocabulary knows means "the text names a colour", in the casings titles use
-    # (a cased tokenizer gives "Red" other ids than "red"), at a word start or after a space.
+    # Every colour the catalogue or the vocabulary knows means "the text names a colour".
     colours = set(VisualWords.colours(label for label in labels if label).phrases)
-    variants = sorted({form for colour in colours for form in (colour, colour.title(), colour.upper())})
-    mention_ids = phrase_token_ids(tokenizer, variants) + [list(tokenizer(form, add_special_tokens=False)["input_ids"])
-                                                           for form in variants]
     model.install_visual_tagger(
         tags=tags, token_ids=phrase_token_ids(tokenizer, tags),
-        mention_token_ids=[ids for position, ids in enumerate(mention_ids) if ids and ids not in mention_ids[:position]],
+        mention_token_ids=written_forms(tokenizer, sorted(colours)),
         end_token_id=tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id or 0, weight=weight, bias=bias, min_probability=min_probability,
+        named_token_ids=[written_forms(tokenizer, [tag]) for tag in tags] if among_named else None,
     )
     report = VisualTaggerReport(
         tags=tuple(tags), label_source=source, fitted_products=len(examples), held_out_products=len(held_out),
@@ -273,4 +285,4 @@ def fit_visual_tagger(
 
 
 __all__ = ["DEFAULT_MIN_EXAMPLES", "DEFAULT_MIN_PROBABILITY", "MIN_COLOURS", "VisualTaggerError", "VisualTaggerReport",
-           "colour_labels", "colours_to_learn", "fit_visual_tagger", "label_rows", "phrase_token_ids"]
+           "colour_labels", "colours_to_learn", "fit_visual_tagger", "label_rows", "phrase_token_ids", "written_forms"]
