@@ -29,7 +29,7 @@ import torch
 
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, speedups
 from modeling_mmretrieval.atomic_files import write_json_atomically
-from modeling_mmretrieval.data import default_data_dir, load_catalogue
+from modeling_mmretrieval.data import SAMPLE_DATA_DIR, default_data_dir, load_catalogue
 from modeling_mmretrieval.data.queries import derive_query
 from modeling_mmretrieval.data.visual_words import VisualWords
 from modeling_mmretrieval.retrieval.exclusive_matches import exclusive_matches
@@ -51,6 +51,7 @@ BASELINE = "text-only"
 EVALUATION_VERSION = 2
 # What `examples/train.py` trains by default (its final model then searches with the weight of CHOSEN_WEIGHT).
 DEFAULT_ROW = "4tMM residual + restoration + visual tags + colour histogram for the tagger + text-tower anchor"
+AMONG_NAMED_ROW = DEFAULT_ROW + " + tags among named colours"
 # The hybrid row fuses BM25 with the models of this row (the default when the hybrid row was made).
 HYBRID_BASE_ROW = "4tMM residual + restoration + visual tags"
 # Issue 14's targets for the best multimodal row against text-only: an absolute gain on all queries (with the
@@ -65,11 +66,14 @@ LIT_STEPS = 40
 COLOUR_CEILING = "ceiling: text-only told each product's colour"
 UNNAMED_COLOUR_CEILING = "ceiling: text-only told each product's colour where its text does not name it"
 SILENT_COLOUR_CEILING = "ceiling: text-only told each product's colour where its text names no colour"
+SEVERAL_COLOURS_CEILING = "ceiling: text-only told each product's colour where its text names several colours"
 # Which products each colour ceiling tells their colour (`with_catalogue_colour`), and its cache files' name.
 CEILINGS = {COLOUR_CEILING: "every product", UNNAMED_COLOUR_CEILING: "where the text lacks it",
-            SILENT_COLOUR_CEILING: "where the text names no colour"}
+            SILENT_COLOUR_CEILING: "where the text names no colour",
+            SEVERAL_COLOURS_CEILING: "where the text names several colours"}
 CEILING_FILES = {COLOUR_CEILING: "colour_ceiling", UNNAMED_COLOUR_CEILING: "unnamed_colour_ceiling",
-                 SILENT_COLOUR_CEILING: "silent_colour_ceiling"}
+                 SILENT_COLOUR_CEILING: "silent_colour_ceiling",
+                 SEVERAL_COLOURS_CEILING: "several_colours_ceiling"}
 # The colour ceiling with a real reader instead of a perfect one: the text-only models told, on every product, the
 # colour the default row's tagger (same seed) reads off its photo, with this share of the tagger's mistakes put right
 # (seeded by product); between the tagger's accuracy and the perfect reader's, they say how good a colour reader must
@@ -83,8 +87,9 @@ TOWER_ALONE_ROWS = (
     "4tMM residual + restoration + visual tags + colour histogram for the tagger + text-tower anchor",
 )
 TOWER_ALONE = ", image branch off at search"
-# The default row is also evaluated with its image branch weighted at search time (`set_image_branch_weight`), by the
+# These rows are also evaluated with their image branch weighted at search time (`set_image_branch_weight`), by the
 # candidate weight whose all-queries nDCG@10 on the validation split is highest, chosen per seed.
+CHOSEN_WEIGHT_ROWS = (DEFAULT_ROW, AMONG_NAMED_ROW)
 CHOSEN_WEIGHT = ", image branch weight chosen on validation"
 # The choice sees validation products phrased as training phrases them, never the held-out family.
 CHOICE_PHRASING = "validation queries phrased by derive_query"
@@ -116,6 +121,9 @@ ROW_NOTES = {
     SILENT_COLOUR_CEILING: "not a model: the same, with the colour appended only to the products whose title and "
     "description name no colour at all: the rule of the visual-word tagger (`VisualWordTagger`), so this is the most "
     "a perfect tagger could add",
+    SEVERAL_COLOURS_CEILING: "not a model: the same, with the colour appended only to the products whose title and "
+    "description name more than one colour (\"navy blue and white striped\"): what a reader that picks the product's "
+    "own colour among those its text names could add",
     "4tMM concat (paper)": "[MiniLM(q) ; pair-text(q)] against [MiniLM(product) ; pair-image], equal weights",
     "4tMM alpha_concat 0.7 (paper)": "the same, text halves weighted 0.7 and pair halves 0.3",
     "4tMM mlp (paper)": "MLPs of [text ; pair] on both sides, randomly initialised",
@@ -150,12 +158,18 @@ ROW_NOTES.update({
     "told instead on a seeded half of the products whose colour the tagger reads wrong: a reader with half its "
     "mistakes",
 })
-ROW_NOTES[DEFAULT_ROW + CHOSEN_WEIGHT] = (
-    f"not trained again: the models of `{DEFAULT_ROW}` with what the residual fusions' image branch adds weighted at "
-    f"search time (`set_image_branch_weight`): of {', '.join(map(str, CANDIDATE_IMAGE_BRANCH_WEIGHTS))}, the weight "
-    "with the best all-queries nDCG@10 on the validation split's products, queried in the training phrasing (never "
-    "the held-out family, never a test product), chosen per seed, as the train command's `--image_branch_weight "
-    "auto` chooses on its evaluation split")
+ROW_NOTES.update({
+    row + CHOSEN_WEIGHT: f"not trained again: the models of `{row}` with what the residual fusions' image branch adds "
+    f"weighted at search time (`set_image_branch_weight`): of {', '.join(map(str, CANDIDATE_IMAGE_BRANCH_WEIGHTS))}, "
+    "the weight with the best all-queries nDCG@10 on the validation split's products, queried in the training "
+    "phrasing (never the held-out family, never a test product), chosen per seed, as the train command's "
+    "`--image_branch_weight auto` chooses on its evaluation split"
+    for row in CHOSEN_WEIGHT_ROWS
+})
+ROW_NOTES[AMONG_NAMED_ROW] = (
+    "the same, and the tagger also writes a colour into a text that names several (\"navy blue and white striped\"): "
+    "the one of those it names that the image favours, when it is more likely than not among them "
+    "(`--tag_among_named_colours`)")
 ROW_NOTES.update({
     row + TOWER_ALONE: f"not trained again: the models of `{row}` with the image branch of both residual fusions off "
     "at search time (weight 0, `silence_image_branch`), as at initialisation, so that they rank by their text tower "
@@ -202,6 +216,10 @@ ROWS = {
         "--architecture", "4tower", "--clip_model", "ALIGNED_PAIR", "--fusion", "residual",
         "--visual_word_restoration", "1", "--visual_tags", "--colour_histogram_levels", "6",
         "--text_tower_anchor", "1"],
+    AMONG_NAMED_ROW: [
+        "--architecture", "4tower", "--clip_model", "ALIGNED_PAIR", "--fusion", "residual",
+        "--visual_word_restoration", "1", "--visual_tags", "--colour_histogram_levels", "6",
+        "--text_tower_anchor", "1", "--tag_among_named_colours"],
 }
 # The rows above that do not ask for the visual-word tagger (or the colour description) were trained before it
 # existed: they run without it.
@@ -244,12 +262,18 @@ def budget_flags(args) -> list[str]:
     return flags
 
 
+def training_dataset(args) -> str:
+    """The catalogue every trained row learns from: `--dataset`, else the committed sample, as `examples/train.py`
+    defaults (never `load_catalogue`'s own default, which is the shared catalogue where it is present)."""
+    return args.dataset or str(SAMPLE_DATA_DIR)
+
+
 def build_pairs(args, output: Path) -> dict[str, Path]:
     """The two aligned text-image pairs (built once, then reused): the adapter pair the 4tMM rows use, and a LiT
     pair to compare it with."""
     adapter_dir, lit_dir = output / "pairs" / "adapter", output / "pairs" / f"lit_{LIT_STEPS}_steps"
     if not (adapter_dir / "alignment.json").is_file():
-        report = align_dual_encoder("minilm", "dinov2-small", load_catalogue(args.dataset, split="train"),
+        report = align_dual_encoder("minilm", "dinov2-small", load_catalogue(training_dataset(args), split="train"),
                                     adapter_dir, seed=0)
         (adapter_dir / "alignment.json").write_text(json.dumps(report.to_dict(), indent=2))
     if not (lit_dir / "config.json").is_file():
@@ -307,7 +331,8 @@ def with_catalogue_colour(rank, column: str = "base_colour", told: str = "every 
     the image would tell the text tower. Evaluated with the text-only models, it is the colour ceiling of the
     text-silent slice and the degraded variant. `told`: which products get their colour, `"every product"`, those
     whose title and description do not name it (`"where the text lacks it"`), or those whose text names no colour
-    at all (`"where the text names no colour"`, the visual-word tagger's rule). `colour_of` (product id -> colour)
+    at all (`"where the text names no colour"`, the visual-word tagger's rule), or those whose text names more than
+    one colour (`"where the text names several colours"`). `colour_of` (product id -> colour)
     tells a real reader's colours instead of the catalogue's (products it lacks are told nothing)."""
     if told not in CEILINGS.values():
         raise ValueError(f"told must be one of {list(CEILINGS.values())}, got {told!r}")
@@ -322,6 +347,8 @@ def with_catalogue_colour(rank, column: str = "base_colour", told: str = "every 
             return bool(colour)
         if told == "where the text lacks it":
             return not colour_words.mentions(text, str(colour))
+        if told == "where the text names several colours":
+            return len(colour_words.named(text)) > 1
         return colour_words.pattern.search(text) is None
 
     def ranked(products, texts, k):
@@ -404,18 +431,19 @@ def told_by_reader(evaluator: HeldOutEvaluator, folder: Path, tagger: Path, feat
     return {**result, "reader_accuracy": reader_accuracy(colours, evaluator.products)}
 
 
-def with_chosen_branch_weight(args, output: Path, evaluation: str, evaluator: HeldOutEvaluator,
+def with_chosen_branch_weight(args, output: Path, row: str, evaluation: str, evaluator: HeldOutEvaluator,
                               feature_cache: dict) -> list[dict]:
-    """The default row's seeds evaluated on the test split with the image branch weight
-    (`CANDIDATE_IMAGE_BRANCH_WEIGHTS`) whose all-queries nDCG@10 is best on the validation split of `--test_dataset`,
-    queried in the training phrasing (`CHOICE_PHRASING`); each choice is cached in `references/branch_weight_seed<N>.json` (with every candidate's
+    """The row's seeds evaluated on the test split with the image branch weight (`CANDIDATE_IMAGE_BRANCH_WEIGHTS`)
+    whose all-queries nDCG@10 is best on the validation split of `--test_dataset`, queried in the training phrasing
+    (`CHOICE_PHRASING`); each choice is cached in `<row folder>/seed<N>/branch_weight.json` (with every candidate's
     validation figure) and kept in the result."""
-    choosing = evaluation + CHOICE_PHRASING  # what the choice depends on besides the trained run
+    # What the choice depends on besides the trained run: the evaluation, the phrasing and the candidates.
+    choosing = evaluation + CHOICE_PHRASING + repr(CANDIDATE_IMAGE_BRANCH_WEIGHTS)
     validation = None
     runs = []
     for seed in args.seeds:
-        run_dir = row_dir(output, DEFAULT_ROW) / f"seed{seed}"
-        flags_file, choice_file = run_dir / "train_flags.json", output / "references" / f"branch_weight_seed{seed}.json"
+        run_dir = row_dir(output, row) / f"seed{seed}"
+        flags_file, choice_file = run_dir / "train_flags.json", run_dir / "branch_weight.json"
         chosen_before = is_cached(choice_file, choosing, flags_file)
         if not flags_file.is_file() or (args.report_only and not chosen_before):
             continue
@@ -425,7 +453,7 @@ def with_chosen_branch_weight(args, output: Path, evaluation: str, evaluator: He
         choice = cached_result(choice_file, lambda: choose_branch_weight(validation, run_dir / "final"),
                                choosing + flags_file.read_text())
         weight = choice["chosen"]
-        result = cached_result(output / "references" / f"chosen_branch_weight_seed{seed}.json",
+        result = cached_result(run_dir / "held_out_chosen_branch_weight.json",
                                lambda: evaluate_checkpoint(evaluator, run_dir / "final", feature_cache,
                                                            image_branch_weight=weight),
                                evaluation + flags_file.read_text() + f"weight {weight}")
@@ -727,9 +755,9 @@ def main(argv=None) -> dict:
             results[row] = evaluated_again(
                 args, output, BASELINE, CEILING_FILES[row], evaluation,
                 lambda final, told=told: evaluate_checkpoint(evaluator, final, feature_cache, colour_oracle=told))
-    if DEFAULT_ROW in args.rows:  # the default models with the image branch weight chosen on validation
-        results[DEFAULT_ROW + CHOSEN_WEIGHT] = with_chosen_branch_weight(args, output, evaluation, evaluator,
-                                                                         feature_cache)
+    for row in (row for row in args.rows if row in CHOSEN_WEIGHT_ROWS):  # image branch weight chosen on validation
+        results[row + CHOSEN_WEIGHT] = with_chosen_branch_weight(args, output, row, evaluation, evaluator,
+                                                                 feature_cache)
     if BASELINE in args.rows and DEFAULT_ROW in args.rows:  # the ceiling with the default row's real tagger
         for row, share in READER_ROWS.items():
             results[row] = []
@@ -744,16 +772,15 @@ def main(argv=None) -> dict:
                         evaluator, final, tagger, feature_cache, share, seed))
     # The report lists the rows in ROWS order, whatever order they were run in.
     order = [*references, *pairs, *ROWS, *(row + TOWER_ALONE for row in TOWER_ALONE_ROWS),
-             DEFAULT_ROW + CHOSEN_WEIGHT, HYBRID_ROW, *CEILINGS, *READER_ROWS]
+             *(row + CHOSEN_WEIGHT for row in CHOSEN_WEIGHT_ROWS), HYBRID_ROW, *CEILINGS, *READER_ROWS]
     results = {row: results[row] for row in order if results.get(row)}
     summary = summarise(results)
     for row in READER_ROWS:  # the reader rows also say how often their told colour was right
         accuracies = [run["reader_accuracy"] for run in results.get(row, []) if "reader_accuracy" in run]
         if accuracies:
             summary[row]["reader_accuracy"] = sum(accuracies) / len(accuracies)
-    if results.get(DEFAULT_ROW + CHOSEN_WEIGHT):  # and the weighted row which weight each seed chose
-        summary[DEFAULT_ROW + CHOSEN_WEIGHT]["branch_weights"] = [
-            run["branch_weight"] for run in results[DEFAULT_ROW + CHOSEN_WEIGHT]]
+    for row in (row + CHOSEN_WEIGHT for row in CHOSEN_WEIGHT_ROWS if results.get(row + CHOSEN_WEIGHT)):
+        summary[row]["branch_weights"] = [run["branch_weight"] for run in results[row]]  # which weight each seed chose
     qrels = evaluator.qrels
     exclusive = {}
     for row in args.rows:

@@ -310,6 +310,16 @@ def test_the_colour_ceilings_tell_every_product_or_only_those_whose_text_lacks_i
     # A real reader's colours instead of the catalogue's; a product it did not read is told nothing.
     report.with_catalogue_colour(rank, colour_of={"a": "blue", "b": "red"}, id_column="id")(products, ["red shirt"], 3)
     assert seen[3] == ["Roadster Men Navy Blue Shirt blue", "Roadster Men Shirt red", "Kurta"]
+    # Only texts naming more than one colour ("navy blue" is one): the third product's own colour is told.
+    several = [*products[:2], {"id": "e", "title": "Red and White Striped Top", "description": "", "base_colour": "Red"}]
+    report.with_catalogue_colour(rank, told="where the text names several colours")(several, ["red top"], 3)
+    assert seen[4] == ["Roadster Men Navy Blue Shirt", "Roadster Men Shirt", "Red and White Striped Top Red"]
+
+
+def test_the_image_pairs_learn_from_the_rows_training_catalogue_not_the_shared_one():
+    report = load_example("images_that_pay.py")
+    assert report.training_dataset(report.parse_args([])) == str(SAMPLE_DATA_DIR)  # as examples/train.py defaults
+    assert report.training_dataset(report.parse_args(["--dataset", "shop"])) == "shop"
 
 
 def test_the_colour_vocabulary_has_the_catalogue_values_and_no_pattern_words():
