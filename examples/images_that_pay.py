@@ -89,7 +89,7 @@ TOWER_ALONE_ROWS = (
 TOWER_ALONE = ", image branch off at search"
 # These rows are also evaluated with their image branch weighted at search time (`set_image_branch_weight`), by the
 # candidate weight whose all-queries nDCG@10 on the validation split is highest, chosen per seed.
-CHOSEN_WEIGHT_ROWS = (DEFAULT_ROW, AMONG_NAMED_ROW)
+CHOSEN_WEIGHT_ROWS = (DEFAULT_ROW,)
 CHOSEN_WEIGHT = ", image branch weight chosen on validation"
 # The choice sees validation products phrased as training phrases them, never the held-out family.
 CHOICE_PHRASING = "validation queries phrased by derive_query"
@@ -358,12 +358,10 @@ def with_catalogue_colour(rank, column: str = "base_colour", told: str = "every 
     return ranked
 
 
-def reader_colours(folder: Path, products: list, feature_cache: dict, corrected_share: float = 0.0,
-                   seed: int = 0, column: str = "base_colour", id_column: str = "product_id") -> dict[str, str]:
-    """The colour the visual-word tagger of the checkpoint in `folder` reads off each product's photo (most probable
-    tag, whatever its probability), by product id; products without an image are left out. `corrected_share` of the
-    products it reads wrong (chosen by a seeded hash of their id) get the catalogue's colour instead, a better
-    reader than the tagger with the same kind of mistakes."""
+def tagger_probabilities(folder: Path, products: list, feature_cache: dict,
+                         id_column: str = "product_id") -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The tags of the visual-word tagger of the checkpoint in `folder`, and its probabilities over them for each
+    product's photo, by product id (products without an image are left out)."""
     model = MultimodalRetrievalModel.from_pretrained(folder).eval()
     processor = MultimodalRetrievalProcessor.from_pretrained(folder)
     speedups.apply(processor=processor)
@@ -375,14 +373,46 @@ def reader_colours(folder: Path, products: list, feature_cache: dict, corrected_
     read = {str(product[id_column]): feature_cache[key].get(str(product[id_column])) for product in products}
     read = {product_id: feature for product_id, feature in read.items() if feature is not None}
     with torch.no_grad():
-        chosen = model.visual_tagger(torch.stack([torch.as_tensor(f).float().flatten() for f in read.values()]))
-    colours = dict(zip(read, (model.config.visual_tags[index] for index in chosen.argmax(-1).tolist())))
+        probabilities = model.visual_tagger(torch.stack([torch.as_tensor(f).float().flatten() for f in read.values()]))
+    return list(model.config.visual_tags), dict(zip(read, probabilities))
+
+
+def reader_colours(folder: Path, products: list, feature_cache: dict, corrected_share: float = 0.0,
+                   seed: int = 0, column: str = "base_colour", id_column: str = "product_id") -> dict[str, str]:
+    """The colour the visual-word tagger of the checkpoint in `folder` reads off each product's photo (most probable
+    tag, whatever its probability), by product id; products without an image are left out. `corrected_share` of the
+    products it reads wrong (chosen by a seeded hash of their id) get the catalogue's colour instead, a better
+    reader than the tagger with the same kind of mistakes."""
+    tags, probabilities = tagger_probabilities(folder, products, feature_cache, id_column)
+    colours = {product_id: tags[int(values.argmax())] for product_id, values in probabilities.items()}
     for product in products:
         product_id, truth = str(product[id_column]), product.get(column)
         wrong = product_id in colours and truth and colours[product_id] != str(truth).lower()
         if wrong and zlib.crc32(f"{seed}:{product_id}".encode()) % 1000 < corrected_share * 1000:
             colours[product_id] = str(truth).lower()
     return colours
+
+
+def named_colour_choice(folder: Path, products: list, feature_cache: dict, column: str = "base_colour",
+                        id_column: str = "product_id") -> dict:
+    """How well the tagger of the checkpoint in `folder` picks a product's colour among those its text names (what
+    `--tag_among_named_colours` writes): over the products with a photo and a catalogue colour whose title and
+    description name several of the tagger's colours, the share where the image's pick (the most probable of those
+    named) is the catalogue's colour, beside the share where the colour the text names first is."""
+    tags, probabilities = tagger_probabilities(folder, products, feature_cache, id_column)
+    words = VisualWords.colours(tags)
+    judged = image_right = first_right = 0
+    for product in products:
+        values, truth = probabilities.get(str(product[id_column])), product.get(column)
+        named = [colour for colour in words.named(f"{product.get('title') or ''} {product.get('description') or ''}")
+                 if colour in tags]
+        if values is None or not truth or len(named) < 2:
+            continue
+        pick = max(named, key=lambda colour: float(values[tags.index(colour)]))
+        judged, image_right = judged + 1, image_right + (pick == str(truth).lower())
+        first_right += named[0] == str(truth).lower()
+    return {"products": judged, "image": image_right / judged if judged else float("nan"),
+            "first_named": first_right / judged if judged else float("nan")}
 
 
 def reader_accuracy(colours: Mapping[str, str], products: list, column: str = "base_colour",
@@ -640,6 +670,11 @@ def measured_note(entries: dict) -> str:
     if "reader_accuracy" in entries:
         return (f"; the colours told are the catalogue's on {entries['reader_accuracy']:.2f} of the test products "
                 "with a photo and a catalogue colour (mean over the seeds)")
+    if "named_colour_choice" in entries:
+        choice = entries["named_colour_choice"]
+        return (f"; on the {choice['products']} test products whose text names several of the tagger's colours, the "
+                f"image picks the catalogue's colour among them on {choice['image']:.2f}, the colour named first is "
+                f"it on {choice['first_named']:.2f} (first seed's tagger)")
     if "branch_weights" in entries:
         return f"; the weights chosen, seed by seed: {', '.join(f'{weight:g}' for weight in entries['branch_weights'])}"
     return ""
@@ -781,6 +816,9 @@ def main(argv=None) -> dict:
             summary[row]["reader_accuracy"] = sum(accuracies) / len(accuracies)
     for row in (row + CHOSEN_WEIGHT for row in CHOSEN_WEIGHT_ROWS if results.get(row + CHOSEN_WEIGHT)):
         summary[row]["branch_weights"] = [run["branch_weight"] for run in results[row]]  # which weight each seed chose
+    if results.get(AMONG_NAMED_ROW):  # how well its tagger picks a colour among those a text names (first seed)
+        tagger = row_dir(output, AMONG_NAMED_ROW) / f"seed{args.seeds[0]}" / "final"
+        summary[AMONG_NAMED_ROW]["named_colour_choice"] = named_colour_choice(tagger, evaluator.products, feature_cache)
     qrels = evaluator.qrels
     exclusive = {}
     for row in args.rows:

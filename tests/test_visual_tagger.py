@@ -170,6 +170,13 @@ def test_the_reader_ceiling_tells_the_tagger_colour_and_puts_right_the_chosen_sh
     assert all(everything[p["product_id"]] == p["base_colour"].lower() for p in products if p["image"])
     assert report.reader_accuracy(everything, products) == 1.0
     assert report.reader_accuracy(read, products) <= 29 / 39  # the ten Mauve products are read wrong
+    # Among the colours a text names: the image's pick against the colour named first.
+    named = [{**p, "title": f"Roadster Women {other.title()} and {p['base_colour']} Kurta"}
+             for p, other in zip(catalogue(12, seed=10), ["blue", "green", "red", "yellow"] * 3)
+             if other != p["base_colour"].lower()]
+    choice = report.named_colour_choice(tmp_path / "ckpt", [*named, *products[11:14]], {})  # those name one colour
+    assert choice["products"] == len(named) == 9
+    assert choice["first_named"] == 0.0 and choice["image"] >= 7 / 9  # the photo shows the second colour named
 
 
 def test_the_image_branch_weight_is_chosen_on_validation_products_by_their_top_ten(towers, tmp_path):
