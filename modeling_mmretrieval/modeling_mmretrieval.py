@@ -324,15 +324,16 @@ def named_token_phrases(
                 starts = (windows == torch.tensor(form, device=input_ids.device)).all(-1)
                 starts_by_form.append((index, len(form), F.pad(starts, (0, len(form) - 1))))
 
-    def covered(starts: torch.Tensor, size: int) -> torch.Tensor:
+    def covered(starts: torch.Tensor, size: int) -> torch.Tensor:  # every token inside a match
         cover = starts.clone()
         for offset in range(1, size):
             cover[:, offset:] |= starts[:, :-offset]
         return cover
 
+    covers = [(size, covered(starts, size)) for _, size, starts in starts_by_form]
     named = torch.zeros(input_ids.shape[0], len(phrase_forms), dtype=torch.bool, device=input_ids.device)
     for index, size, starts in starts_by_form:
-        longer = [covered(other, other_size) for _, other_size, other in starts_by_form if other_size > size]
+        longer = [cover for other_size, cover in covers if other_size > size]
         if longer:
             inside = torch.stack(longer).any(0)
             wholly_inside = inside.clone()

@@ -3,7 +3,7 @@
 A residual fusion adds what its MLP reads from `[text ; image]` to the text vector, and training fits that branch
 for the training loss. At search time on products it never saw, the full branch moves products whose text is
 silent about their colour into the top 100, but after long training on a large catalogue it also orders the top
-10 of ordinary queries worse than a weaker branch does, while after a short one a stronger branch may do better. Weighing the branch (`config.image_branch_weight`,
+10 of ordinary queries worse than a weaker branch does. Weighing the branch (`config.image_branch_weight`,
 `set_image_branch_weight`) trades one for the other, and the best weight depends on the run: docs/results_analysis.md
 shows the weights chosen at two budgets and what they give on the test split.
 
@@ -29,8 +29,8 @@ import math
 from collections.abc import Callable, Sequence
 
 AUTO = "auto"
-# The weights `"auto"` chooses from: 1 is the model as trained; above 1 amplifies a branch that a short training
-# left weak.
+# The weights `"auto"` chooses from: 1 is the model as trained; 1.5 and 2 amplify a branch that a short training may
+# have left weak (docs/results_analysis.md).
 CANDIDATE_IMAGE_BRANCH_WEIGHTS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 

@@ -366,10 +366,10 @@ def training_settings(args, accelerator, max_train_steps: int, num_epochs: int, 
         "text-tower anchor weight": getattr(args, "text_tower_anchor", 0.0),
         # The model's own until the final model's is set (checkpoints search with the weight they trained with).
         "image branch weight at search": getattr(model_config, "image_branch_weight", 1.0),
-        "visual-word tagger": (f"{len(model_config.visual_tags)} colours, min probability "
-                               f"{model_config.visual_tag_min_probability}"
-                               + (", also among the colours a text names" if getattr(model_config, "visual_tag_named_token_ids", None)
-                                  else "")) if getattr(model_config, "visual_tags", None) else "none",
+        "visual-word tagger": (
+            f"{len(model_config.visual_tags)} colours, min probability {model_config.visual_tag_min_probability}"
+            + (", also among the colours a text names" if getattr(model_config, "visual_tag_named_token_ids", None)
+               else "")) if getattr(model_config, "visual_tags", None) else "none",
         "colour description of the photos": (f"{model_config.colour_histogram_levels} levels per channel"
                                              if getattr(model_config, "colour_histogram_levels", 0) else "none"),
         "image size": image_size,
