@@ -466,29 +466,41 @@ def with_chosen_branch_weight(args, output: Path, row: str, evaluation: str, eva
     """The row's seeds evaluated on the test split with the image branch weight (`CANDIDATE_IMAGE_BRANCH_WEIGHTS`)
     whose all-queries nDCG@10 is best on the validation split of `--test_dataset`, queried in the training phrasing
     (`CHOICE_PHRASING`); each choice is cached in `<row folder>/seed<N>/branch_weight.json` (with every candidate's
-    validation figure) and kept in the result."""
-    # What the choice depends on besides the trained run: the evaluation, the phrasing and the candidates.
-    choosing = evaluation + CHOICE_PHRASING + repr(CANDIDATE_IMAGE_BRANCH_WEIGHTS)
+    validation figure) and kept in the result; a cached choice with figures for more weights than today's candidates
+    chooses among the candidates."""
+    choosing = evaluation + CHOICE_PHRASING  # what the choice depends on besides the trained run
     validation = None
     runs = []
     for seed in args.seeds:
         run_dir = row_dir(output, row) / f"seed{seed}"
         flags_file, choice_file = run_dir / "train_flags.json", run_dir / "branch_weight.json"
-        chosen_before = is_cached(choice_file, choosing, flags_file)
+        chosen_before = is_cached(choice_file, choosing, flags_file) and chosen_among_candidates(
+            json.loads(choice_file.read_text())) is not None
         if not flags_file.is_file() or (args.report_only and not chosen_before):
             continue
-        if validation is None and not chosen_before:
-            validation = HeldOutEvaluator(load_catalogue(args.test_dataset, split="validation"),
-                                          num_queries=args.num_queries, seed=args.eval_seed, phrase=derive_query)
+        if not chosen_before:
+            choice_file.unlink(missing_ok=True)  # made for other candidates: chosen again
+            if validation is None:
+                validation = HeldOutEvaluator(load_catalogue(args.test_dataset, split="validation"),
+                                              num_queries=args.num_queries, seed=args.eval_seed, phrase=derive_query)
         choice = cached_result(choice_file, lambda: choose_branch_weight(validation, run_dir / "final"),
                                choosing + flags_file.read_text())
-        weight = choice["chosen"]
+        weight = chosen_among_candidates(choice)
         result = cached_result(run_dir / "held_out_chosen_branch_weight.json",
                                lambda: evaluate_checkpoint(evaluator, run_dir / "final", feature_cache,
                                                            image_branch_weight=weight),
                                evaluation + flags_file.read_text() + f"weight {weight}")
         runs.append({**result, "branch_weight": weight})
     return runs
+
+
+def chosen_among_candidates(choice: dict) -> float | None:
+    """The weight `choose_image_branch_weight` picks among `CANDIDATE_IMAGE_BRANCH_WEIGHTS` from a choice's validation
+    figures (`choose_branch_weight`), or `None` when they lack a candidate."""
+    scores = choice.get("validation", {})
+    if not all(str(float(weight)) in scores for weight in CANDIDATE_IMAGE_BRANCH_WEIGHTS):
+        return None
+    return choose_image_branch_weight(lambda weight: scores[str(weight)])[0]
 
 
 def choose_branch_weight(validation: HeldOutEvaluator, folder: Path) -> dict:

@@ -380,3 +380,10 @@ def test_an_evaluator_for_choosing_settings_can_phrase_queries_as_training_does(
     assert [query.text for query in choosing.queries] == [query.text for query in training_phrased]
     assert {query.text for query in choosing.queries}.isdisjoint(query.text for query in held_out.queries)
     assert repr(choosing).endswith(", phrase=derive_query)") and "phrase" not in repr(held_out)
+
+
+def test_a_cached_branch_weight_choice_chooses_among_todays_candidates():
+    report = load_example("images_that_pay.py")
+    figures = {"0.25": 0.80, "0.5": 0.82, "0.75": 0.83, "1.0": 0.81, "1.5": 0.85, "2.0": 0.84}
+    assert report.chosen_among_candidates({"validation": figures}) == 0.75  # 1.5 is no candidate today
+    assert report.chosen_among_candidates({"validation": {"0.5": 0.9, "1.0": 0.8}}) is None  # chosen again

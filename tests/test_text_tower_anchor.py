@@ -157,7 +157,7 @@ def test_the_image_branch_weight_is_chosen_for_the_residual_fusion_only():
             parse_image_branch_weight(bad)
     tried = []
     chosen, scores = choose_image_branch_weight(lambda weight: tried.append(weight) or {0.5: 0.9}.get(weight, 0.8))
-    assert chosen == 0.5 and tried == [0.25, 0.5, 0.75, 1.0, 1.5, 2.0] and scores[1.0] == 0.8
+    assert chosen == 0.5 and tried == [0.25, 0.5, 0.75, 1.0] and scores[1.0] == 0.8
     assert choose_image_branch_weight(lambda weight: 0.7)[0] == 0.25  # a tie goes to the first candidate
 
 

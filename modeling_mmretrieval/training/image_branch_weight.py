@@ -12,7 +12,7 @@ sets the weight of the final model, which it then evaluates, saves and pushes: b
 whose nDCG@10 on the evaluation split is highest, with the queries phrased as training phrases them (never the
 held-out family that the reported evaluation uses, and drawn with another seed); without an evaluation split, the
 weight the model already has. The reported evaluation is then on the products the weight was chosen on: a choice
-among six values, so its "after" figures may flatter the model slightly; docs/results_analysis.md measures it on a
+among four values, so its "after" figures may flatter the model slightly; docs/results_analysis.md measures it on a
 test split that the choice never sees.
 
 Example:
@@ -29,9 +29,9 @@ import math
 from collections.abc import Callable, Sequence
 
 AUTO = "auto"
-# The weights `"auto"` chooses from: 1 is the model as trained; 1.5 and 2 amplify a branch that a short training may
-# have left weak (docs/results_analysis.md).
-CANDIDATE_IMAGE_BRANCH_WEIGHTS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+# The weights `"auto"` chooses from: 1 is the model as trained (1.5 and 2 were tried and lost on validation at every
+# seed: docs/results_analysis.md).
+CANDIDATE_IMAGE_BRANCH_WEIGHTS = (0.25, 0.5, 0.75, 1.0)
 
 
 class ImageBranchWeightError(ValueError):
@@ -86,7 +86,7 @@ def choose_image_branch_weight(
 
     Example:
     ```python
-    >>> choose_image_branch_weight(lambda weight: 1 - abs(weight - 0.75), candidates=(0.25, 0.5, 0.75, 1.0))
+    >>> choose_image_branch_weight(lambda weight: 1 - abs(weight - 0.75))
     (0.75, {0.25: 0.5, 0.5: 0.75, 0.75: 1.0, 1.0: 0.75})
     ```
     """
