@@ -276,6 +276,26 @@ def fuse_features(
     return torch.cat([alpha * text, (1 - alpha) * other], dim=-1)
 
 
+def token_phrase_starts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, phrase: list[int]) -> torch.Tensor:
+    """Where `phrase` (token ids) starts among each row's real tokens, `(batch, length)` bool; all False for an empty
+    phrase or one longer than the rows.
+
+    Example:
+    ```python
+    >>> token_phrase_starts(torch.tensor([[101, 2417, 3797, 102]]), None, [2417, 3797]).tolist()
+    [[False, True, False, False]]
+    ```
+    """
+    starts = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    if not 0 < len(phrase) <= input_ids.shape[1]:
+        return starts
+    if attention_mask is not None:  # padding never matches: no token id is negative
+        input_ids = input_ids.masked_fill(attention_mask == 0, -1)
+    windows = input_ids.unfold(1, len(phrase), 1)
+    starts[:, : windows.shape[1]] = (windows == torch.tensor(phrase, device=input_ids.device)).all(-1)
+    return starts
+
+
 def find_token_phrases(
     input_ids: torch.Tensor, attention_mask: torch.Tensor | None, phrases: list[list[int]]
 ) -> torch.Tensor:
@@ -289,13 +309,11 @@ def find_token_phrases(
     tensor([ True, False])
     ```
     """
-    if attention_mask is not None:  # padding never matches: no token id is negative
+    if attention_mask is not None:  # masked once for all phrases (`token_phrase_starts`)
         input_ids = input_ids.masked_fill(attention_mask == 0, -1)
     found = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for phrase in phrases:
-        if 0 < len(phrase) <= input_ids.shape[1]:
-            windows = input_ids.unfold(1, len(phrase), 1)
-            found |= (windows == torch.tensor(phrase, device=input_ids.device)).all(-1).any(-1)
+        found |= token_phrase_starts(input_ids, None, phrase).any(-1)
     return found
 
 
@@ -313,16 +331,12 @@ def named_token_phrases(
     [[True, False, True]]
     ```
     """
-    if attention_mask is not None:  # padding never matches: no token id is negative
+    if attention_mask is not None:  # masked once for all forms (`token_phrase_starts`)
         input_ids = input_ids.masked_fill(attention_mask == 0, -1)
-    length = input_ids.shape[1]
-    starts_by_form = []  # (phrase index, form length, (batch, length) bool: where the form starts)
-    for index, forms in enumerate(phrase_forms):
-        for form in forms:
-            if 0 < len(form) <= length:
-                windows = input_ids.unfold(1, len(form), 1)
-                starts = (windows == torch.tensor(form, device=input_ids.device)).all(-1)
-                starts_by_form.append((index, len(form), F.pad(starts, (0, len(form) - 1))))
+    starts_by_form = [  # (phrase index, form length, (batch, length) bool: where the form starts)
+        (index, len(form), token_phrase_starts(input_ids, None, form))
+        for index, forms in enumerate(phrase_forms) for form in forms if 0 < len(form) <= input_ids.shape[1]
+    ]
 
     def covered(starts: torch.Tensor, size: int) -> torch.Tensor:  # every token inside a match
         cover = starts.clone()

@@ -19,7 +19,9 @@ from transformers import AutoTokenizer
 
 from modeling_mmretrieval import MultimodalRetrievalModel
 from modeling_mmretrieval.data.catalogue import CatalogueColumns
-from modeling_mmretrieval.modeling_mmretrieval import find_token_phrases, insert_tokens_before_end, named_token_phrases
+from modeling_mmretrieval.modeling_mmretrieval import (
+    find_token_phrases, insert_tokens_before_end, named_token_phrases, token_phrase_starts,
+)
 from modeling_mmretrieval.towers import get_minilm_path
 from modeling_mmretrieval.training.image_feature_cache import precompute_image_features
 from modeling_mmretrieval.training.model_builder import DEFAULT_COLOUR_HISTOGRAM_LEVELS
@@ -86,6 +88,21 @@ def test_phrases_are_found_as_token_runs_erring_towards_found():
                tokenizer(" navy blue", add_special_tokens=False)["input_ids"]]
     # "Bluebell" is "blue" + "##bell": counted as naming blue, so its text is left alone (the safe side).
     assert find_token_phrases(inputs["input_ids"], inputs["attention_mask"], phrases).tolist() == [True, False, True]
+
+
+def test_a_phrase_starts_where_its_tokens_run_and_never_in_padding():
+    tokenizer = AutoTokenizer.from_pretrained(get_minilm_path())
+    inputs = tokenizer(["Roadster Women Navy Blue Kurta", "Navy Kurta"], padding=True, return_tensors="pt")
+    navy_blue = tokenizer(" navy blue", add_special_tokens=False)["input_ids"]
+    starts = token_phrase_starts(inputs["input_ids"], inputs["attention_mask"], navy_blue)
+    tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+    assert starts.shape == inputs["input_ids"].shape
+    assert starts[0].nonzero().flatten().tolist() == [tokens.index("navy")]
+    assert not starts[1].any()  # "navy" alone, then [SEP] and padding: never "navy blue"
+    pad = tokenizer.pad_token_id
+    assert not token_phrase_starts(inputs["input_ids"], inputs["attention_mask"], [pad, pad]).any()
+    too_long = [tokenizer.cls_token_id] * (inputs["input_ids"].shape[1] + 1)
+    assert not token_phrase_starts(inputs["input_ids"], None, too_long).any()
 
 
 def test_tags_go_before_the_closing_token_and_padding_follows():
