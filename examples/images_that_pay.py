@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ import torch
 from modeling_mmretrieval import MultimodalRetrievalModel, MultimodalRetrievalProcessor, speedups
 from modeling_mmretrieval.atomic_files import write_json_atomically
 from modeling_mmretrieval.data import SAMPLE_DATA_DIR, default_data_dir, load_catalogue
+from modeling_mmretrieval.data.catalogue import parse_attributes
 from modeling_mmretrieval.data.queries import derive_query
 from modeling_mmretrieval.data.visual_words import VisualWords
 from modeling_mmretrieval.retrieval.exclusive_matches import exclusive_matches
@@ -74,6 +75,13 @@ CEILINGS = {COLOUR_CEILING: "every product", UNNAMED_COLOUR_CEILING: "where the 
 CEILING_FILES = {COLOUR_CEILING: "colour_ceiling", UNNAMED_COLOUR_CEILING: "unnamed_colour_ceiling",
                  SILENT_COLOUR_CEILING: "silent_colour_ceiling",
                  SEVERAL_COLOURS_CEILING: "several_colours_ceiling"}
+# Beyond colour: what a perfect reader of the photo's pattern (the catalogue's `Pattern` attribute, which the evaluation's
+# visual queries and slices also ask for), and of its colour and pattern together, could add, told on every product
+# that has them. Their cache files' names follow.
+PATTERN_CEILING = "ceiling: text-only told each product's pattern"
+COLOUR_AND_PATTERN_CEILING = "ceiling: text-only told each product's colour and pattern"
+ATTRIBUTE_CEILINGS = {PATTERN_CEILING: ("Pattern",), COLOUR_AND_PATTERN_CEILING: ("base_colour", "Pattern")}
+ATTRIBUTE_CEILING_FILES = {PATTERN_CEILING: "pattern_ceiling", COLOUR_AND_PATTERN_CEILING: "colour_and_pattern_ceiling"}
 # The colour ceiling with a real reader instead of a perfect one: the text-only models told, on every product, the
 # colour the default row's tagger (same seed) reads off its photo, with this share of the tagger's mistakes put right
 # (seeded by product); between the tagger's accuracy and the perfect reader's, they say how good a colour reader must
@@ -124,6 +132,11 @@ ROW_NOTES = {
     SEVERAL_COLOURS_CEILING: "not a model: the same, with the colour appended only to the products whose title and "
     "description name more than one colour (\"navy blue and white striped\"): what a reader that picks the product's "
     "own colour among those its text names could add",
+    PATTERN_CEILING: "not a model: the text-only models evaluated with the catalogue's pattern (the `Pattern` "
+    "attribute: solid, printed, striped, checked, ...) appended to the title of every product that has one, as a "
+    "perfect reader of the image's pattern would add it",
+    COLOUR_AND_PATTERN_CEILING: "not a model: the same with the colour and the pattern appended: the most that "
+    "writing what the photo shows of the evaluation's visual words could give",
     "4tMM concat (paper)": "[MiniLM(q) ; pair-text(q)] against [MiniLM(product) ; pair-image], equal weights",
     "4tMM alpha_concat 0.7 (paper)": "the same, text halves weighted 0.7 and pair halves 0.3",
     "4tMM mlp (paper)": "MLPs of [text ; pair] on both sides, randomly initialised",
@@ -356,6 +369,19 @@ def with_catalogue_colour(rank, column: str = "base_colour", told: str = "every 
         return rank([{**product, "title": f"{product.get('title') or ''} {colour_told(product)}".strip()}
                      if is_told(product, colour_words) else product for product in products], texts, k)
     return ranked
+
+
+def catalogue_visual_values(products, keys: Sequence[str], id_column: str = "product_id") -> dict[str, str]:
+    """Product id -> the catalogue's values of `keys` (a column, else a key of the `attributes` column), joined by a
+    space, for the products that have any: what a perfect reader of those attributes off the photo would tell
+    (`with_catalogue_colour`'s `colour_of`)."""
+    told = {}
+    for product in products:
+        attributes = parse_attributes(product.get("attributes"))
+        values = [str(product.get(key) or attributes.get(key) or "").strip() for key in keys]
+        if any(values):
+            told[str(product[id_column])] = " ".join(value for value in values if value)
+    return told
 
 
 def tagger_probabilities(folder: Path, products: list, feature_cache: dict,
@@ -802,6 +828,13 @@ def main(argv=None) -> dict:
             results[row] = evaluated_again(
                 args, output, BASELINE, CEILING_FILES[row], evaluation,
                 lambda final, told=told: evaluate_checkpoint(evaluator, final, feature_cache, colour_oracle=told))
+    if BASELINE in args.rows:  # the same models told the pattern, and the colour and pattern, of every product
+        for row, keys in ATTRIBUTE_CEILINGS.items():
+            told = catalogue_visual_values(evaluator.products, keys)
+            results[row] = evaluated_again(
+                args, output, BASELINE, ATTRIBUTE_CEILING_FILES[row], evaluation,
+                lambda final, told=told: evaluate_checkpoint(evaluator, final, feature_cache,
+                                                             colour_oracle="every product", colour_of=told))
     for row in (row for row in args.rows if row in CHOSEN_WEIGHT_ROWS):  # image branch weight chosen on validation
         results[row + CHOSEN_WEIGHT] = with_chosen_branch_weight(args, output, row, evaluation, evaluator,
                                                                  feature_cache)
@@ -819,7 +852,7 @@ def main(argv=None) -> dict:
                         evaluator, final, tagger, feature_cache, share, seed))
     # The report lists the rows in ROWS order, whatever order they were run in.
     order = [*references, *pairs, *ROWS, *(row + TOWER_ALONE for row in TOWER_ALONE_ROWS),
-             *(row + CHOSEN_WEIGHT for row in CHOSEN_WEIGHT_ROWS), HYBRID_ROW, *CEILINGS, *READER_ROWS]
+             *(row + CHOSEN_WEIGHT for row in CHOSEN_WEIGHT_ROWS), HYBRID_ROW, *CEILINGS, *ATTRIBUTE_CEILINGS, *READER_ROWS]
     results = {row: results[row] for row in order if results.get(row)}
     summary = summarise(results)
     for row in READER_ROWS:  # the reader rows also say how often their told colour was right

@@ -316,6 +316,30 @@ def test_the_colour_ceilings_tell_every_product_or_only_those_whose_text_lacks_i
     assert seen[4] == ["Roadster Men Navy Blue Shirt", "Roadster Men Shirt", "Red and White Striped Top Red"]
 
 
+def test_the_pattern_ceilings_tell_the_catalogue_pattern_alone_or_after_the_colour():
+    report = load_example("images_that_pay.py")
+    products = [
+        {"product_id": "a", "title": "Roadster Men Shirt", "base_colour": "Navy Blue",
+         "attributes": '{"Pattern": "Striped", "Fit": "Slim Fit"}'},
+        {"product_id": "b", "title": "Roadster Men Shirt", "base_colour": "Red", "attributes": "not json"},
+        {"product_id": "c", "title": "Kurta", "base_colour": None, "attributes": None},
+    ]
+    keys = report.ATTRIBUTE_CEILINGS
+    assert report.catalogue_visual_values(products, keys[report.PATTERN_CEILING]) == {"a": "Striped"}
+    assert report.catalogue_visual_values(products, keys[report.COLOUR_AND_PATTERN_CEILING]) == {
+        "a": "Navy Blue Striped", "b": "Red"}
+    seen = []
+
+    def rank(given, texts, k):
+        seen.append([product["title"] for product in given])
+        return [[product["product_id"] for product in given][:k] for _ in texts]
+
+    told = report.catalogue_visual_values(products, keys[report.COLOUR_AND_PATTERN_CEILING])
+    report.with_catalogue_colour(rank, colour_of=told)(products, ["striped shirt"], 3)
+    assert seen == [["Roadster Men Shirt Navy Blue Striped", "Roadster Men Shirt Red", "Kurta"]]
+    assert set(report.ATTRIBUTE_CEILING_FILES) == set(keys) and all(row in report.ROW_NOTES for row in keys)
+
+
 def test_the_image_pairs_learn_from_the_rows_training_catalogue_not_the_shared_one():
     report = load_example("images_that_pay.py")
     assert report.training_dataset(report.parse_args([])) == str(SAMPLE_DATA_DIR)  # as examples/train.py defaults

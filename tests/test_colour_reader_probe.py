@@ -1,0 +1,78 @@
+"""examples/colour_reader_probe.py: the garment-aware reader looks where the article type says, and the probe runs on a
+real catalogue and refuses one without colours."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from example_scripts import load_example
+from modeling_mmretrieval.data.catalogue import SAMPLE_DATA_DIR
+
+probe = load_example("colour_reader_probe.py")
+RGB = torch.tensor([[220, 30, 30], [30, 200, 40], [30, 40, 220]], dtype=torch.uint8)  # red, green, blue
+
+
+def two_garment_photos(count: int, seed: int):
+    """Photos of an outfit: a top (upper half) and trousers (lower half) of independent colours. Garment 1 is the top,
+    garment 2 the trousers; the label is the colour of the product's own garment."""
+    generator = torch.Generator().manual_seed(seed)
+    top, bottom = torch.randint(0, 3, (count,), generator=generator), torch.randint(0, 3, (count,), generator=generator)
+    photos = torch.empty((count, 3, 80, 60), dtype=torch.uint8)
+    photos[:, :, :40] = RGB[top][:, :, None, None]
+    photos[:, :, 40:] = RGB[bottom][:, :, None, None]
+    garments = torch.randint(1, 3, (count,), generator=generator)
+    return photos, torch.where(garments == 1, top, bottom), garments
+
+
+def test_the_reader_reads_the_colour_where_the_article_type_says_and_a_whole_photo_reading_cannot():
+    photos, colours, garments = two_garment_photos(384, seed=0)
+    test_photos, test_colours, test_garments = two_garment_photos(256, seed=1)
+    reader = probe.train_cnn_reader(photos, colours, garments, num_garments=2, num_colours=3, epochs=6, width=8,
+                                    batch_size=32, seed=0)
+    cnn = probe.accuracy(lambda a, b: reader(test_photos[a:b], test_garments[a:b]), len(test_photos), test_colours)
+    linear = probe.fit_linear_reader(probe.histogram_features(photos), colours, 3, seed=0)
+    whole_photo = probe.accuracy(lambda a, b: linear(probe.histogram_features(test_photos[a:b])), len(test_photos),
+                                 test_colours)
+    assert cnn >= 0.95
+    assert whole_photo < 0.8  # both colours are in every photo: without the garment it can only guess between them
+    with torch.no_grad():
+        _, attention = reader.attention(test_photos, test_garments)
+    # The garment enters only through the attention: the top is read from the upper half, the trousers less so.
+    upper = attention[:, : attention.shape[1] // 2].sum(-1)  # cells are row-major: the first half is the upper half
+    assert upper[test_garments == 1].mean() > 0.7
+    assert upper[test_garments == 1].mean() - upper[test_garments == 2].mean() > 0.25
+
+
+def test_the_probe_trains_both_readers_on_a_catalogue_and_writes_what_it_measured(tmp_path, capsys):
+    output = tmp_path / "probe.json"
+    results = probe.main(["--dataset", str(SAMPLE_DATA_DIR), "--max_train_products", "300", "--epochs", "1",
+                          "--width", "8", "--output", str(output)])
+    assert json.loads(output.read_text()) == results
+    assert [row["reader"] for row in results["readers"]] == ["colour histogram, linear", "garment-aware CNN"]
+    assert results["evaluated_products"] == 450 and results["colours"] >= 2 and results["article_types"] >= 1
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in results["readers"])
+    # The colour histogram alone already reads the sample's colours far better than one guess per product.
+    assert results["readers"][0]["accuracy"] > 2.0 / results["colours"]
+    assert "| garment-aware CNN |" in capsys.readouterr().out
+
+
+def test_a_catalogue_without_colour_labels_is_refused_in_one_line(tmp_path, capsys):
+    for split in ("train", "validation"):
+        table = pq.read_table(SAMPLE_DATA_DIR / f"{split}.parquet").slice(0, 40)
+        table = table.set_column(table.schema.get_field_index("base_colour"), "base_colour",
+                                 [[None] * table.num_rows])
+        pq.write_table(table, tmp_path / f"{split}.parquet")
+    with pytest.raises(SystemExit) as stopped:
+        probe.main(["--dataset", str(tmp_path), "--epochs", "1"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the datasets library's progress lines
+    assert error.startswith(f"error: --dataset {tmp_path}: fewer than 2 colours") and "(--min_examples)" in error
+
+
+def test_a_count_flag_below_one_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        probe.parse_args(["--epochs", "0"])
+    assert stopped.value.code == 2
+    assert "argument --epochs: invalid count value: '0'" in capsys.readouterr().err
