@@ -8,8 +8,9 @@ that gap. It trains two readers on the photos of one split, with the tagger's ow
 colour column, lower-cased) and vocabulary (`colours_to_learn`), and judges them on another split, as the learning
 curve does (a colour outside the vocabulary counts as wrong):
 
-- colour histogram, linear: a seeded multinomial logistic regression on the photo's colour histogram
-  (`colour_histogram_features`, the tagger's colour description), a frozen, whole-photo reading;
+- colour histogram, linear: a seeded multinomial logistic regression on the photo's colour histogram (the function
+  the tagger's colour description uses, `colour_histogram_features`, here on the 60x80 photo rather than the image
+  processor's crop), a frozen, whole-photo reading;
 - garment-aware CNN: a small convolutional network trained from scratch on the photo (averaged down to 40x30 pixels)
   whose article type chooses where in the photo to look (attention over its feature map), so that the colour of
   jeans is read from the legs and not from the model's shirt.
@@ -20,7 +21,6 @@ python examples/colour_reader_probe.py --dataset ../shared/data/fashion-products
 """
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modeling_mmretrieval.data.catalogue import CatalogueColumns, load_catalogue
+from modeling_mmretrieval.atomic_files import write_json_atomically
+from modeling_mmretrieval.data.catalogue import CatalogueColumns, default_data_dir, load_catalogue
 from modeling_mmretrieval.data.images import load_product_image
 from modeling_mmretrieval.modeling_mmretrieval import colour_histogram_features
 from modeling_mmretrieval.training.visual_tagger import DEFAULT_MIN_EXAMPLES, colour_labels, colours_to_learn, label_rows
@@ -72,11 +73,11 @@ class ProbeError(ValueError):
 
 
 def photos_and_labels(products, columns: CatalogueColumns, vocabulary: list[str], garments: dict[str, int]):
-    """`(photos uint8 (n, 3, 80, 60), colour indices (n,), article-type indices (n,))` of the products with a
-    readable photo and a colour label; a colour outside `vocabulary` gets index -1 (always wrong when judged)."""
+    """`(photos uint8 (n, 3, 80, 60), colour indices (n,), article-type indices (n,))` of the products (a catalogue or
+    rows) with a readable photo and a colour label; a colour outside `vocabulary` gets index -1 (always wrong when
+    judged), an article type outside `garments` `UNKNOWN_GARMENT`."""
     labels, _ = colour_labels(label_rows(products, columns), columns)
     index = {colour: position for position, colour in enumerate(vocabulary)}
-    has_type = columns.article_type and columns.article_type in getattr(products, "column_names", [])
     photos, colours, types = [], [], []
     for product, label in zip(products, labels):
         if label is None:
@@ -86,7 +87,8 @@ def photos_and_labels(products, columns: CatalogueColumns, vocabulary: list[str]
             continue
         photos.append(np.asarray(image.resize(PHOTO_SIZE), dtype=np.uint8).transpose(2, 0, 1))
         colours.append(index.get(label, -1))
-        types.append(garments.get(product.get(columns.article_type), UNKNOWN_GARMENT) if has_type else UNKNOWN_GARMENT)
+        garment = product.get(columns.article_type) if columns.article_type else None
+        types.append(garments.get(garment, UNKNOWN_GARMENT))
     if not photos:
         return torch.zeros((0, 3, PHOTO_SIZE[1], PHOTO_SIZE[0]), dtype=torch.uint8), torch.zeros(0, dtype=torch.long), \
             torch.zeros(0, dtype=torch.long)
@@ -94,11 +96,15 @@ def photos_and_labels(products, columns: CatalogueColumns, vocabulary: list[str]
 
 
 def article_types(products, columns: CatalogueColumns, min_examples: int) -> dict[str, int]:
-    """Index (from 1) of each article type with at least `min_examples` products; the others share
-    `UNKNOWN_GARMENT`."""
-    if not columns.article_type or columns.article_type not in getattr(products, "column_names", []):
+    """Index (from 1) of each article type with at least `min_examples` products (a catalogue or rows); the others,
+    and every product of a catalogue without the column, share `UNKNOWN_GARMENT`."""
+    if not columns.article_type:
         return {}
-    counts = Counter(value for value in products[columns.article_type] if value)
+    if hasattr(products, "column_names"):  # a catalogue: read the one column, not the photos
+        values = products[columns.article_type] if columns.article_type in products.column_names else []
+    else:
+        values = [product.get(columns.article_type) for product in products]
+    counts = Counter(value for value in values if value)
     frequent = sorted(value for value, count in counts.items() if count >= min_examples)
     return {value: position + 1 for position, value in enumerate(frequent)}
 
@@ -185,10 +191,12 @@ def train_cnn_reader(photos: torch.Tensor, colours: torch.Tensor, garments: torc
                      num_colours: int, *, epochs: int, width: int, batch_size: int, seed: int,
                      on_epoch=None) -> GarmentAwareColourReader:
     """Trains a `GarmentAwareColourReader` (AdamW, one-cycle learning rate, label smoothing 0.1, photos mirrored at
-    random), seeded; `on_epoch(epoch, reader)` is called after each epoch."""
-    torch.manual_seed(seed)
+    random), seeded without touching the caller's random state; `on_epoch(epoch, reader)` is called after each
+    epoch."""
     generator = torch.Generator().manual_seed(seed)
-    reader = GarmentAwareColourReader(num_garments, num_colours, width=width)
+    with torch.random.fork_rng():  # the layers' initialisation draws from the global generator
+        torch.manual_seed(seed)
+        reader = GarmentAwareColourReader(num_garments, num_colours, width=width)
     optimiser = torch.optim.AdamW(reader.parameters(), lr=2e-3, weight_decay=1e-4)
     steps_per_epoch = max(1, math.ceil(len(photos) / batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=epochs * steps_per_epoch)
@@ -219,12 +227,17 @@ def accuracy(predict, count: int, colours: torch.Tensor, batch_size: int = 512) 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    args.dataset = str(args.dataset or default_data_dir())
     columns = CatalogueColumns()
-    train = load_catalogue(args.dataset, split=args.train_split, needs_queries=False)
-    if args.max_train_products:
-        train = train.select(range(min(args.max_train_products, len(train))))
-    evaluation = load_catalogue(args.dataset, split=args.evaluation_split, needs_queries=False)
     try:
+        try:
+            train = load_catalogue(args.dataset, split=args.train_split, needs_queries=False)
+            evaluation = load_catalogue(args.dataset, split=args.evaluation_split, needs_queries=False)
+        except (FileNotFoundError, KeyError, ValueError) as error:  # KeyError: a missing split or column
+            message = str(error).strip("'\"")  # a KeyError's message comes quoted
+            raise ProbeError(f"--dataset {args.dataset}: {message}") from error
+        if args.max_train_products:
+            train = train.select(range(min(args.max_train_products, len(train))))
         vocabulary = colours_to_learn(train, columns, min_examples=args.min_examples)
         if len(vocabulary) < 2:
             raise ProbeError(f"--dataset {args.dataset}: fewer than 2 colours have {args.min_examples} labelled "
@@ -276,8 +289,7 @@ def main(argv=None) -> dict:
     for row in readers:
         print(f"| {row['reader']} | {row['accuracy']:.3f} |")
     if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_json_atomically(args.output, results)
     return results
 
 

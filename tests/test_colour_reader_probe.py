@@ -1,14 +1,16 @@
 """examples/colour_reader_probe.py: the garment-aware reader looks where the article type says, and the probe runs on a
 real catalogue and refuses one without colours."""
 
+import io
 import json
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from example_scripts import load_example
-from modeling_mmretrieval.data.catalogue import SAMPLE_DATA_DIR
+from modeling_mmretrieval.data.catalogue import SAMPLE_DATA_DIR, CatalogueColumns, load_catalogue
 
 probe = load_example("colour_reader_probe.py")
 RGB = torch.tensor([[220, 30, 30], [30, 200, 40], [30, 40, 220]], dtype=torch.uint8)  # red, green, blue
@@ -35,13 +37,13 @@ def test_the_reader_reads_the_colour_where_the_article_type_says_and_a_whole_pho
     linear = probe.fit_linear_reader(probe.histogram_features(photos), colours, 3, seed=0)
     whole_photo = probe.accuracy(lambda a, b: linear(probe.histogram_features(test_photos[a:b])), len(test_photos),
                                  test_colours)
-    assert cnn >= 0.95
-    assert whole_photo < 0.8  # both colours are in every photo: without the garment it can only guess between them
+    # Both colours are in every photo: without the garment a whole-photo reading can only guess between them.
+    assert cnn >= 0.95 and cnn - whole_photo > 0.2
     with torch.no_grad():
         _, attention = reader.attention(test_photos, test_garments)
     # The garment enters only through the attention: the top is read from the upper half, the trousers less so.
     upper = attention[:, : attention.shape[1] // 2].sum(-1)  # cells are row-major: the first half is the upper half
-    assert upper[test_garments == 1].mean() > 0.7
+    assert upper[test_garments == 1].mean() > 0.6  # thresholds with room below what training seeds 0 to 4 give
     assert upper[test_garments == 1].mean() - upper[test_garments == 2].mean() > 0.25
 
 
@@ -51,7 +53,10 @@ def test_the_probe_trains_both_readers_on_a_catalogue_and_writes_what_it_measure
                           "--width", "8", "--output", str(output)])
     assert json.loads(output.read_text()) == results
     assert [row["reader"] for row in results["readers"]] == ["colour histogram, linear", "garment-aware CNN"]
-    assert results["evaluated_products"] == 450 and results["colours"] >= 2 and results["article_types"] >= 1
+    validation = load_catalogue(SAMPLE_DATA_DIR, split="validation", needs_queries=False)
+    with_photo_and_colour = sum(1 for row in validation if row["base_colour"] and row["image"] is not None)
+    assert results["evaluated_products"] == with_photo_and_colour > 0
+    assert results["colours"] >= 2 and results["article_types"] >= 1
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in results["readers"])
     # The colour histogram alone already reads the sample's colours far better than one guess per product.
     assert results["readers"][0]["accuracy"] > 2.0 / results["colours"]
@@ -76,3 +81,48 @@ def test_a_count_flag_below_one_is_refused_by_name(capsys):
         probe.parse_args(["--epochs", "0"])
     assert stopped.value.code == 2
     assert "argument --epochs: invalid count value: '0'" in capsys.readouterr().err
+
+
+def photo_bytes(rgb) -> dict:
+    buffer = io.BytesIO()
+    Image.new("RGB", (60, 80), rgb).save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def test_photos_and_labels_skip_what_cannot_be_judged_and_mark_unknown_colours_and_garments():
+    def row(product_id, title, colour, article_type, image):
+        return {"product_id": product_id, "title": title, "base_colour": colour, "article_type": article_type,
+                "image": image}
+
+    rows = [row("1", "Red Kurta", "Red", "Kurtas", photo_bytes((200, 0, 0))),
+            row("2", "Teal Top", "Teal", "Tops", photo_bytes((0, 128, 128))),
+            row("3", "Blue Jeans", "Blue", "Jeans", None),
+            row("4", "Kurta", None, "Kurtas", photo_bytes((9, 9, 9)))]
+    columns = CatalogueColumns()
+    garments = probe.article_types(rows, columns, min_examples=2)
+    assert garments == {"Kurtas": 1}  # "Tops" and "Jeans" are too rare: they share the unknown garment
+    photos, colours, types = probe.photos_and_labels(rows, columns, ["blue", "red"], garments)
+    # The photo-less and the colour-less products are skipped; teal, outside the vocabulary, can never be right.
+    assert photos.shape == (2, 3, 80, 60) and photos.dtype == torch.uint8
+    assert colours.tolist() == [1, -1] and types.tolist() == [1, probe.UNKNOWN_GARMENT]
+    assert photos[0, :, 40, 30].tolist() == [200, 0, 0]
+
+
+def test_the_same_seed_trains_the_same_reader_and_leaves_the_global_random_state_alone():
+    photos, colours, garments = two_garment_photos(64, seed=0)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    first = probe.train_cnn_reader(photos, colours, garments, 2, 3, epochs=1, width=4, batch_size=16, seed=5)
+    assert torch.rand(1) == before
+    second = probe.train_cnn_reader(photos, colours, garments, 2, 3, epochs=1, width=4, batch_size=16, seed=5)
+    other = probe.train_cnn_reader(photos, colours, garments, 2, 3, epochs=1, width=4, batch_size=16, seed=6)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert not torch.equal(first.head.weight, other.head.weight)
+
+
+def test_a_missing_catalogue_is_refused_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        probe.main(["--dataset", str(tmp_path / "nowhere")])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: --dataset {tmp_path / 'nowhere'}: ")

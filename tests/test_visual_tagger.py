@@ -101,6 +101,8 @@ def test_a_phrase_starts_where_its_tokens_run_and_never_in_padding():
     assert not starts[1].any()  # "navy" alone, then [SEP] and padding: never "navy blue"
     pad = tokenizer.pad_token_id
     assert not token_phrase_starts(inputs["input_ids"], inputs["attention_mask"], [pad, pad]).any()
+    # An empty phrase starts nowhere (unfolding windows of size 0 would match everywhere).
+    assert not token_phrase_starts(inputs["input_ids"], inputs["attention_mask"], []).any()
     too_long = [tokenizer.cls_token_id] * (inputs["input_ids"].shape[1] + 1)
     assert not token_phrase_starts(inputs["input_ids"], None, too_long).any()
 
