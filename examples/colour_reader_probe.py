@@ -18,6 +18,9 @@ curve does (a colour outside the vocabulary counts as wrong):
 ```bash
 python examples/colour_reader_probe.py --dataset ../shared/data/fashion-products --output outputs/colour_reader_probe.json
 ```
+
+A shop's own catalogue names its columns with the same `--<name>_column` flags as the other commands (its colour
+column, or colour words in its titles, give the labels; `--article_type_column` the garment).
 """
 
 import argparse
@@ -32,7 +35,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modeling_mmretrieval.atomic_files import write_json_atomically
-from modeling_mmretrieval.data.catalogue import CatalogueColumns, default_data_dir, load_catalogue
+from modeling_mmretrieval.commands.common import (
+    CliError,
+    add_column_arguments,
+    catalogue_columns_from_args,
+    columns_for_catalogue,
+    explicit_columns,
+    load_catalogue_splits_from_args,
+)
+from modeling_mmretrieval.data.catalogue import CatalogueColumns, default_data_dir
 from modeling_mmretrieval.data.images import load_product_image
 from modeling_mmretrieval.modeling_mmretrieval import colour_histogram_features
 from modeling_mmretrieval.training.visual_tagger import DEFAULT_MIN_EXAMPLES, colour_labels, colours_to_learn, label_rows
@@ -57,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=count, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="Also write the results as JSON here.")
+    add_column_arguments(parser.add_argument_group("catalogue columns (a shop's own names)"))
     return parser.parse_args(argv)
 
 
@@ -227,15 +239,20 @@ def accuracy(predict, count: int, colours: torch.Tensor, batch_size: int = 512) 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    args.dataset = str(args.dataset or default_data_dir())
-    columns = CatalogueColumns()
+    args.dataset, args.split = str(args.dataset or default_data_dir()), None  # every split is read
     try:
         try:
-            train = load_catalogue(args.dataset, split=args.train_split, needs_queries=False)
-            evaluation = load_catalogue(args.dataset, split=args.evaluation_split, needs_queries=False)
-        except (FileNotFoundError, KeyError, ValueError) as error:  # KeyError: a missing split or column
-            message = str(error).strip("'\"")  # a KeyError's message comes quoted
-            raise ProbeError(f"--dataset {args.dataset}: {message}") from error
+            splits = load_catalogue_splits_from_args(args)
+            for flag, split in (("--train_split", args.train_split), ("--evaluation_split", args.evaluation_split)):
+                if split not in splits:
+                    raise ProbeError(f"--dataset {args.dataset} has no split {split!r} ({flag}); it has "
+                                     f"{sorted(splits)}")
+            train, evaluation = splits[args.train_split], splits[args.evaluation_split]
+            columns = columns_for_catalogue(catalogue_columns_from_args(args), train.column_names,
+                                            explicit=explicit_columns(args), where=f"split {args.train_split!r}",
+                                            needs_queries=False)
+        except CliError as error:  # its one line names the flag
+            raise ProbeError(str(error)) from error
         if args.max_train_products:
             train = train.select(range(min(args.max_train_products, len(train))))
         vocabulary = colours_to_learn(train, columns, min_examples=args.min_examples)

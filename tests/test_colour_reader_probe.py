@@ -121,8 +121,33 @@ def test_the_same_seed_trains_the_same_reader_and_leaves_the_global_random_state
     assert not torch.equal(first.head.weight, other.head.weight)
 
 
-def test_a_missing_catalogue_is_refused_in_one_line(tmp_path, capsys):
+def test_a_missing_catalogue_or_split_is_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         probe.main(["--dataset", str(tmp_path / "nowhere")])
     assert stopped.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: --dataset {tmp_path / 'nowhere'}: ")
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: cannot load the catalogue") and error.endswith("(--dataset)")
+    with pytest.raises(SystemExit) as stopped:
+        probe.main(["--dataset", str(SAMPLE_DATA_DIR), "--evaluation_split", "holdout"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --dataset {SAMPLE_DATA_DIR} has no split 'holdout' (--evaluation_split); it has "
+        "['test', 'train', 'validation']")
+
+
+def test_a_shop_catalogue_with_its_own_column_names_is_read_through_the_column_flags(tmp_path, capsys):
+    names = {"product_id": "sku", "title": "name", "description": "details", "base_colour": "colour_name",
+             "article_type": "category", "image": "photo"}
+    for split in ("train", "validation"):
+        table = pq.read_table(SAMPLE_DATA_DIR / f"{split}.parquet").slice(0, 150).select(list(names))
+        pq.write_table(table.rename_columns([names[column] for column in table.column_names]),
+                       tmp_path / f"{split}.parquet")
+    flags = [argument for column, name in names.items() for argument in (f"--{column}_column", name)]
+    results = probe.main(["--dataset", str(tmp_path), "--epochs", "1", "--width", "4", *flags])
+    assert results["train_products"] > 100 and results["evaluated_products"] > 100
+    assert results["article_types"] >= 1 and results["dataset"] == str(tmp_path)
+    with pytest.raises(SystemExit) as stopped:  # without the flags: the missing columns and their flags, in one line
+        probe.main(["--dataset", str(tmp_path), "--epochs", "1"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: split 'train' has no column 'product_id' (--product_id_column)")
