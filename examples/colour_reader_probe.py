@@ -8,9 +8,9 @@ that gap. It trains two readers on the photos of one split, with the tagger's ow
 colour column, lower-cased) and vocabulary (`colours_to_learn`), and judges them on another split, as the learning
 curve does (a colour outside the vocabulary counts as wrong):
 
-- colour histogram, linear: a seeded multinomial logistic regression on the photo's colour histogram (the function
-  the tagger's colour description uses, `colour_histogram_features`, here on the 60x80 photo rather than the image
-  processor's crop), a frozen, whole-photo reading;
+- colour histogram, linear: the tagger's linear fit (`fit_linear_classifier`) on the photo's colour histogram (the
+  function the tagger's colour description uses, `colour_histogram_features`, here on the 60x80 photo rather than the
+  image processor's crop), a frozen, whole-photo reading;
 - garment-aware CNN: a small convolutional network trained from scratch on the photo (averaged down to 40x30 pixels)
   whose article type chooses where in the photo to look (attention over its feature map), so that the colour of
   jeans is read from the legs and not from the model's shirt.
@@ -46,7 +46,13 @@ from modeling_mmretrieval.commands.common import (
 from modeling_mmretrieval.data.catalogue import CatalogueColumns, default_data_dir
 from modeling_mmretrieval.data.images import load_product_image
 from modeling_mmretrieval.modeling_mmretrieval import colour_histogram_features
-from modeling_mmretrieval.training.visual_tagger import DEFAULT_MIN_EXAMPLES, colour_labels, colours_to_learn, label_rows
+from modeling_mmretrieval.training.visual_tagger import (
+    DEFAULT_MIN_EXAMPLES,
+    colour_labels,
+    colours_to_learn,
+    fit_linear_classifier,
+    label_rows,
+)
 
 PHOTO_SIZE = (60, 80)  # (width, height): the shared catalogue's photos, which every photo is resized to
 HISTOGRAM_LEVELS = 6  # the tagger's default colour description (`--colour_histogram_levels`)
@@ -125,34 +131,6 @@ def histogram_features(photos: torch.Tensor) -> torch.Tensor:
     """The tagger's colour description of each photo (`colour_histogram_features` of pixels in [0, 1])."""
     pixels = photos.float() / 255.0
     return colour_histogram_features(pixels, [0.0] * 3, [1.0] * 3, HISTOGRAM_LEVELS)
-
-
-def fit_linear_reader(features: torch.Tensor, colours: torch.Tensor, num_colours: int, seed: int,
-                      steps: int = 300) -> nn.Module:
-    """A standardised multinomial logistic regression (full-batch Adam, a little weight decay)."""
-    generator = torch.Generator().manual_seed(seed)
-    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
-    linear = nn.Linear(features.shape[1], num_colours)
-    nn.init.normal_(linear.weight, std=0.01, generator=generator)
-    nn.init.zeros_(linear.bias)
-    optimiser = torch.optim.Adam(linear.parameters(), lr=0.05, weight_decay=1e-4)
-    standardised = (features - mean) / std
-    for _ in range(steps):
-        loss = F.cross_entropy(linear(standardised), colours)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    return nn.Sequential(Standardise(mean, std), linear)
-
-
-class Standardise(nn.Module):
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return (features - self.mean) / self.std
 
 
 class GarmentAwareColourReader(nn.Module):
@@ -277,9 +255,10 @@ def main(argv=None) -> dict:
 
     started = time.perf_counter()
     train_histograms, eval_histograms = histogram_features(train_photos), histogram_features(eval_photos)
-    linear = fit_linear_reader(train_histograms, train_colours, len(vocabulary), args.seed)
+    weight, bias = fit_linear_classifier(train_histograms, train_colours, len(vocabulary), args.seed)
     readers = [{"reader": "colour histogram, linear",
-                "accuracy": accuracy(lambda a, b: linear(eval_histograms[a:b]), len(eval_photos), eval_colours),
+                "accuracy": accuracy(lambda a, b: eval_histograms[a:b] @ weight.T + bias, len(eval_photos),
+                                     eval_colours),
                 "seconds": time.perf_counter() - started}]
     print(f"colour histogram, linear: accuracy {readers[0]['accuracy']:.3f}", flush=True)
 

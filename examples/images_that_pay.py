@@ -500,18 +500,17 @@ def with_chosen_branch_weight(args, output: Path, row: str, evaluation: str, eva
     for seed in args.seeds:
         run_dir = row_dir(output, row) / f"seed{seed}"
         flags_file, choice_file = run_dir / "train_flags.json", run_dir / "branch_weight.json"
-        chosen_before = is_cached(choice_file, choosing, flags_file) and chosen_among_candidates(
-            json.loads(choice_file.read_text())) is not None
-        if not flags_file.is_file() or (args.report_only and not chosen_before):
+        cached = json.loads(choice_file.read_text()) if is_cached(choice_file, choosing, flags_file) else {}
+        weight = chosen_among_candidates(cached)
+        if not flags_file.is_file() or (args.report_only and weight is None):
             continue
-        if not chosen_before:
-            choice_file.unlink(missing_ok=True)  # made for other candidates: chosen again
+        if weight is None:  # never chosen, or chosen among other candidates: chosen again
+            choice_file.unlink(missing_ok=True)
             if validation is None:
                 validation = HeldOutEvaluator(load_catalogue(args.test_dataset, split="validation"),
                                               num_queries=args.num_queries, seed=args.eval_seed, phrase=derive_query)
-        choice = cached_result(choice_file, lambda: choose_branch_weight(validation, run_dir / "final"),
-                               choosing + flags_file.read_text())
-        weight = chosen_among_candidates(choice)
+            weight = chosen_among_candidates(cached_result(
+                choice_file, lambda: choose_branch_weight(validation, run_dir / "final"), choosing + flags_file.read_text()))
         result = cached_result(run_dir / "held_out_chosen_branch_weight.json",
                                lambda: evaluate_checkpoint(evaluator, run_dir / "final", feature_cache,
                                                            image_branch_weight=weight),

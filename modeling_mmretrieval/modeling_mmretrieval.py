@@ -276,6 +276,11 @@ def fuse_features(
     return torch.cat([alpha * text, (1 - alpha) * other], dim=-1)
 
 
+def _padding_as_no_token(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """`input_ids` with padding set to -1, so that no phrase matches it (no token id is negative)."""
+    return input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -1)
+
+
 def token_phrase_starts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, phrase: list[int]) -> torch.Tensor:
     """Where `phrase` (token ids) starts among each row's real tokens, `(batch, length)` bool; all False for an empty
     phrase or one longer than the rows.
@@ -289,9 +294,7 @@ def token_phrase_starts(input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     starts = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
     if not 0 < len(phrase) <= input_ids.shape[1]:
         return starts
-    if attention_mask is not None:  # padding never matches: no token id is negative
-        input_ids = input_ids.masked_fill(attention_mask == 0, -1)
-    windows = input_ids.unfold(1, len(phrase), 1)
+    windows = _padding_as_no_token(input_ids, attention_mask).unfold(1, len(phrase), 1)
     starts[:, : windows.shape[1]] = (windows == torch.tensor(phrase, device=input_ids.device)).all(-1)
     return starts
 
@@ -309,8 +312,7 @@ def find_token_phrases(
     tensor([ True, False])
     ```
     """
-    if attention_mask is not None:  # masked once for all phrases (`token_phrase_starts`)
-        input_ids = input_ids.masked_fill(attention_mask == 0, -1)
+    input_ids = _padding_as_no_token(input_ids, attention_mask)  # once for all phrases
     found = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for phrase in phrases:
         found |= token_phrase_starts(input_ids, None, phrase).any(-1)
@@ -331,11 +333,10 @@ def named_token_phrases(
     [[True, False, True]]
     ```
     """
-    if attention_mask is not None:  # masked once for all forms (`token_phrase_starts`)
-        input_ids = input_ids.masked_fill(attention_mask == 0, -1)
+    input_ids = _padding_as_no_token(input_ids, attention_mask)  # once for all forms
     starts_by_form = [  # (phrase index, form length, (batch, length) bool: where the form starts)
         (index, len(form), token_phrase_starts(input_ids, None, form))
-        for index, forms in enumerate(phrase_forms) for form in forms if 0 < len(form) <= input_ids.shape[1]
+        for index, forms in enumerate(phrase_forms) for form in forms
     ]
 
     def covered(starts: torch.Tensor, size: int) -> torch.Tensor:  # every token inside a match

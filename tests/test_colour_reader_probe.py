@@ -11,6 +11,7 @@ from PIL import Image
 
 from example_scripts import load_example
 from modeling_mmretrieval.data.catalogue import SAMPLE_DATA_DIR, CatalogueColumns, load_catalogue
+from modeling_mmretrieval.training.visual_tagger import fit_linear_classifier
 
 probe = load_example("colour_reader_probe.py")
 RGB = torch.tensor([[220, 30, 30], [30, 200, 40], [30, 40, 220]], dtype=torch.uint8)  # red, green, blue
@@ -34,9 +35,9 @@ def test_the_reader_reads_the_colour_where_the_article_type_says_and_a_whole_pho
     reader = probe.train_cnn_reader(photos, colours, garments, num_garments=2, num_colours=3, epochs=6, width=8,
                                     batch_size=32, seed=0)
     cnn = probe.accuracy(lambda a, b: reader(test_photos[a:b], test_garments[a:b]), len(test_photos), test_colours)
-    linear = probe.fit_linear_reader(probe.histogram_features(photos), colours, 3, seed=0)
-    whole_photo = probe.accuracy(lambda a, b: linear(probe.histogram_features(test_photos[a:b])), len(test_photos),
-                                 test_colours)
+    weight, bias = fit_linear_classifier(probe.histogram_features(photos), colours, 3, seed=0)
+    whole_photo = probe.accuracy(lambda a, b: probe.histogram_features(test_photos[a:b]) @ weight.T + bias,
+                                 len(test_photos), test_colours)
     # Both colours are in every photo: without the garment a whole-photo reading can only guess between them.
     assert cnn >= 0.95 and cnn - whole_photo > 0.2
     with torch.no_grad():

@@ -160,9 +160,17 @@ def written_forms(tokenizer, phrases: Sequence[str]) -> list[list[int]]:
     return [ids for position, ids in enumerate(forms) if ids and ids not in forms[:position]]
 
 
-def _fit_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int,
-                weight_decay: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression on standardised features, folded back into one `(weight, bias)` on raw ones."""
+def fit_linear_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int,
+                          weight_decay: float = FALLBACK_WEIGHT_DECAY) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression on standardised features, folded back into one `(weight, bias)` on raw ones:
+    the tagger's fit (seeded full-batch Adam, `weight_decay` its L2 strength).
+
+    Example:
+    ```python
+    >>> weight, bias = fit_linear_classifier(torch.randn(40, 8), torch.randint(0, 3, (40,)), num_classes=3, seed=0)
+    >>> (features @ weight.T + bias).argmax(-1)  # most likely class of each row of `features`
+    ```
+    """
     mean, scale = features.mean(0), features.std(0) + 1e-6
     standardised = (features - mean) / scale
     generator = torch.Generator().manual_seed(seed)
@@ -192,13 +200,13 @@ def _fit_calibrated(features: torch.Tensor, labels: torch.Tensor, num_classes: i
     """Chooses the L2 strength on the held-out products, calibrates the temperature there, then refits on every
     product; returns `(weight, bias, held-out accuracy)` with the temperature folded into the weights."""
     if len(held_out) < MIN_CALIBRATION_PRODUCTS:
-        weight, bias = _fit_linear(features[fitted], labels[fitted], num_classes, seed, FALLBACK_WEIGHT_DECAY)
+        weight, bias = fit_linear_classifier(features[fitted], labels[fitted], num_classes, seed, FALLBACK_WEIGHT_DECAY)
         accuracy = ((features[held_out] @ weight.T + bias).argmax(-1) == labels[held_out]).float().mean().item()
-        weight, bias = _fit_linear(features, labels, num_classes, seed, FALLBACK_WEIGHT_DECAY)
+        weight, bias = fit_linear_classifier(features, labels, num_classes, seed, FALLBACK_WEIGHT_DECAY)
         return weight, bias, accuracy
     best = None
     for weight_decay in FIT_WEIGHT_DECAYS:
-        weight, bias = _fit_linear(features[fitted], labels[fitted], num_classes, seed, weight_decay)
+        weight, bias = fit_linear_classifier(features[fitted], labels[fitted], num_classes, seed, weight_decay)
         logits = features[held_out] @ weight.T + bias
         loss = F.cross_entropy(logits, labels[held_out]).item()
         if best is None or loss < best[0]:
@@ -206,7 +214,8 @@ def _fit_calibrated(features: torch.Tensor, labels: torch.Tensor, num_classes: i
     _, weight_decay, logits = best
     temperature = _calibrating_temperature(logits, labels[held_out])
     accuracy = (logits.argmax(-1) == labels[held_out]).float().mean().item()
-    weight, bias = _fit_linear(features, labels, num_classes, seed, weight_decay)  # every product teaches the tagger
+    # Every product teaches the tagger.
+    weight, bias = fit_linear_classifier(features, labels, num_classes, seed, weight_decay)
     return weight / temperature, bias / temperature, accuracy
 
 
